@@ -1,0 +1,56 @@
+//! # amp-core
+//!
+//! Backend-agnostic traits and the optimiser of **Adversarial Model
+//! Perturbation** (AMP; Zheng, Zhang & Mao, *Regularizing Neural Networks via
+//! Adversarial Model Perturbation*, CVPR 2021). AMP here is adversarial model
+//! perturbation — a regulariser that trains toward flat minima by minimising
+//! the loss under the worst norm-bounded perturbation of the weights — not
+//! automatic mixed precision.
+//!
+//! The algorithm is written once, in [`Amp`], against three traits:
+//! - [`ParamStore`]: the parameters, their gradients and parameter-shaped
+//!   buffers, with batched operations (axpy, scale, per-tensor norms and
+//!   projection, copy) that a GPU backend can run as one launch each;
+//! - [`GradFn`]: the closure that runs forward and backward and reports the
+//!   loss, told which [`Pass`] it serves;
+//! - [`BaseOptimizer`]: the outer optimiser; [`Sgd`] has PyTorch's semantics.
+//!
+//! Backends: `amp-ndarray` (CPU reference and test oracle), `amp-tch`
+//! (libtorch), `amp-candle` (candle). To use your own tensor type, implement
+//! [`ParamStore`] for it.
+//!
+//! ```
+//! use amp_core::{AmpConfig, ParamGroup, RestoreMode, SgdConfig};
+//!
+//! // The paper's CIFAR recipe, with a smaller ε for the biases (tensor 1).
+//! let config = AmpConfig::default()
+//!     .lr(0.1)
+//!     .epsilon(0.5)
+//!     .inner_lr(1.0)
+//!     .inner_iter(1)
+//!     .weight_decay(1e-4)
+//!     .restore(RestoreMode::Copy)
+//!     .group(ParamGroup::new([0]))
+//!     .group(ParamGroup::new([1]).epsilon(0.05).weight_decay(0.0));
+//! config.validate()?;
+//! SgdConfig::nesterov(0.9).validate()?;
+//! assert!(AmpConfig::default().epsilon(-1.0).validate().is_err());
+//! # Ok::<(), amp_core::AmpError>(())
+//! ```
+#![warn(missing_docs)]
+
+mod amp;
+mod error;
+mod grad_fn;
+mod optimizer;
+pub mod schedule;
+mod store;
+
+pub use crate::amp::{Amp, AmpConfig, NonFinitePolicy, ParamGroup, RestoreMode, StepReport};
+pub use crate::error::{AmpError, BoxError, Pass, Result};
+pub use crate::grad_fn::GradFn;
+pub use crate::optimizer::{BaseOptimizer, OptimizerState, Sgd, SgdConfig, StepContext};
+pub use crate::schedule::{Cosine, LrSchedule, MultiStep};
+pub use crate::store::{
+    check_len, BufferId, DType, HostTensor, ParamStore, Scalar, Slot, PROJECTION_GUARD,
+};

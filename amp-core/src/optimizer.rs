@@ -1,0 +1,347 @@
+//! The [`BaseOptimizer`] trait and [`Sgd`], stochastic gradient descent with
+//! PyTorch's semantics, written once against [`ParamStore`].
+
+use num_traits::Zero;
+
+use crate::error::{AmpError, Result};
+use crate::store::{BufferId, HostTensor, ParamStore, Scalar, Slot};
+
+/// What the base optimiser is told at each step.
+///
+/// Every slice has one entry per tensor of the store.
+#[derive(Clone, Copy, Debug)]
+pub struct StepContext<'a, T> {
+    /// Learning rate of each tensor (from its parameter group).
+    pub lr: &'a [T],
+    /// Weight decay of each tensor (from its parameter group).
+    pub weight_decay: &'a [T],
+    /// `true` for tensors that have a gradient and must be stepped.
+    pub mask: &'a [bool],
+    /// Number of steps taken before this one.
+    pub step: u64,
+}
+
+/// The part of an optimiser's state that a checkpoint holds.
+///
+/// `buffers` are named parameter-shaped tensors (one optional tensor per
+/// parameter: `None` where the state was never initialised); `scalars` are
+/// named host-side numbers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OptimizerState {
+    /// Named per-parameter tensors, such as momentum buffers.
+    pub buffers: Vec<(String, Vec<Option<HostTensor>>)>,
+    /// Named host-side values.
+    pub scalars: Vec<(String, Vec<f64>)>,
+}
+
+/// The outer optimiser that AMP hands the perturbed gradient to.
+///
+/// At the end of a step, [`Slot::Grads`] of the store holds the gradient taken
+/// at θ + δ_K and the weights are back at θ; `step` updates θ. It may consume
+/// the gradients (overwrite them). It must leave its own state untouched when
+/// it returns an error.
+///
+/// # Plugging in another optimiser
+/// ```
+/// use amp_core::{BaseOptimizer, OptimizerState, ParamStore, Result, Slot, StepContext};
+///
+/// /// Plain SGD on a gradient clipped to a global norm, built from the
+/// /// store's batched primitives.
+/// struct ClippedSgd { max_norm: f64 }
+///
+/// impl<S: ParamStore> BaseOptimizer<S> for ClippedSgd {
+///     fn step(&mut self, store: &mut S, ctx: &StepContext<'_, S::Scalar>) -> Result<()> {
+///         store.clip_grad_norm(self.max_norm, ctx.mask)?;
+///         let neg_lr: Vec<S::Scalar> = ctx.lr.iter().map(|&lr| -lr).collect();
+///         store.axpy(Slot::Params, &neg_lr, Slot::Grads, ctx.mask)
+///     }
+///     fn save_state(&self, _store: &S) -> Result<OptimizerState> {
+///         Ok(OptimizerState::default())
+///     }
+///     fn load_state(&mut self, _store: &mut S, _state: &OptimizerState) -> Result<()> {
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait BaseOptimizer<S: ParamStore> {
+    /// Checks the optimiser's own settings; called when [`Amp`](crate::Amp)
+    /// is built. The default accepts everything.
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Updates the weights in [`Slot::Params`] from the gradients in
+    /// [`Slot::Grads`].
+    fn step(&mut self, store: &mut S, ctx: &StepContext<'_, S::Scalar>) -> Result<()>;
+
+    /// Copies the optimiser's state to the host, for a checkpoint.
+    fn save_state(&self, store: &S) -> Result<OptimizerState>;
+
+    /// Replaces the optimiser's state with `state`. On error nothing changes.
+    fn load_state(&mut self, store: &mut S, state: &OptimizerState) -> Result<()>;
+
+    /// Number of parameter-sized buffers the optimiser holds between steps.
+    fn buffers_held(&self) -> usize {
+        0
+    }
+}
+
+/// Settings of [`Sgd`]; learning rate and weight decay come from the
+/// parameter groups of [`AmpConfig`](crate::AmpConfig).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdConfig {
+    /// Momentum factor in `[0, 1)`. Default `0` (plain SGD).
+    pub momentum: f64,
+    /// Dampening of the momentum update in `[0, 1]`. Default `0`.
+    pub dampening: f64,
+    /// Nesterov momentum; needs `momentum > 0` and `dampening = 0`.
+    /// Default `false`.
+    pub nesterov: bool,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        SgdConfig {
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+        }
+    }
+}
+
+impl SgdConfig {
+    /// The paper's setting: momentum 0.9 with Nesterov.
+    pub fn nesterov(momentum: f64) -> Self {
+        SgdConfig {
+            momentum,
+            dampening: 0.0,
+            nesterov: true,
+        }
+    }
+
+    /// Heavy-ball momentum without Nesterov.
+    pub fn momentum(momentum: f64) -> Self {
+        SgdConfig {
+            momentum,
+            ..SgdConfig::default()
+        }
+    }
+
+    /// Checks every field; the error names the field and the reason.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            return Err(AmpError::config(
+                "momentum",
+                format!("must be in [0, 1), got {}", self.momentum),
+            ));
+        }
+        if !(self.dampening.is_finite() && (0.0..=1.0).contains(&self.dampening)) {
+            return Err(AmpError::config(
+                "dampening",
+                format!("must be in [0, 1], got {}", self.dampening),
+            ));
+        }
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return Err(AmpError::config(
+                "nesterov",
+                format!(
+                    "needs momentum > 0 and dampening = 0, got momentum {} and dampening {}",
+                    self.momentum, self.dampening
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Stochastic gradient descent with PyTorch's semantics.
+///
+/// For each tensor with gradient `g` (lr and weight decay from its group):
+/// ```text
+/// d = g + weight_decay · θ
+/// if momentum ≠ 0:
+///     buf = d                                      on the tensor's first step
+///     buf = momentum · buf + (1 − dampening) · d   afterwards
+///     d   = d + momentum · buf   if nesterov   else   buf
+/// θ = θ − lr · d
+/// ```
+/// The momentum buffer is one parameter-sized buffer, allocated on the first
+/// step that needs it.
+#[derive(Clone, Debug)]
+pub struct Sgd {
+    config: SgdConfig,
+    momentum_buffer: Option<BufferId>,
+    /// Per tensor: whether its momentum buffer holds a value yet.
+    initialized: Vec<bool>,
+}
+
+impl Sgd {
+    /// Builds SGD, validating the settings.
+    pub fn new(config: SgdConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Sgd {
+            config,
+            momentum_buffer: None,
+            initialized: Vec::new(),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SgdConfig {
+        &self.config
+    }
+
+    /// The momentum buffer, once a step has allocated it.
+    pub fn momentum_buffer(&self) -> Option<BufferId> {
+        self.momentum_buffer
+    }
+
+    /// Per tensor: whether its momentum buffer has been initialised.
+    pub fn initialized(&self) -> &[bool] {
+        &self.initialized
+    }
+}
+
+const MOMENTUM_BUFFER: &str = "momentum_buffer";
+
+impl<S: ParamStore> BaseOptimizer<S> for Sgd {
+    fn validate(&self) -> Result<()> {
+        self.config.validate()
+    }
+
+    fn step(&mut self, store: &mut S, ctx: &StepContext<'_, S::Scalar>) -> Result<()> {
+        let n = store.num_tensors();
+        crate::store::check_len("step mask", n, ctx.mask.len())?;
+        crate::store::check_len("learning rates", n, ctx.lr.len())?;
+        crate::store::check_len("weight decays", n, ctx.weight_decay.len())?;
+        let zero = S::Scalar::zero();
+
+        // d = g + weight_decay · θ, in place in the gradient slot; tensors whose
+        // group has no weight decay are left alone, as PyTorch skips them.
+        let decay_mask: Vec<bool> = (0..n)
+            .map(|i| ctx.mask[i] && ctx.weight_decay[i] != zero)
+            .collect();
+        if decay_mask.iter().any(|&m| m) {
+            store.axpy(Slot::Grads, ctx.weight_decay, Slot::Params, &decay_mask)?;
+        }
+
+        let update = if self.config.momentum != 0.0 {
+            let buffer = match self.momentum_buffer {
+                Some(buffer) => buffer,
+                None => {
+                    let buffer = store.alloc_buffer()?;
+                    self.momentum_buffer = Some(buffer);
+                    self.initialized = vec![false; n];
+                    buffer
+                }
+            };
+            let slot = Slot::Buffer(buffer);
+            let first: Vec<bool> = (0..n)
+                .map(|i| ctx.mask[i] && !self.initialized[i])
+                .collect();
+            let later: Vec<bool> = (0..n).map(|i| ctx.mask[i] && self.initialized[i]).collect();
+            if first.iter().any(|&m| m) {
+                store.copy(slot, Slot::Grads, &first)?;
+            }
+            if later.iter().any(|&m| m) {
+                let momentum = vec![S::Scalar::from_f64_rounded(self.config.momentum); n];
+                let keep = vec![S::Scalar::from_f64_rounded(1.0 - self.config.dampening); n];
+                store.scale(slot, &momentum, &later)?;
+                store.axpy(slot, &keep, Slot::Grads, &later)?;
+            }
+            for (done, &m) in self.initialized.iter_mut().zip(ctx.mask) {
+                *done |= m;
+            }
+            if self.config.nesterov {
+                let momentum = vec![S::Scalar::from_f64_rounded(self.config.momentum); n];
+                store.axpy(Slot::Grads, &momentum, slot, ctx.mask)?;
+                Slot::Grads
+            } else {
+                slot
+            }
+        } else {
+            Slot::Grads
+        };
+
+        let neg_lr: Vec<S::Scalar> = ctx.lr.iter().map(|&lr| -lr).collect();
+        store.axpy(Slot::Params, &neg_lr, update, ctx.mask)
+    }
+
+    fn save_state(&self, store: &S) -> Result<OptimizerState> {
+        let mut state = OptimizerState::default();
+        if let Some(buffer) = self.momentum_buffer {
+            let tensors = self
+                .initialized
+                .iter()
+                .enumerate()
+                .map(|(i, &done)| {
+                    done.then(|| store.read(Slot::Buffer(buffer), i))
+                        .transpose()
+                })
+                .collect::<Result<Vec<_>>>()?;
+            state.buffers.push((MOMENTUM_BUFFER.to_string(), tensors));
+        }
+        Ok(state)
+    }
+
+    fn load_state(&mut self, store: &mut S, state: &OptimizerState) -> Result<()> {
+        let n = store.num_tensors();
+        let mut tensors = None;
+        for (name, value) in &state.buffers {
+            if name != MOMENTUM_BUFFER {
+                return Err(AmpError::Checkpoint(format!(
+                    "SGD has no state buffer named {name:?}"
+                )));
+            }
+            tensors = Some(value);
+        }
+        if let Some((name, _)) = state.scalars.first() {
+            return Err(AmpError::Checkpoint(format!(
+                "SGD has no state value named {name:?}"
+            )));
+        }
+        let Some(tensors) = tensors else {
+            // No momentum state saved: start afresh.
+            if let Some(buffer) = self.momentum_buffer.take() {
+                store.free_buffer(buffer)?;
+            }
+            self.initialized.clear();
+            return Ok(());
+        };
+        if self.config.momentum == 0.0 {
+            return Err(AmpError::Checkpoint(
+                "the checkpoint holds momentum buffers but this SGD has momentum 0".into(),
+            ));
+        }
+        crate::store::check_len("momentum buffers", n, tensors.len())?;
+        // Validate everything before writing anything.
+        for (i, t) in tensors.iter().enumerate() {
+            if let Some(t) = t {
+                let shape = store.shape(i)?;
+                if t.shape != shape {
+                    return Err(AmpError::ShapeMismatch {
+                        index: i,
+                        expected: shape,
+                        found: t.shape.clone(),
+                    });
+                }
+            }
+        }
+        let buffer = match self.momentum_buffer {
+            Some(buffer) => buffer,
+            None => store.alloc_buffer()?,
+        };
+        for (i, t) in tensors.iter().enumerate() {
+            if let Some(t) = t {
+                store.write(Slot::Buffer(buffer), i, t)?;
+            }
+        }
+        self.momentum_buffer = Some(buffer);
+        self.initialized = tensors.iter().map(Option::is_some).collect();
+        Ok(())
+    }
+
+    fn buffers_held(&self) -> usize {
+        usize::from(self.momentum_buffer.is_some())
+    }
+}

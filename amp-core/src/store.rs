@@ -1,0 +1,303 @@
+//! The [`ParamStore`] trait: the batched operations AMP needs on a model's
+//! parameters, and the small types that address them.
+
+use std::fmt::Debug;
+
+use num_traits::Float;
+
+use crate::error::{AmpError, Result};
+
+/// The small-epsilon guard of the projection, `‖δ‖₂ + 1e-12`, as in the
+/// reference implementation.
+pub const PROJECTION_GUARD: f64 = 1e-12;
+
+/// A handle to a parameter-shaped buffer allocated by
+/// [`ParamStore::alloc_buffer`].
+///
+/// Buffers hold one tensor per parameter, of the parameter's shape, dtype and
+/// device. They carry optimiser state (momentum), the perturbation δ and the
+/// snapshot of θ used by [`RestoreMode::Copy`](crate::RestoreMode::Copy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BufferId(usize);
+
+impl BufferId {
+    /// Makes a handle from the store's own index. Only store implementations
+    /// need this.
+    pub fn new(index: usize) -> Self {
+        BufferId(index)
+    }
+
+    /// The store's own index behind the handle.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// Which set of tensors an operation reads or writes.
+///
+/// Every slot holds one tensor per parameter, with the parameter's shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
+    /// The parameters θ themselves.
+    Params,
+    /// The gradients written by the last closure call.
+    Grads,
+    /// A buffer from [`ParamStore::alloc_buffer`].
+    Buffer(BufferId),
+}
+
+/// The element type of a tensor as stored on the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DType {
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// IEEE single precision.
+    F32,
+    /// IEEE double precision.
+    F64,
+}
+
+impl DType {
+    /// The name used in checkpoints and messages (`"f32"`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+        }
+    }
+
+    /// Parses [`DType::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            "f32" => DType::F32,
+            "f64" => DType::F64,
+            _ => return None,
+        })
+    }
+
+    /// Bytes per element.
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A tensor copied to host memory, backend-neutral.
+///
+/// Values are held as `f64`, which represents every `f16`, `bf16` and `f32`
+/// value exactly, so a round trip through `HostTensor` is bit-exact for every
+/// [`DType`] (NaN payloads aside).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// The shape; empty for a 0-d scalar.
+    pub shape: Vec<usize>,
+    /// The dtype the values came from and go back to.
+    pub dtype: DType,
+    /// The values in row-major (C) order; `shape.iter().product()` of them.
+    pub data: Vec<f64>,
+}
+
+impl HostTensor {
+    /// Builds a host tensor, checking that `data` fits `shape`.
+    pub fn new(shape: Vec<usize>, dtype: DType, data: Vec<f64>) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if numel != data.len() {
+            return Err(AmpError::CountMismatch {
+                what: "host tensor elements",
+                expected: numel,
+                found: data.len(),
+            });
+        }
+        Ok(HostTensor { shape, dtype, data })
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// The scalar type a [`ParamStore`] computes in.
+///
+/// Implemented for every `num_traits::Float` that is `Debug + Send + Sync`;
+/// in practice `f32` and `f64`.
+pub trait Scalar: Float + Debug + Send + Sync + 'static {
+    /// Converts a hyper-parameter given as `f64` (rounding to nearest).
+    fn from_f64_rounded(value: f64) -> Self {
+        <Self as num_traits::NumCast>::from(value).unwrap_or_else(Self::nan)
+    }
+
+    /// Widens to `f64`.
+    fn widen(self) -> f64 {
+        num_traits::ToPrimitive::to_f64(&self).unwrap_or(f64::NAN)
+    }
+}
+
+impl<T: Float + Debug + Send + Sync + 'static> Scalar for T {}
+
+/// The parameters of a model, their gradients and parameter-shaped buffers,
+/// with the batched operations that AMP and its base optimiser need.
+///
+/// Every operation works on **all tensors at once**, restricted to those whose
+/// `mask` entry is `true`; coefficient slices have one entry per tensor (the
+/// entries of masked-out tensors are ignored). Batching lets a GPU backend run
+/// each operation as one fused launch, and per-tensor results such as norms
+/// stay in [`ParamStore::Norms`], on the device, until
+/// [`ParamStore::norms_to_host`] is called. A step reads from the device a
+/// constant number of times, never once per tensor.
+///
+/// Implementations are thin: they move data, and the algorithm (in
+/// [`Amp`](crate::Amp) and [`Sgd`](crate::Sgd)) is written once on top.
+/// Errors are returned, never panicked: a mask or coefficient slice of the
+/// wrong length is an [`AmpError::CountMismatch`], an unknown buffer an
+/// [`AmpError::UnknownBuffer`].
+///
+/// # Gradients
+/// [`Amp::step`](crate::Amp::step) calls [`zero_grads`](ParamStore::zero_grads)
+/// before every closure call; afterwards [`grad_mask`](ParamStore::grad_mask)
+/// says which tensors received a gradient. How a gradient gets into the store
+/// is the backend's business: written by hand (ndarray), accumulated by
+/// autograd into each tensor (libtorch), or handed over from a gradient map
+/// returned by `backward()` (candle).
+///
+/// # Implementing it for your own tensor type
+/// Implement the required methods over your tensor type; the provided ones
+/// have defaults. The workspace's `tests/custom_store.rs` implements the trait
+/// for plain `Vec<Vec<f64>>` outside every crate of the workspace and trains
+/// with it; `amp-ndarray` is the reference implementation.
+pub trait ParamStore {
+    /// The scalar type of hyper-parameters and coefficients, `f32` or `f64`
+    /// (a half-precision store computes in `f32`).
+    type Scalar: Scalar;
+    /// Per-tensor L2 norms, left wherever the backend computed them (a device
+    /// tensor on a GPU backend, a `Vec` on the CPU reference).
+    type Norms;
+
+    /// Number of parameter tensors.
+    fn num_tensors(&self) -> usize;
+
+    /// Shape of parameter `index` (empty for a 0-d scalar).
+    fn shape(&self, index: usize) -> Result<Vec<usize>>;
+
+    /// Element type of the parameters as stored.
+    fn dtype(&self) -> DType;
+
+    /// Forgets all gradients, so that the next closure call starts afresh.
+    /// Called before every closure call of a step.
+    fn zero_grads(&mut self) -> Result<()>;
+
+    /// One entry per tensor: `true` where the last closure call produced a
+    /// gradient. Tensors without one are neither perturbed nor stepped.
+    fn grad_mask(&self) -> Result<Vec<bool>>;
+
+    /// Allocates a zero-filled parameter-shaped buffer.
+    fn alloc_buffer(&mut self) -> Result<BufferId>;
+
+    /// Releases a buffer.
+    fn free_buffer(&mut self, id: BufferId) -> Result<()>;
+
+    /// `dst[i] ← src[i]` for every masked-in tensor. `dst` and `src` differ.
+    fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()>;
+
+    /// `dst[i] ← factor[i] · dst[i]`.
+    fn scale(&mut self, dst: Slot, factor: &[Self::Scalar], mask: &[bool]) -> Result<()>;
+
+    /// `dst[i] ← dst[i] + alpha[i] · src[i]` (computed as one multiply and one
+    /// add per element, as PyTorch's `add_(src, alpha=…)` does). `dst` and
+    /// `src` differ.
+    fn axpy(&mut self, dst: Slot, alpha: &[Self::Scalar], src: Slot, mask: &[bool]) -> Result<()>;
+
+    /// Per-tensor Euclidean norms `‖src[i]‖₂`; masked-out entries are 0.
+    fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<Self::Norms>;
+
+    /// The projection onto per-tensor balls:
+    /// `dst[i] ← dst[i] · min(1, max_norm[i] / (norms[i] + 1e-12))`, with the
+    /// coefficient computed in [`ParamStore::Scalar`] and kept on the device.
+    /// `norms` comes from [`ParamStore::norms`] of the same `dst`.
+    fn clip_to_norms(
+        &mut self,
+        dst: Slot,
+        norms: &Self::Norms,
+        max_norm: &[Self::Scalar],
+        mask: &[bool],
+    ) -> Result<()>;
+
+    /// Copies norms to the host, one `f64` per tensor (one device read).
+    fn norms_to_host(&self, norms: &Self::Norms) -> Result<Vec<f64>>;
+
+    /// `true` when every element of every masked-in tensor of `src` is finite
+    /// (one reduction and one device read for the whole slot).
+    fn all_finite(&mut self, src: Slot, mask: &[bool]) -> Result<bool>;
+
+    /// Copies tensor `index` of `slot` to the host. A tensor of
+    /// [`Slot::Grads`] without a gradient reads as zeros.
+    fn read(&self, slot: Slot, index: usize) -> Result<HostTensor>;
+
+    /// Overwrites tensor `index` of `slot` with `value`, which must have the
+    /// tensor's shape ([`AmpError::ShapeMismatch`] otherwise, and nothing is
+    /// written). Values are rounded to the store's dtype.
+    fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()>;
+
+    /// Total number of elements over all parameters.
+    fn total_numel(&self) -> Result<usize> {
+        (0..self.num_tensors()).try_fold(0usize, |acc, i| {
+            Ok(acc + self.shape(i)?.iter().product::<usize>())
+        })
+    }
+
+    /// Scales gradients so that their global Euclidean norm (over all
+    /// masked-in tensors together) is at most `max_norm`, as PyTorch's
+    /// `clip_grad_norm_` does: `g ← g · min(1, max_norm / (‖g‖ + 1e-6))`.
+    /// Returns the norm before clipping, read to the host.
+    ///
+    /// Call it inside the closure to clip on every pass, as the paper's recipe
+    /// does. The default reads the per-tensor norms (one device read) and
+    /// applies one scale; backends may keep it on the device.
+    fn clip_grad_norm(&mut self, max_norm: f64, mask: &[bool]) -> Result<f64> {
+        if !(max_norm.is_finite() && max_norm > 0.0) {
+            return Err(AmpError::config(
+                "max_norm",
+                format!("must be positive and finite, got {max_norm}"),
+            ));
+        }
+        let norms = self.norms(Slot::Grads, mask)?;
+        let host = self.norms_to_host(&norms)?;
+        let total = host.iter().map(|n| n * n).sum::<f64>().sqrt();
+        let coefficient = (max_norm / (total + 1e-6)).min(1.0);
+        if coefficient < 1.0 {
+            let factor = vec![Self::Scalar::from_f64_rounded(coefficient); mask.len()];
+            self.scale(Slot::Grads, &factor, mask)?;
+        }
+        Ok(total)
+    }
+}
+
+/// Checks that a mask or coefficient slice has one entry per tensor; for
+/// store implementations.
+pub fn check_len(what: &'static str, expected: usize, found: usize) -> Result<()> {
+    if expected == found {
+        Ok(())
+    } else {
+        Err(AmpError::CountMismatch {
+            what,
+            expected,
+            found,
+        })
+    }
+}

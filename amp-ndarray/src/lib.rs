@@ -1,0 +1,431 @@
+//! # amp-ndarray
+//!
+//! The CPU reference backend of [`amp_core`], over [`ndarray`] arrays, and the
+//! oracle every other backend is tested against. AMP here is *adversarial
+//! model perturbation* (Zheng, Zhang & Mao, CVPR 2021), not automatic mixed
+//! precision.
+//!
+//! [`NdStore`] holds the parameters as `ArrayD<T>` (any dimensionality, 0-d
+//! and empty included) for `T` = `f32` or `f64`. ndarray has no autograd: the
+//! closure computes gradients by hand and hands them over with
+//! [`NdStore::set_grad`] or writes them through [`NdStore::grad_mut`].
+//! Norms are accumulated in `f64` whatever `T` is, so that the oracle is as
+//! accurate as it can be; everything else is computed in `T`, one fused loop
+//! per tensor.
+//!
+//! Softmax regression on a toy problem, trained with AMP:
+//! ```
+//! use amp_core::{Amp, AmpConfig, AmpError, SgdConfig};
+//! use amp_ndarray::NdStore;
+//! use ndarray::{array, Array1, Array2, Axis};
+//!
+//! // Four points, two classes, separable along the first feature.
+//! let x = array![[1.0, 0.2], [0.8, -0.1], [-1.0, 0.1], [-0.9, -0.3]];
+//! let y = [0usize, 0, 1, 1];
+//! let store = NdStore::from_arrays([Array2::<f64>::zeros((2, 2)).into_dyn(),
+//!                                   Array1::<f64>::zeros(2).into_dyn()]);
+//! let config = AmpConfig::default().lr(0.5).epsilon(0.1).inner_iter(1);
+//! let mut amp = Amp::sgd(store, config, SgdConfig::momentum(0.9))?;
+//!
+//! let mut loss = f64::INFINITY;
+//! for _ in 0..50 {
+//!     let report = amp.step(|s: &mut NdStore<f64>, _pass| {
+//!         let w = s.params()[0].view().into_dimensionality::<ndarray::Ix2>().unwrap();
+//!         let b = s.params()[1].view().into_dimensionality::<ndarray::Ix1>().unwrap();
+//!         let logits = x.dot(&w) + &b;
+//!         // Softmax cross-entropy and its gradient, averaged over the batch.
+//!         let max = logits.map_axis(Axis(1), |r| r.fold(f64::MIN, |a, &v| a.max(v)));
+//!         let mut p = &logits - &max.insert_axis(Axis(1));
+//!         p.mapv_inplace(f64::exp);
+//!         let z = p.sum_axis(Axis(1)).insert_axis(Axis(1));
+//!         p /= &z;
+//!         let n = x.nrows() as f64;
+//!         let loss: f64 = y.iter().enumerate().map(|(i, &c)| -p[[i, c]].ln()).sum::<f64>() / n;
+//!         for (i, &c) in y.iter().enumerate() { p[[i, c]] -= 1.0; }
+//!         p /= n;
+//!         s.set_grad(0, x.t().dot(&p).into_dyn())?;
+//!         s.set_grad(1, p.sum_axis(Axis(0)).into_dyn())?;
+//!         Ok::<_, AmpError>((logits, loss))
+//!     })?;
+//!     loss = report.loss;
+//! }
+//! assert!(loss < 0.1, "loss {loss}");
+//! # Ok::<(), AmpError>(())
+//! ```
+#![warn(missing_docs)]
+
+use amp_core::{
+    check_len, AmpError, BufferId, DType, HostTensor, ParamStore, Result, Scalar, Slot,
+    PROJECTION_GUARD,
+};
+use ndarray::{ArrayD, IxDyn, NdFloat, Zip};
+
+/// The element types the reference backend stores: `f32` and `f64`.
+pub trait Element: NdFloat + Scalar {
+    /// The matching [`DType`].
+    const DTYPE: DType;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+}
+
+impl Element for f64 {
+    const DTYPE: DType = DType::F64;
+}
+
+/// Parameters, gradients and buffers as `ndarray` arrays.
+#[derive(Clone, Debug)]
+pub struct NdStore<T: Element> {
+    params: Vec<ArrayD<T>>,
+    grads: Vec<ArrayD<T>>,
+    has_grad: Vec<bool>,
+    buffers: Vec<Option<Vec<ArrayD<T>>>>,
+}
+
+impl<T: Element> NdStore<T> {
+    /// A store holding `params`, none of which has a gradient yet.
+    pub fn new(params: Vec<ArrayD<T>>) -> Self {
+        let grads = params.iter().map(|p| ArrayD::zeros(p.raw_dim())).collect();
+        let has_grad = vec![false; params.len()];
+        NdStore {
+            params,
+            grads,
+            has_grad,
+            buffers: Vec::new(),
+        }
+    }
+
+    /// A store holding the given arrays (of any dimensionality, converted
+    /// with `into_dyn`).
+    pub fn from_arrays<I, D>(params: I) -> Self
+    where
+        I: IntoIterator<Item = ndarray::Array<T, D>>,
+        D: ndarray::Dimension,
+    {
+        NdStore::new(params.into_iter().map(|p| p.into_dyn()).collect())
+    }
+
+    /// The parameters, in store order.
+    pub fn params(&self) -> &[ArrayD<T>] {
+        &self.params
+    }
+
+    /// Parameter `index`, mutably (for initialisation or manual edits between
+    /// steps; its shape cannot change).
+    pub fn param_mut(&mut self, index: usize) -> Result<ndarray::ArrayViewMutD<'_, T>> {
+        let len = self.params.len();
+        self.params
+            .get_mut(index)
+            .map(|p| p.view_mut())
+            .ok_or(AmpError::IndexOutOfRange { index, len })
+    }
+
+    /// Gives the parameters back.
+    pub fn into_params(self) -> Vec<ArrayD<T>> {
+        self.params
+    }
+
+    /// The gradient of tensor `index` from the last closure call, if any.
+    pub fn grad(&self, index: usize) -> Option<&ArrayD<T>> {
+        self.has_grad
+            .get(index)
+            .copied()
+            .unwrap_or(false)
+            .then(|| &self.grads[index])
+    }
+
+    /// Sets the gradient of tensor `index`; it must have the parameter's
+    /// shape.
+    pub fn set_grad(&mut self, index: usize, grad: ArrayD<T>) -> Result<()> {
+        let expected = self.shape(index)?;
+        if grad.shape() != expected.as_slice() {
+            return Err(AmpError::ShapeMismatch {
+                index,
+                expected,
+                found: grad.shape().to_vec(),
+            });
+        }
+        self.grads[index] = grad;
+        self.has_grad[index] = true;
+        Ok(())
+    }
+
+    /// The gradient of tensor `index`, to accumulate into. It reads as zeros
+    /// on its first access after the store's gradients were cleared, and
+    /// counts as a gradient from then on.
+    pub fn grad_mut(&mut self, index: usize) -> Result<&mut ArrayD<T>> {
+        let len = self.params.len();
+        let has = self
+            .has_grad
+            .get_mut(index)
+            .ok_or(AmpError::IndexOutOfRange { index, len })?;
+        if !*has {
+            self.grads[index].fill(T::zero());
+            *has = true;
+        }
+        Ok(&mut self.grads[index])
+    }
+
+    fn check_index(&self, index: usize) -> Result<()> {
+        if index < self.params.len() {
+            Ok(())
+        } else {
+            Err(AmpError::IndexOutOfRange {
+                index,
+                len: self.params.len(),
+            })
+        }
+    }
+
+    fn check_mask(&self, mask: &[bool]) -> Result<()> {
+        check_len("mask", self.params.len(), mask.len())
+    }
+
+    fn buffer_ref(&self, id: BufferId) -> Result<&[ArrayD<T>]> {
+        self.buffers
+            .get(id.index())
+            .and_then(Option::as_deref)
+            .ok_or(AmpError::UnknownBuffer(id.index()))
+    }
+
+    fn slot(&self, slot: Slot) -> Result<&[ArrayD<T>]> {
+        match slot {
+            Slot::Params => Ok(&self.params),
+            Slot::Grads => Ok(&self.grads),
+            Slot::Buffer(id) => self.buffer_ref(id),
+        }
+    }
+
+    fn slot_mut(&mut self, slot: Slot) -> Result<&mut [ArrayD<T>]> {
+        match slot {
+            Slot::Params => Ok(&mut self.params),
+            Slot::Grads => Ok(&mut self.grads),
+            Slot::Buffer(id) => self
+                .buffers
+                .get_mut(id.index())
+                .and_then(Option::as_deref_mut)
+                .ok_or(AmpError::UnknownBuffer(id.index())),
+        }
+    }
+
+    /// Borrows `dst` mutably and `src` shared at once; they must differ.
+    fn pair(&mut self, dst: Slot, src: Slot) -> Result<(&mut [ArrayD<T>], &[ArrayD<T>])> {
+        fn buffer<T>(buffers: &[Option<Vec<T>>], id: BufferId) -> Result<&[T]> {
+            buffers
+                .get(id.index())
+                .and_then(Option::as_deref)
+                .ok_or(AmpError::UnknownBuffer(id.index()))
+        }
+        fn buffer_mut<T>(buffers: &mut [Option<Vec<T>>], id: BufferId) -> Result<&mut [T]> {
+            buffers
+                .get_mut(id.index())
+                .and_then(Option::as_deref_mut)
+                .ok_or(AmpError::UnknownBuffer(id.index()))
+        }
+        let Self {
+            params,
+            grads,
+            buffers,
+            ..
+        } = self;
+        match (dst, src) {
+            (Slot::Params, Slot::Grads) => Ok((params, grads)),
+            (Slot::Grads, Slot::Params) => Ok((grads, params)),
+            (Slot::Params, Slot::Buffer(b)) => Ok((params, buffer(buffers, b)?)),
+            (Slot::Grads, Slot::Buffer(b)) => Ok((grads, buffer(buffers, b)?)),
+            (Slot::Buffer(b), Slot::Params) => Ok((buffer_mut(buffers, b)?, params)),
+            (Slot::Buffer(b), Slot::Grads) => Ok((buffer_mut(buffers, b)?, grads)),
+            (Slot::Buffer(a), Slot::Buffer(b)) if a != b => {
+                // Check both first so that an unknown id is reported as such.
+                buffer(buffers, a)?;
+                buffer(buffers, b)?;
+                let (lo, hi) = (a.index().min(b.index()), a.index().max(b.index()));
+                let (left, right) = buffers.split_at_mut(hi);
+                let low = left[lo].as_deref_mut().expect("checked above");
+                let high = right[0].as_deref_mut().expect("checked above");
+                Ok(if a.index() < b.index() {
+                    (low, &*high)
+                } else {
+                    (high, &*low)
+                })
+            }
+            _ => Err(AmpError::backend(format!(
+                "source and destination must be different slots, got {dst:?} twice"
+            ))),
+        }
+    }
+}
+
+impl<T: Element> ParamStore for NdStore<T> {
+    type Scalar = T;
+    type Norms = Vec<T>;
+
+    fn num_tensors(&self) -> usize {
+        self.params.len()
+    }
+
+    fn shape(&self, index: usize) -> Result<Vec<usize>> {
+        self.check_index(index)?;
+        Ok(self.params[index].shape().to_vec())
+    }
+
+    fn dtype(&self) -> DType {
+        T::DTYPE
+    }
+
+    fn zero_grads(&mut self) -> Result<()> {
+        // Gradients are zero-filled lazily by `grad_mut`, or replaced whole
+        // by `set_grad`: no pass over memory here.
+        self.has_grad.fill(false);
+        Ok(())
+    }
+
+    fn grad_mask(&self) -> Result<Vec<bool>> {
+        Ok(self.has_grad.clone())
+    }
+
+    fn alloc_buffer(&mut self) -> Result<BufferId> {
+        let buffer = self
+            .params
+            .iter()
+            .map(|p| ArrayD::zeros(p.raw_dim()))
+            .collect();
+        // Reuse a freed slot so ids stay small over long runs.
+        if let Some(i) = self.buffers.iter().position(Option::is_none) {
+            self.buffers[i] = Some(buffer);
+            Ok(BufferId::new(i))
+        } else {
+            self.buffers.push(Some(buffer));
+            Ok(BufferId::new(self.buffers.len() - 1))
+        }
+    }
+
+    fn free_buffer(&mut self, id: BufferId) -> Result<()> {
+        self.buffers
+            .get_mut(id.index())
+            .and_then(Option::take)
+            .map(drop)
+            .ok_or(AmpError::UnknownBuffer(id.index()))
+    }
+
+    fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        let (d, s) = self.pair(dst, src)?;
+        for ((d, s), _) in d.iter_mut().zip(s).zip(mask).filter(|(_, &m)| m) {
+            d.assign(s);
+        }
+        Ok(())
+    }
+
+    fn scale(&mut self, dst: Slot, factor: &[T], mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("scale factors", mask.len(), factor.len())?;
+        let d = self.slot_mut(dst)?;
+        for (i, d) in d.iter_mut().enumerate() {
+            if mask[i] && factor[i] != T::one() {
+                let f = factor[i];
+                d.mapv_inplace(|x| x * f);
+            }
+        }
+        Ok(())
+    }
+
+    fn axpy(&mut self, dst: Slot, alpha: &[T], src: Slot, mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("axpy coefficients", mask.len(), alpha.len())?;
+        let (d, s) = self.pair(dst, src)?;
+        for (i, (d, s)) in d.iter_mut().zip(s).enumerate() {
+            if mask[i] {
+                let a = alpha[i];
+                Zip::from(d).and(s).for_each(|d, &s| *d = *d + a * s);
+            }
+        }
+        Ok(())
+    }
+
+    fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<Vec<T>> {
+        self.check_mask(mask)?;
+        let s = self.slot(src)?;
+        Ok(s.iter()
+            .zip(mask)
+            .map(|(t, &m)| {
+                if m {
+                    let sum: f64 = t.iter().map(|&x| x.widen() * x.widen()).sum();
+                    T::from_f64_rounded(sum.sqrt())
+                } else {
+                    T::zero()
+                }
+            })
+            .collect())
+    }
+
+    fn clip_to_norms(
+        &mut self,
+        dst: Slot,
+        norms: &Vec<T>,
+        max_norm: &[T],
+        mask: &[bool],
+    ) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("norms", mask.len(), norms.len())?;
+        check_len("maximum norms", mask.len(), max_norm.len())?;
+        let guard = T::from_f64_rounded(PROJECTION_GUARD);
+        let d = self.slot_mut(dst)?;
+        for (i, d) in d.iter_mut().enumerate() {
+            if !mask[i] {
+                continue;
+            }
+            let coefficient = (max_norm[i] / (norms[i] + guard)).min(T::one());
+            // A coefficient of exactly 1 leaves δ unchanged bit for bit.
+            if coefficient != T::one() {
+                d.mapv_inplace(|x| x * coefficient);
+            }
+        }
+        Ok(())
+    }
+
+    fn norms_to_host(&self, norms: &Vec<T>) -> Result<Vec<f64>> {
+        Ok(norms.iter().map(|n| n.widen()).collect())
+    }
+
+    fn all_finite(&mut self, src: Slot, mask: &[bool]) -> Result<bool> {
+        self.check_mask(mask)?;
+        let s = self.slot(src)?;
+        Ok(s.iter()
+            .zip(mask)
+            .all(|(t, &m)| !m || t.iter().all(|x| x.is_finite())))
+    }
+
+    fn read(&self, slot: Slot, index: usize) -> Result<HostTensor> {
+        self.check_index(index)?;
+        let shape = self.params[index].shape().to_vec();
+        let data = if slot == Slot::Grads && !self.has_grad[index] {
+            vec![0.0; self.params[index].len()]
+        } else {
+            self.slot(slot)?[index].iter().map(|x| x.widen()).collect()
+        };
+        HostTensor::new(shape, T::DTYPE, data)
+    }
+
+    fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()> {
+        let expected = self.shape(index)?;
+        if value.shape != expected {
+            return Err(AmpError::ShapeMismatch {
+                index,
+                expected,
+                found: value.shape.clone(),
+            });
+        }
+        let array = ArrayD::from_shape_vec(
+            IxDyn(&value.shape),
+            value.data.iter().map(|&x| T::from_f64_rounded(x)).collect(),
+        )
+        .map_err(AmpError::backend)?;
+        if slot == Slot::Grads {
+            self.has_grad[index] = true;
+        }
+        self.slot_mut(slot)?[index] = array;
+        Ok(())
+    }
+}
