@@ -1,1 +1,564 @@
-//! placeholder
+//! # amp-testkit
+//!
+//! The conformance kit every `amp` backend is checked with. AMP here is
+//! *adversarial model perturbation*, not automatic mixed precision.
+//!
+//! - [`Objective`]: analytic losses whose gradients are computed on the host
+//!   in `f64` from the weights read back through [`ParamStore::read`], and
+//!   written with [`ParamStore::write`] into [`Slot::Grads`]. Every backend
+//!   therefore sees the same gradient at the same weights (rounded to its
+//!   dtype).
+//! - [`reference`]: a direct, loop-by-loop transcription of the algorithm in
+//!   plain `f64`, independent of every `ParamStore`; it checks the ndarray
+//!   oracle, which in turn checks the other backends.
+//! - [`Case`] and [`run_case`]: run a multi-step AMP schedule on any store
+//!   built by a factory and collect weights, momentum and diagnostics.
+//! - [`properties`]: the invariants of the algorithm as functions that a
+//!   proptest body calls for any backend.
+//! - [`strategies`]: proptest generators of cases.
+#![warn(missing_docs)]
+
+pub mod properties;
+pub mod reference;
+pub mod strategies;
+
+use std::cell::Cell;
+
+use amp_core::{
+    Amp, AmpConfig, AmpError, BaseOptimizer, DType, HostTensor, ParamStore, Pass, Result, Sgd,
+    SgdConfig, Slot,
+};
+
+/// Builds a store holding the given initial values (shapes and dtype included).
+pub trait StoreFactory {
+    /// The store type.
+    type Store: ParamStore;
+    /// Makes a fresh store; its dtype is `dtype`, its values `values` rounded
+    /// to it.
+    fn make(&self, values: &[HostTensor], dtype: DType) -> Result<Self::Store>;
+    /// A human-readable name, such as `"ndarray f32"`.
+    fn name(&self) -> String;
+}
+
+/// An analytic, non-separable loss over all parameter tensors:
+///
+/// ```text
+/// L(θ) = ½ Σᵢ Σⱼ aᵢⱼ (θᵢⱼ − cᵢⱼ)²  +  ½ β (Σᵢ Σⱼ wᵢⱼ θᵢⱼ)²
+/// ∂L/∂θᵢⱼ = aᵢⱼ (θᵢⱼ − cᵢⱼ) + β s wᵢⱼ,   s = Σ wθ
+/// ```
+///
+/// The coupling term makes every tensor's gradient depend on every other
+/// tensor, as in a real network. Tensors listed in `frozen` get no gradient.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Objective {
+    /// Per-element curvature `a` (> 0), one flat vector per tensor.
+    pub curvature: Vec<Vec<f64>>,
+    /// Per-element centre `c`.
+    pub center: Vec<Vec<f64>>,
+    /// Coupling weights `w`.
+    pub coupling_weights: Vec<Vec<f64>>,
+    /// Coupling strength β ≥ 0.
+    pub coupling: f64,
+    /// `true` for tensors that receive no gradient.
+    pub frozen: Vec<bool>,
+}
+
+impl Objective {
+    /// Loss and per-tensor gradients (`None` for frozen tensors) at `theta`.
+    pub fn evaluate(&self, theta: &[Vec<f64>]) -> (f64, Vec<Option<Vec<f64>>>) {
+        let mut s = 0.0;
+        for (t, w) in theta.iter().zip(&self.coupling_weights) {
+            for (x, w) in t.iter().zip(w) {
+                s += w * x;
+            }
+        }
+        let mut loss = 0.5 * self.coupling * s * s;
+        let mut grads = Vec::with_capacity(theta.len());
+        for (i, t) in theta.iter().enumerate() {
+            let (a, c, w) = (
+                &self.curvature[i],
+                &self.center[i],
+                &self.coupling_weights[i],
+            );
+            let mut g = Vec::with_capacity(t.len());
+            for j in 0..t.len() {
+                let d = t[j] - c[j];
+                loss += 0.5 * a[j] * d * d;
+                g.push(a[j] * d + self.coupling * s * w[j]);
+            }
+            grads.push((!self.frozen[i]).then_some(g));
+        }
+        (loss, grads)
+    }
+
+    /// A gradient function for any store: reads θ back, evaluates on the
+    /// host, writes the gradients. `calls` counts the calls, `fault` injects
+    /// failures.
+    pub fn grad_fn<'a, S: ParamStore>(
+        &'a self,
+        calls: &'a Cell<usize>,
+        fault: Fault,
+    ) -> impl FnMut(&mut S, Pass) -> Result<((), f64)> + 'a {
+        move |store: &mut S, _pass: Pass| {
+            let call = calls.get() + 1;
+            calls.set(call);
+            if fault == Fault::Error(call) {
+                return Err(AmpError::backend(format!(
+                    "injected failure on call {call}"
+                )));
+            }
+            let theta = read_slot(store, Slot::Params)?;
+            let (mut loss, grads) = self.evaluate(&host_values(&theta));
+            for (i, g) in grads.into_iter().enumerate() {
+                if let Some(mut g) = g {
+                    if fault == Fault::NanGradient(call) && !g.is_empty() {
+                        g[0] = f64::NAN;
+                    }
+                    let t = HostTensor::new(theta[i].shape.clone(), theta[i].dtype, g)?;
+                    store.write(Slot::Grads, i, &t)?;
+                }
+            }
+            if fault == Fault::NanLoss(call) {
+                loss = f64::NAN;
+            }
+            Ok(((), loss))
+        }
+    }
+}
+
+/// A failure injected into the `n`-th closure call (1-based, counted over the
+/// whole run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// No failure.
+    None,
+    /// The closure returns an error on call `n`.
+    Error(usize),
+    /// The closure reports a NaN loss on call `n`.
+    NanLoss(usize),
+    /// The closure writes a NaN into the first element of a gradient on call
+    /// `n` (when some gradient has an element).
+    NanGradient(usize),
+}
+
+/// A multi-step AMP run on an analytic objective.
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// Initial weights (shapes and values; the dtype is chosen per run).
+    pub init: Vec<HostTensor>,
+    /// The objective.
+    pub objective: Objective,
+    /// AMP's configuration (groups included).
+    pub config: AmpConfig,
+    /// The base optimiser's settings.
+    pub sgd: SgdConfig,
+    /// Number of steps.
+    pub steps: usize,
+}
+
+/// What a run produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    /// Final weights.
+    pub params: Vec<HostTensor>,
+    /// Final momentum buffers (`None` per tensor where uninitialised, and an
+    /// empty vector when SGD holds no momentum).
+    pub momentum: Vec<Option<HostTensor>>,
+    /// Per step: the clean loss.
+    pub losses: Vec<f64>,
+    /// Per step: the perturbed losses.
+    pub perturbed_losses: Vec<Vec<f64>>,
+    /// Per step: ‖δ_K‖ per tensor.
+    pub perturbation_norms: Vec<Vec<f64>>,
+    /// Per step: tensors clipped at the last projection.
+    pub clipped: Vec<usize>,
+    /// Total closure calls.
+    pub closure_calls: usize,
+}
+
+/// Reads every tensor of a slot to the host.
+pub fn read_slot<S: ParamStore>(store: &S, slot: Slot) -> Result<Vec<HostTensor>> {
+    (0..store.num_tensors())
+        .map(|i| store.read(slot, i))
+        .collect()
+}
+
+/// The flat values of host tensors.
+pub fn host_values(tensors: &[HostTensor]) -> Vec<Vec<f64>> {
+    tensors.iter().map(|t| t.data.clone()).collect()
+}
+
+/// The momentum buffers of an `Amp` over [`Sgd`], read to the host.
+pub fn momentum<S: ParamStore>(amp: &Amp<S, Sgd>) -> Result<Vec<Option<HostTensor>>> {
+    let state = amp.base().save_state(amp.store())?;
+    Ok(state
+        .buffers
+        .into_iter()
+        .find(|(name, _)| name == "momentum_buffer")
+        .map(|(_, b)| b)
+        .unwrap_or_default())
+}
+
+/// Runs `case` on a store from `factory` with dtype `dtype`.
+pub fn run_case<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Result<Outcome> {
+    let store = factory.make(&case.init, dtype)?;
+    let mut amp = Amp::sgd(store, case.config.clone(), case.sgd)?;
+    let calls = Cell::new(0);
+    let mut out = Outcome {
+        params: Vec::new(),
+        momentum: Vec::new(),
+        losses: Vec::new(),
+        perturbed_losses: Vec::new(),
+        perturbation_norms: Vec::new(),
+        clipped: Vec::new(),
+        closure_calls: 0,
+    };
+    for _ in 0..case.steps {
+        let report = amp.step(case.objective.grad_fn(&calls, Fault::None))?;
+        out.losses.push(report.loss);
+        out.perturbed_losses.push(report.perturbed_losses);
+        out.perturbation_norms.push(report.perturbation_norms);
+        out.clipped.push(report.clipped);
+    }
+    out.params = read_slot(amp.store(), Slot::Params)?;
+    out.momentum = momentum(&amp)?;
+    out.closure_calls = calls.get();
+    Ok(out)
+}
+
+/// Tolerances for comparing a backend with the `f64` oracle.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerance {
+    /// Relative tolerance, applied against the scale of each tensor.
+    pub relative: f64,
+}
+
+impl Tolerance {
+    /// The tolerance for a dtype, per step of a run.
+    ///
+    /// - `f64`: 1e-10. Backends differ from the oracle only in reduction order
+    ///   (norms) and fused multiply-adds: a few ulps (1e-16) per operation,
+    ///   amplified at most by ~10 operations per step and momentum.
+    /// - `f32`: 5e-5. The weights are rounded to f32 at the start (≤ 6e-8
+    ///   relative) and every operation rounds again; the projection divides by
+    ///   a norm accumulated in f32 (error ≲ √n · 6e-8 for the sizes used),
+    ///   and momentum accumulates errors over steps.
+    /// - `bf16`/`f16`: 2e-2 (8 and 11 mantissa bits).
+    pub fn for_dtype(dtype: DType) -> Self {
+        let relative = match dtype {
+            DType::F64 => 1e-10,
+            DType::F32 => 5e-5,
+            _ => 2e-2,
+        };
+        Tolerance { relative }
+    }
+}
+
+/// Compares two sets of tensors element by element:
+/// `|a − b| ≤ relative · steps · (1 + scale)`, where `scale` is the largest
+/// magnitude in the tensor of either side and of `reference_scale` (the
+/// initial weights, whose magnitude bounds the cancellation error).
+pub fn compare_tensors(
+    what: &str,
+    got: &[HostTensor],
+    want: &[HostTensor],
+    reference_scale: &[HostTensor],
+    tolerance: Tolerance,
+    steps: usize,
+) -> std::result::Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{what}: {} tensors, expected {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if g.shape != w.shape {
+            return Err(format!(
+                "{what}[{i}]: shape {:?}, expected {:?}",
+                g.shape, w.shape
+            ));
+        }
+        let max_abs = |t: &HostTensor| t.data.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let scale = max_abs(g)
+            .max(max_abs(w))
+            .max(reference_scale.get(i).map(max_abs).unwrap_or(0.0));
+        let bound = tolerance.relative * steps.max(1) as f64 * (1.0 + scale);
+        for (j, (a, b)) in g.data.iter().zip(&w.data).enumerate() {
+            let ok = (a - b).abs() <= bound || (a.is_nan() && b.is_nan()) || a == b;
+            if !ok {
+                return Err(format!(
+                    "{what}[{i}][{j}]: got {a:e}, expected {b:e} (|Δ| {:e} > bound {bound:e})",
+                    (a - b).abs()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Compares a backend's outcome with the oracle's: weights, momentum, losses
+/// and perturbation norms, at `tolerance`.
+pub fn compare_outcomes(
+    case: &Case,
+    got: &Outcome,
+    want: &Outcome,
+    tolerance: Tolerance,
+) -> std::result::Result<(), String> {
+    let steps = case.steps;
+    compare_tensors(
+        "params",
+        &got.params,
+        &want.params,
+        &case.init,
+        tolerance,
+        steps,
+    )?;
+    let unwrap = |m: &[Option<HostTensor>], like: &[HostTensor]| -> Vec<HostTensor> {
+        m.iter()
+            .zip(like)
+            .map(|(t, p)| {
+                t.clone().unwrap_or_else(|| HostTensor {
+                    shape: p.shape.clone(),
+                    dtype: p.dtype,
+                    data: vec![0.0; p.data.len()],
+                })
+            })
+            .collect()
+    };
+    if got.momentum.len() != want.momentum.len() {
+        return Err(format!(
+            "momentum: {} buffers, expected {}",
+            got.momentum.len(),
+            want.momentum.len()
+        ));
+    }
+    for (i, (g, w)) in got.momentum.iter().zip(&want.momentum).enumerate() {
+        if g.is_some() != w.is_some() {
+            return Err(format!(
+                "momentum[{i}]: initialised {} vs {}",
+                g.is_some(),
+                w.is_some()
+            ));
+        }
+    }
+    compare_tensors(
+        "momentum",
+        &unwrap(&got.momentum, &got.params),
+        &unwrap(&want.momentum, &want.params),
+        &case.init,
+        Tolerance {
+            relative: tolerance.relative * 10.0,
+        },
+        steps,
+    )?;
+    if got.closure_calls != want.closure_calls {
+        return Err(format!(
+            "closure calls: {} vs {}",
+            got.closure_calls, want.closure_calls
+        ));
+    }
+    let close = |a: f64, b: f64, scale: f64| {
+        (a - b).abs() <= tolerance.relative * 10.0 * steps.max(1) as f64 * (1.0 + scale)
+    };
+    for (s, (a, b)) in got.losses.iter().zip(&want.losses).enumerate() {
+        if !close(*a, *b, a.abs().max(b.abs())) {
+            return Err(format!("loss at step {s}: {a:e} vs {b:e}"));
+        }
+    }
+    for (s, (a, b)) in got
+        .perturbation_norms
+        .iter()
+        .zip(&want.perturbation_norms)
+        .enumerate()
+    {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            if !close(*x, *y, x.abs().max(y.abs())) {
+                return Err(format!("‖δ‖ of tensor {i} at step {s}: {x:e} vs {y:e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The ndarray oracle as a [`StoreFactory`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NdFactory;
+
+impl StoreFactory for NdFactory {
+    type Store = NdAny;
+
+    fn make(&self, values: &[HostTensor], dtype: DType) -> Result<NdAny> {
+        fn build<T: amp_ndarray::Element>(
+            values: &[HostTensor],
+        ) -> Result<Vec<ndarray::ArrayD<T>>> {
+            values
+                .iter()
+                .map(|v| {
+                    ndarray::ArrayD::from_shape_vec(
+                        ndarray::IxDyn(&v.shape),
+                        v.data.iter().map(|&x| T::from_f64_rounded(x)).collect(),
+                    )
+                    .map_err(AmpError::backend)
+                })
+                .collect()
+        }
+        match dtype {
+            DType::F32 => Ok(NdAny::F32(amp_ndarray::NdStore::new(build(values)?))),
+            DType::F64 => Ok(NdAny::F64(amp_ndarray::NdStore::new(build(values)?))),
+            other => Err(AmpError::backend(format!("ndarray has no {other} store"))),
+        }
+    }
+
+    fn name(&self) -> String {
+        "ndarray".into()
+    }
+}
+
+/// An ndarray store of either precision (the scalar type is fixed per run,
+/// so the factory hides it behind this enum, which forwards every call).
+#[derive(Clone, Debug)]
+pub enum NdAny {
+    /// An `f32` store.
+    F32(amp_ndarray::NdStore<f32>),
+    /// An `f64` store.
+    F64(amp_ndarray::NdStore<f64>),
+}
+
+/// Forwards one `ParamStore` call to the inner store, converting scalars.
+macro_rules! forward {
+    ($self:ident, $s:ident => $body:expr) => {
+        match $self {
+            NdAny::F32($s) => $body,
+            NdAny::F64($s) => $body,
+        }
+    };
+}
+
+fn to<T: amp_core::Scalar>(values: &[f64]) -> Vec<T> {
+    values.iter().map(|&v| T::from_f64_rounded(v)).collect()
+}
+
+impl ParamStore for NdAny {
+    // Coefficients arrive as f64 and are rounded to the inner store's scalar
+    // type before use, exactly as a typed store would receive them.
+    type Scalar = f64;
+    type Norms = Vec<f64>;
+
+    fn num_tensors(&self) -> usize {
+        forward!(self, s => s.num_tensors())
+    }
+    fn shape(&self, index: usize) -> Result<Vec<usize>> {
+        forward!(self, s => s.shape(index))
+    }
+    fn dtype(&self) -> DType {
+        forward!(self, s => s.dtype())
+    }
+    fn zero_grads(&mut self) -> Result<()> {
+        forward!(self, s => s.zero_grads())
+    }
+    fn grad_mask(&self) -> Result<Vec<bool>> {
+        forward!(self, s => s.grad_mask())
+    }
+    fn alloc_buffer(&mut self) -> Result<amp_core::BufferId> {
+        forward!(self, s => s.alloc_buffer())
+    }
+    fn free_buffer(&mut self, id: amp_core::BufferId) -> Result<()> {
+        forward!(self, s => s.free_buffer(id))
+    }
+    fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
+        forward!(self, s => s.copy(dst, src, mask))
+    }
+    fn scale(&mut self, dst: Slot, factor: &[f64], mask: &[bool]) -> Result<()> {
+        forward!(self, s => s.scale(dst, &to(factor), mask))
+    }
+    fn axpy(&mut self, dst: Slot, alpha: &[f64], src: Slot, mask: &[bool]) -> Result<()> {
+        forward!(self, s => s.axpy(dst, &to(alpha), src, mask))
+    }
+    fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<Vec<f64>> {
+        forward!(self, s => {
+            let n = s.norms(src, mask)?;
+            s.norms_to_host(&n)
+        })
+    }
+    fn clip_to_norms(
+        &mut self,
+        dst: Slot,
+        norms: &Vec<f64>,
+        max_norm: &[f64],
+        mask: &[bool],
+    ) -> Result<()> {
+        forward!(self, s => s.clip_to_norms(dst, &to(norms), &to(max_norm), mask))
+    }
+    fn norms_to_host(&self, norms: &Vec<f64>) -> Result<Vec<f64>> {
+        Ok(norms.clone())
+    }
+    fn all_finite(&mut self, src: Slot, mask: &[bool]) -> Result<bool> {
+        forward!(self, s => s.all_finite(src, mask))
+    }
+    fn read(&self, slot: Slot, index: usize) -> Result<HostTensor> {
+        forward!(self, s => s.read(slot, index))
+    }
+    fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()> {
+        forward!(self, s => s.write(slot, index, value))
+    }
+}
+
+/// The proptest configuration of the conformance suite: `AMP_PROPTEST_CASES`
+/// cases per property (default 128; raise it for a deep run, e.g.
+/// `AMP_PROPTEST_CASES=2000`).
+pub fn proptest_config() -> proptest::test_runner::Config {
+    let cases = std::env::var("AMP_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    proptest::test_runner::Config {
+        cases,
+        ..proptest::test_runner::Config::default()
+    }
+}
+
+/// Instantiates the whole conformance suite for one backend and dtype:
+/// `conformance_suite!(module_name, factory_expression, DType::F32);`
+///
+/// Every property of [`properties`] becomes a proptest over
+/// [`strategies::case`]; a failing case is shrunk and printed, and its seed is
+/// kept in `proptest-regressions/` beside the test file.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($module:ident, $factory:expr, $dtype:expr) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+            use $crate::proptest::prelude::*;
+            use $crate::{properties, strategies};
+
+            $crate::conformance_suite!(@tests $factory, $dtype;
+                matches_oracle,
+                projection_bound,
+                restore,
+                k0_and_eps0_equal_sgd,
+                closure_calls,
+                base_step_uses_perturbed_gradient,
+                failure_leaves_state
+            );
+        }
+    };
+    (@tests $factory:expr, $dtype:expr; $($property:ident),*) => {
+        $(
+            proptest! {
+                #![proptest_config($crate::proptest_config())]
+                #[test]
+                fn $property(case in strategies::case(5, 4)) {
+                    let factory = $factory;
+                    if let Err(message) = properties::$property(&factory, &case, $dtype) {
+                        prop_assert!(false, "{}", message);
+                    }
+                }
+            }
+        )*
+    };
+}
+
+pub use proptest;

@@ -1,0 +1,384 @@
+//! The invariants of the algorithm, as checks that any backend's proptest
+//! calls with its [`StoreFactory`]. Each returns `Err(message)` on violation,
+//! so that proptest can shrink the case and print it.
+
+use std::cell::{Cell, RefCell};
+
+use amp_core::{Amp, AmpError, DType, HostTensor, ParamStore, Pass, RestoreMode, Slot};
+
+use crate::{
+    compare_outcomes, host_values, momentum, read_slot, reference, run_case, Case, Fault,
+    NdFactory, StoreFactory, Tolerance,
+};
+
+type Check = std::result::Result<(), String>;
+
+fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// Unit roundoff of a dtype.
+pub fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::EPSILON / 2.0,
+        DType::F32 => f32::EPSILON as f64 / 2.0,
+        DType::BF16 => 2f64.powi(-8),
+        _ => 2f64.powi(-11),
+    }
+}
+
+/// Per-tensor ε after group resolution.
+fn epsilons(case: &Case) -> Vec<f64> {
+    reference::PerTensor::resolve(&case.config, case.init.len()).epsilon
+}
+
+/// The ndarray `f64` store agrees with the plain transcription of the
+/// algorithm ([`reference::step`]) to 1e-12 relative.
+pub fn oracle_matches_reference(case: &Case) -> Check {
+    let got = run_case(&NdFactory, case, DType::F64).map_err(fail("ndarray f64 run"))?;
+    let mut state = reference::State {
+        params: host_values(&case.init),
+        momentum: vec![None; case.init.len()],
+    };
+    let mut want = crate::Outcome {
+        params: Vec::new(),
+        momentum: Vec::new(),
+        losses: Vec::new(),
+        perturbed_losses: Vec::new(),
+        perturbation_norms: Vec::new(),
+        clipped: got.clipped.clone(),
+        closure_calls: 0,
+    };
+    for _ in 0..case.steps {
+        let r = reference::step(&mut state, &case.objective, &case.config, &case.sgd);
+        want.losses.push(r.loss);
+        want.perturbed_losses.push(r.perturbed_losses);
+        want.perturbation_norms.push(r.perturbation_norms);
+        want.closure_calls += r.calls;
+    }
+    let as_host = |v: &[f64], like: &HostTensor| HostTensor {
+        shape: like.shape.clone(),
+        dtype: DType::F64,
+        data: v.to_vec(),
+    };
+    want.params = state
+        .params
+        .iter()
+        .zip(&case.init)
+        .map(|(v, like)| as_host(v, like))
+        .collect();
+    want.momentum = if case.sgd.momentum != 0.0 && case.steps > 0 {
+        state
+            .momentum
+            .iter()
+            .zip(&case.init)
+            .map(|(v, like)| v.as_ref().map(|v| as_host(v, like)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    compare_outcomes(case, &got, &want, Tolerance { relative: 1e-12 })
+}
+
+/// The backend agrees with the ndarray `f64` oracle at the dtype's
+/// [`Tolerance`]: weights, momentum, losses and perturbation norms after
+/// every step of the case.
+pub fn matches_oracle<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
+    let want = run_case(&NdFactory, case, DType::F64).map_err(fail("oracle run"))?;
+    let got = run_case(factory, case, dtype).map_err(fail("backend run"))?;
+    compare_outcomes(case, &got, &want, Tolerance::for_dtype(dtype))
+        .map_err(|e| format!("{} {dtype}: {e}", factory.name()))
+}
+
+/// After every inner iteration, ‖(θ + δ) − θ‖ ≤ εᵢ for every tensor (up to
+/// the rounding of θ + δ), and the reported ‖δ_K‖ ≤ εᵢ.
+pub fn projection_bound<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
+    let store = factory.make(&case.init, dtype).map_err(fail("make"))?;
+    let mut amp = Amp::sgd(store, case.config.clone(), case.sgd).map_err(fail("build"))?;
+    let eps = epsilons(case);
+    let u = unit_roundoff(dtype);
+    let calls = Cell::new(0);
+    let clean: RefCell<Vec<HostTensor>> = RefCell::new(Vec::new());
+    let violation: RefCell<Option<String>> = RefCell::new(None);
+    for _ in 0..case.steps {
+        let mut inner = case.objective.grad_fn(&calls, Fault::None);
+        let report = amp
+            .step(|s: &mut F::Store, pass: Pass| {
+                let now = read_slot(s, Slot::Params)?;
+                if pass.is_clean() {
+                    *clean.borrow_mut() = now;
+                } else {
+                    for (i, (p, t)) in now.iter().zip(clean.borrow().iter()).enumerate() {
+                        let delta: f64 = p
+                            .data
+                            .iter()
+                            .zip(&t.data)
+                            .map(|(a, b)| (a - b) * (a - b))
+                            .sum::<f64>()
+                            .sqrt();
+                        let max_abs = t.data.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                        let slack = eps[i] * 8.0 * u
+                            + (p.data.len() as f64).sqrt() * (max_abs + eps[i]) * 4.0 * u;
+                        if delta > eps[i] + slack {
+                            *violation.borrow_mut() = Some(format!(
+                                "{pass}: ‖δ[{i}]‖ = {delta:e} > ε = {:e} (+ slack {slack:e})",
+                                eps[i]
+                            ));
+                        }
+                    }
+                }
+                inner(s, pass)
+            })
+            .map_err(fail("step"))?;
+        if let Some(v) = violation.borrow_mut().take() {
+            return Err(v);
+        }
+        for (i, &norm) in report.perturbation_norms.iter().enumerate() {
+            if norm > eps[i] * (1.0 + 16.0 * u) {
+                return Err(format!("reported ‖δ[{i}]‖ = {norm:e} > ε = {:e}", eps[i]));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// With every learning rate and weight decay 0, a step leaves θ unchanged:
+/// bit for bit with copy-restore, within a few ulps with subtract-restore.
+pub fn restore<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
+    let mut case = case.clone();
+    case.config.lr = 0.0;
+    case.config.weight_decay = 0.0;
+    for g in &mut case.config.groups {
+        g.lr = Some(0.0);
+        g.weight_decay = Some(0.0);
+    }
+    let initial = read_slot(
+        &factory.make(&case.init, dtype).map_err(fail("make"))?,
+        Slot::Params,
+    )
+    .map_err(fail("read"))?;
+    let out = run_case(factory, &case, dtype).map_err(fail("run"))?;
+    match case.config.restore {
+        RestoreMode::Copy => {
+            for (i, (a, b)) in out.params.iter().zip(&initial).enumerate() {
+                let same = a
+                    .data
+                    .iter()
+                    .zip(&b.data)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                if !same {
+                    return Err(format!("copy-restore changed tensor {i}"));
+                }
+            }
+            Ok(())
+        }
+        RestoreMode::Subtract => {
+            let eps = epsilons(&case);
+            let u = unit_roundoff(dtype);
+            let k = case.config.inner_iter as f64;
+            for (i, (a, b)) in out.params.iter().zip(&initial).enumerate() {
+                for (x, y) in a.data.iter().zip(&b.data) {
+                    // Each θ + δ − δ rounds twice per inner iteration.
+                    let bound = 4.0 * (k + 1.0) * case.steps as f64 * u * (y.abs() + eps[i]);
+                    if (x - y).abs() > bound {
+                        return Err(format!(
+                            "subtract-restore drifted tensor {i}: {x:e} vs {y:e} (bound {bound:e})"
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `inner_iter = 0` and `ε = 0` both reproduce plain SGD, bit for bit with
+/// each other (δ = 0 exactly, so the perturbed passes see θ itself).
+pub fn k0_and_eps0_equal_sgd<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
+    let mut erm = case.clone();
+    erm.config.inner_iter = 0;
+    let mut eps0 = case.clone();
+    eps0.config.epsilon = 0.0;
+    eps0.config.inner_iter = eps0.config.inner_iter.max(1);
+    for g in &mut eps0.config.groups {
+        g.epsilon = Some(0.0);
+    }
+    let a = run_case(factory, &erm, dtype).map_err(fail("K = 0 run"))?;
+    let b = run_case(factory, &eps0, dtype).map_err(fail("ε = 0 run"))?;
+    let bits = |t: &[HostTensor]| -> Vec<Vec<u64>> {
+        t.iter()
+            .map(|t| t.data.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    if bits(&a.params) != bits(&b.params) {
+        return Err("K = 0 and ε = 0 give different weights".into());
+    }
+    let flat = |m: &[Option<HostTensor>]| -> Vec<Option<Vec<u64>>> {
+        m.iter()
+            .map(|t| {
+                t.as_ref()
+                    .map(|t| t.data.iter().map(|x| x.to_bits()).collect())
+            })
+            .collect()
+    };
+    if flat(&a.momentum) != flat(&b.momentum) {
+        return Err("K = 0 and ε = 0 give different momentum".into());
+    }
+    // And K = 0 is plain SGD: compare with the oracle at the dtype tolerance.
+    matches_oracle(factory, &erm, dtype)
+}
+
+/// The closure is called exactly K + 1 times per step.
+pub fn closure_calls<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
+    let out = run_case(factory, case, dtype).map_err(fail("run"))?;
+    let want = case.steps * (case.config.inner_iter + 1);
+    if out.closure_calls == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} closure calls, expected {want}",
+            out.closure_calls
+        ))
+    }
+}
+
+/// The base optimiser receives the gradient taken at θ + δ_K: with plain SGD
+/// (no momentum, no weight decay), one step gives θ − lr·g(θ + δ_K), where
+/// g(θ + δ_K) is what the closure wrote on its last call.
+pub fn base_step_uses_perturbed_gradient<F: StoreFactory>(
+    factory: &F,
+    case: &Case,
+    dtype: DType,
+) -> Check {
+    let mut case = case.clone();
+    case.sgd = amp_core::SgdConfig::default();
+    case.config.weight_decay = 0.0;
+    for g in &mut case.config.groups {
+        g.weight_decay = Some(0.0);
+    }
+    let store = factory.make(&case.init, dtype).map_err(fail("make"))?;
+    let mut amp = Amp::sgd(store, case.config.clone(), case.sgd).map_err(fail("build"))?;
+    let theta = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
+    let calls = Cell::new(0);
+    let last_grads: RefCell<Vec<HostTensor>> = RefCell::new(Vec::new());
+    let mut inner = case.objective.grad_fn(&calls, Fault::None);
+    amp.step(|s: &mut F::Store, pass: Pass| {
+        let r = inner(s, pass)?;
+        *last_grads.borrow_mut() = read_slot(s, Slot::Grads)?;
+        Ok::<_, AmpError>(r)
+    })
+    .map_err(fail("step"))?;
+    let lr = reference::PerTensor::resolve(&case.config, case.init.len()).lr;
+    let got = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
+    let want: Vec<HostTensor> = theta
+        .iter()
+        .zip(last_grads.borrow().iter())
+        .enumerate()
+        .map(|(i, (t, g))| HostTensor {
+            shape: t.shape.clone(),
+            dtype: t.dtype,
+            data: t
+                .data
+                .iter()
+                .zip(&g.data)
+                .map(|(p, g)| p - lr[i] * g)
+                .collect(),
+        })
+        .collect();
+    crate::compare_tensors(
+        "θ − lr·g(θ + δ_K)",
+        &got,
+        &want,
+        &theta,
+        Tolerance::for_dtype(dtype),
+        1,
+    )
+}
+
+/// A failure at any closure call of a step — an error, a NaN loss, a NaN
+/// gradient — returns the matching error and leaves weights and momentum as
+/// they were: bit for bit with copy-restore, within rounding with
+/// subtract-restore. The optimiser then keeps working.
+pub fn failure_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
+    let per_step = case.config.inner_iter + 1;
+    // Fail in the last step, after the earlier ones built momentum.
+    let warmup = case.steps.saturating_sub(1);
+    for n in 1..=per_step {
+        for fault_kind in 0..3 {
+            let call = warmup * per_step + n;
+            let fault = match fault_kind {
+                0 => Fault::Error(call),
+                1 => Fault::NanLoss(call),
+                _ => Fault::NanGradient(call),
+            };
+            let has_element = case
+                .init
+                .iter()
+                .zip(&case.objective.frozen)
+                .any(|(t, &frozen)| !frozen && !t.data.is_empty());
+            if matches!(fault, Fault::NanGradient(_)) && !has_element {
+                continue;
+            }
+            let store = factory.make(&case.init, dtype).map_err(fail("make"))?;
+            let mut amp = Amp::sgd(store, case.config.clone(), case.sgd).map_err(fail("build"))?;
+            let calls = Cell::new(0);
+            for _ in 0..warmup {
+                amp.step(case.objective.grad_fn(&calls, fault))
+                    .map_err(fail("warm-up step"))?;
+            }
+            let before = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
+            let momentum_before = momentum(&amp).map_err(fail("momentum"))?;
+            let result = amp.step(case.objective.grad_fn(&calls, fault));
+            let expected_kind = match (&result, fault) {
+                (Err(AmpError::Closure { .. }), Fault::Error(_)) => true,
+                (Err(AmpError::NonFiniteLoss { .. }), Fault::NanLoss(_)) => true,
+                (Err(AmpError::NonFiniteGradient { .. }), Fault::NanGradient(_)) => true,
+                _ => false,
+            };
+            if !expected_kind {
+                return Err(format!("{fault:?}: step returned {:?}", result.map(|_| ())));
+            }
+            let after = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
+            let momentum_after = momentum(&amp).map_err(fail("momentum"))?;
+            if momentum_after != momentum_before {
+                return Err(format!("{fault:?}: momentum changed"));
+            }
+            let u = unit_roundoff(dtype);
+            let eps = epsilons(case);
+            for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+                for (x, y) in a.data.iter().zip(&b.data) {
+                    let ok = match case.config.restore {
+                        RestoreMode::Copy => x.to_bits() == y.to_bits(),
+                        RestoreMode::Subtract => {
+                            (x - y).abs() <= 4.0 * (per_step as f64 + 1.0) * u * (y.abs() + eps[i])
+                        }
+                    };
+                    if !ok {
+                        return Err(format!("{fault:?}: tensor {i} changed: {x:e} vs {y:e}"));
+                    }
+                }
+            }
+            // The next step succeeds and closes the gap to the oracle's step.
+            amp.step(case.objective.grad_fn(&calls, Fault::None))
+                .map_err(fail("step after failure"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs every property above on one case and dtype; the first violation is
+/// returned.
+pub fn all<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
+    matches_oracle(factory, case, dtype)?;
+    projection_bound(factory, case, dtype)?;
+    restore(factory, case, dtype)?;
+    k0_and_eps0_equal_sgd(factory, case, dtype)?;
+    closure_calls(factory, case, dtype)?;
+    base_step_uses_perturbed_gradient(factory, case, dtype)?;
+    failure_leaves_state(factory, case, dtype)
+}
+
+/// The store's gradients as the host sees them (for tests of backends).
+pub fn grads<S: ParamStore>(store: &S) -> amp_core::Result<Vec<HostTensor>> {
+    read_slot(store, Slot::Grads)
+}

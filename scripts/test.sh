@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs every test of the workspace.
+#
+# - libtorch for amp-tch: PyPI's torch wheel (pinned to the version tch
+#   expects) in a project-local virtualenv, .venv, created when missing;
+# - nvcc from PyPI and a stub libcuda for the CUDA compile check of
+#   amp-candle (scripts/check-cuda.sh).
+# Then: formatting, clippy, the whole test suite with every CPU backend
+# (ndarray, candle, tch), and the CUDA compile check. CUDA tests skip with a
+# printed notice on machines without a GPU.
+#
+# Environment: AMP_VENV (virtualenv path, default .venv),
+# AMP_PROPTEST_CASES (cases per property, default 128),
+# AMP_SKIP_CUDA_CHECK=1 to leave out the CUDA compile check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+torch_version=2.11.0
+venv=${AMP_VENV:-$root/.venv}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
+    step "installing torch==$torch_version into $venv (about a minute, 4.6 GB)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==$torch_version"
+fi
+# torch-sys finds libtorch by running `python` from the active virtualenv.
+export VIRTUAL_ENV=$venv PATH="$venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, every CPU backend)"
+cargo clippy --workspace --all-targets --features amp/tch -- -D warnings
+
+step "cargo test (every crate, every CPU backend)"
+cargo test --workspace --features amp/tch
+
+if [ "${AMP_SKIP_CUDA_CHECK:-0}" != 1 ]; then
+    step "CUDA compile check of amp-candle"
+    bash scripts/check-cuda.sh
+fi
+step "all tests passed"
