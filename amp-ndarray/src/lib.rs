@@ -74,6 +74,9 @@ impl Element for f64 {
     const DTYPE: DType = DType::F64;
 }
 
+/// A destination slot borrowed mutably beside a source slot.
+type SlotPair<'a, T> = (&'a mut [ArrayD<T>], &'a [ArrayD<T>]);
+
 /// Parameters, gradients and buffers as `ndarray` arrays.
 #[derive(Clone, Debug)]
 pub struct NdStore<T: Element> {
@@ -210,7 +213,7 @@ impl<T: Element> NdStore<T> {
     }
 
     /// Borrows `dst` mutably and `src` shared at once; they must differ.
-    fn pair(&mut self, dst: Slot, src: Slot) -> Result<(&mut [ArrayD<T>], &[ArrayD<T>])> {
+    fn pair(&mut self, dst: Slot, src: Slot) -> Result<SlotPair<'_, T>> {
         fn buffer<T>(buffers: &[Option<Vec<T>>], id: BufferId) -> Result<&[T]> {
             buffers
                 .get(id.index())
@@ -338,7 +341,7 @@ impl<T: Element> ParamStore for NdStore<T> {
         for (i, (d, s)) in d.iter_mut().zip(s).enumerate() {
             if mask[i] {
                 let a = alpha[i];
-                Zip::from(d).and(s).for_each(|d, &s| *d = *d + a * s);
+                Zip::from(d).and(s).for_each(|d, &s| *d += a * s);
             }
         }
         Ok(())

@@ -329,12 +329,15 @@ pub fn failure_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype: DT
             let before = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
             let momentum_before = momentum(&amp).map_err(fail("momentum"))?;
             let result = amp.step(case.objective.grad_fn(&calls, fault));
-            let expected_kind = match (&result, fault) {
-                (Err(AmpError::Closure { .. }), Fault::Error(_)) => true,
-                (Err(AmpError::NonFiniteLoss { .. }), Fault::NanLoss(_)) => true,
-                (Err(AmpError::NonFiniteGradient { .. }), Fault::NanGradient(_)) => true,
-                _ => false,
-            };
+            let expected_kind = matches!(
+                (&result, fault),
+                (Err(AmpError::Closure { .. }), Fault::Error(_))
+                    | (Err(AmpError::NonFiniteLoss { .. }), Fault::NanLoss(_))
+                    | (
+                        Err(AmpError::NonFiniteGradient { .. }),
+                        Fault::NanGradient(_)
+                    )
+            );
             if !expected_kind {
                 return Err(format!("{fault:?}: step returned {:?}", result.map(|_| ())));
             }

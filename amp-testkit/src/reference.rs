@@ -1,6 +1,16 @@
 //! The algorithm of `algorithm.md`, transcribed loop by loop in plain `f64`,
 //! with no `ParamStore` in between. It is the specification the ndarray
 //! oracle is checked against.
+//!
+//! It keeps the index loops and the explicit `x + (−1)·δ` / `x + 1·δ` forms of
+//! the specification on purpose: they are the operations, in the order, that
+//! a store performs.
+#![allow(
+    clippy::needless_range_loop,
+    clippy::assign_op_pattern,
+    clippy::neg_multiply,
+    clippy::identity_op
+)]
 
 use amp_core::{AmpConfig, RestoreMode, SgdConfig};
 
