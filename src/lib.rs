@@ -38,6 +38,8 @@
 
 pub use amp_core::*;
 
+pub mod checkpoint;
+
 /// The backend adapters compiled in, one module per cargo feature.
 pub mod backend {
     /// The ndarray CPU reference backend (feature `ndarray`).

@@ -761,3 +761,79 @@ fn resolve_groups(config: &AmpConfig, n: usize) -> Result<Vec<Group>> {
         .map(|g| inherit(g.tensors.clone(), Some(g)))
         .collect())
 }
+
+/// Read access to the parameter groups as resolved against the store (every
+/// `None` of a [`ParamGroup`] replaced by the value of [`AmpConfig`]), for
+/// checkpoints and logging. A checkpoint records each group's tensors and
+/// hyper-parameters and checks them when it is loaded.
+impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
+    fn resolved_group(&self, group: usize) -> Result<&Group> {
+        self.groups
+            .get(group)
+            .ok_or_else(|| AmpError::config("groups", format!("there is no group {group}")))
+    }
+
+    /// The store indices of the tensors of group `group`, in the order the
+    /// group was given (all tensors, in order, for the implicit single group).
+    ///
+    /// ```
+    /// use amp_core::{Amp, AmpConfig, ParamGroup, SgdConfig};
+    /// # use amp_core::{BufferId, DType, HostTensor, ParamStore, Result, Slot};
+    /// # // A store of scalar tensors, enough for the example.
+    /// # struct Scalars(Vec<f64>);
+    /// # impl ParamStore for Scalars {
+    /// #     type Scalar = f64; type Norms = Vec<f64>;
+    /// #     fn num_tensors(&self) -> usize { self.0.len() }
+    /// #     fn shape(&self, _: usize) -> Result<Vec<usize>> { Ok(vec![]) }
+    /// #     fn dtype(&self) -> DType { DType::F64 }
+    /// #     fn zero_grads(&mut self) -> Result<()> { Ok(()) }
+    /// #     fn grad_mask(&self) -> Result<Vec<bool>> { Ok(vec![false; self.0.len()]) }
+    /// #     fn alloc_buffer(&mut self) -> Result<BufferId> { Ok(BufferId::new(0)) }
+    /// #     fn free_buffer(&mut self, _: BufferId) -> Result<()> { Ok(()) }
+    /// #     fn copy(&mut self, _: Slot, _: Slot, _: &[bool]) -> Result<()> { Ok(()) }
+    /// #     fn scale(&mut self, _: Slot, _: &[f64], _: &[bool]) -> Result<()> { Ok(()) }
+    /// #     fn axpy(&mut self, _: Slot, _: &[f64], _: Slot, _: &[bool]) -> Result<()> { Ok(()) }
+    /// #     fn norms(&mut self, _: Slot, m: &[bool]) -> Result<Vec<f64>> { Ok(vec![0.0; m.len()]) }
+    /// #     fn clip_to_norms(&mut self, _: Slot, _: &Vec<f64>, _: &[f64], _: &[bool]) -> Result<()> { Ok(()) }
+    /// #     fn norms_to_host(&self, n: &Vec<f64>) -> Result<Vec<f64>> { Ok(n.clone()) }
+    /// #     fn all_finite(&mut self, _: Slot, _: &[bool]) -> Result<bool> { Ok(true) }
+    /// #     fn read(&self, _: Slot, i: usize) -> Result<HostTensor> { HostTensor::new(vec![], DType::F64, vec![self.0[i]]) }
+    /// #     fn write(&mut self, _: Slot, i: usize, v: &HostTensor) -> Result<()> { self.0[i] = v.data[0]; Ok(()) }
+    /// # }
+    /// # let store = Scalars(vec![1.0, 2.0, 3.0]);
+    /// // `store` holds three tensors; the biases (tensor 2) get a smaller ε.
+    /// let config = AmpConfig::default()
+    ///     .epsilon(0.5)
+    ///     .group(ParamGroup::new([0, 1]))
+    ///     .group(ParamGroup::new([2]).epsilon(0.05).weight_decay(1e-4));
+    /// let amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9))?;
+    /// assert_eq!(amp.group_tensors(1)?, &[2]);
+    /// assert_eq!(amp.group_epsilon(0)?, 0.5); // inherited from the config
+    /// assert_eq!(amp.group_epsilon(1)?, 0.05);
+    /// assert_eq!(amp.group_inner_lr(1)?, 1.0);
+    /// assert_eq!(amp.group_weight_decay(1)?, 1e-4);
+    /// assert!(amp.group_epsilon(2).is_err());
+    /// # Ok::<(), amp_core::AmpError>(())
+    /// ```
+    pub fn group_tensors(&self, group: usize) -> Result<&[usize]> {
+        self.resolved_group(group).map(|g| g.tensors.as_slice())
+    }
+
+    /// The radius ε of group `group`'s perturbation balls (see
+    /// [`Amp::group_tensors`] for an example).
+    pub fn group_epsilon(&self, group: usize) -> Result<f64> {
+        self.resolved_group(group).map(|g| g.epsilon)
+    }
+
+    /// The inner (ascent) learning rate ζ of group `group` (see
+    /// [`Amp::group_tensors`] for an example).
+    pub fn group_inner_lr(&self, group: usize) -> Result<f64> {
+        self.resolved_group(group).map(|g| g.inner_lr)
+    }
+
+    /// The weight decay of group `group` (see [`Amp::group_tensors`] for an
+    /// example).
+    pub fn group_weight_decay(&self, group: usize) -> Result<f64> {
+        self.resolved_group(group).map(|g| g.weight_decay)
+    }
+}

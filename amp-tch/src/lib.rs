@@ -1,1 +1,771 @@
-//! placeholder
+//! # amp-tch
+//!
+//! The libtorch backend of [`amp_core`], over [`tch`] tensors, on the CPU and
+//! on CUDA. AMP here is *adversarial model perturbation* (Zheng, Zhang & Mao,
+//! CVPR 2021) — a regulariser that trains toward flat minima — not automatic
+//! mixed precision.
+//!
+//! [`TchStore`] implements [`ParamStore`] over the trainable variables of a
+//! [`tch::nn::VarStore`] ([`TchStore::from_var_store`]), over any list of
+//! leaf tensors ([`TchStore::from_tensors`]) or over host values
+//! ([`TchStore::from_host`]). Gradients are libtorch's own: the closure runs
+//! `loss.backward()` and autograd leaves them in each tensor's `.grad()`; the
+//! store undefines them before every closure call (PyTorch's
+//! `zero_grad(set_to_none=True)`), so a tensor that the loss does not reach
+//! has no gradient and is neither perturbed nor stepped.
+//!
+//! Train a small MLP with AMP (SGD with Nesterov momentum as the base
+//! optimiser, as in the paper):
+//! ```
+//! use amp_core::{Amp, AmpConfig, AmpError, SgdConfig};
+//! use amp_tch::TchStore;
+//! use tch::nn::{self, Module};
+//! use tch::{Device, Kind, Tensor};
+//!
+//! tch::manual_seed(0);
+//! // Two classes: inside or outside the circle of radius 1.
+//! let x = Tensor::rand([256, 2], (Kind::Float, Device::Cpu)) * 3.0 - 1.5;
+//! let y = x.square().sum_dim_intlist(1, false, Kind::Float).gt(1.0).to_kind(Kind::Int64);
+//!
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let model = nn::seq()
+//!     .add(nn::linear(vs.root() / "l1", 2, 32, Default::default()))
+//!     .add_fn(|t| t.relu())
+//!     .add(nn::linear(vs.root() / "l2", 32, 2, Default::default()));
+//!
+//! let store = TchStore::from_var_store(&vs)?;
+//! let config = AmpConfig::default().lr(0.1).epsilon(0.1).inner_iter(1);
+//! let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9))?;
+//! let mut first = None;
+//! let mut loss = f64::NAN;
+//! for _ in 0..300 {
+//!     // The store has cleared the gradients before each call.
+//!     let report = amp.step(|_store, _pass| {
+//!         let logits = model.forward(&x);
+//!         let loss = logits.cross_entropy_for_logits(&y);
+//!         loss.backward();
+//!         Ok::<_, AmpError>((logits, loss.double_value(&[])))
+//!     })?;
+//!     first.get_or_insert(report.loss);
+//!     loss = report.loss;
+//! }
+//! assert!(loss < 0.5 * first.unwrap(), "loss {loss}, first {first:?}");
+//! # Ok::<(), AmpError>(())
+//! ```
+//! (The closure may equally return `TchError` and use tch's fallible `f_*`
+//! methods with `?`: any error that converts into a boxed error will do.)
+//!
+//! ## Multi-tensor execution
+//! tch 0.24 does not bind ATen's multi-tensor `_foreach_*` operators, so a
+//! small C++ shim, compiled by `build.rs` against the headers of the same
+//! libtorch, calls them: each batched [`ParamStore`] operation is **one** call
+//! into the shim and a constant number of ATen calls, whatever the number of
+//! tensors:
+//!
+//! | operation | ATen calls |
+//! |---|---|
+//! | `copy` | `_foreach_copy_` |
+//! | `scale` | `_foreach_mul_` (scalar list) |
+//! | `axpy` | `_foreach_add_(dst, src, alpha)` per distinct coefficient (≤ 4: parameter groups), else `_foreach_mul` + `_foreach_add_` |
+//! | `norms` | `_foreach_norm` + `stack` |
+//! | `clip_to_norms` | a few ops on the stacked norms + `_foreach_mul_` (tensor list) |
+//! | `all_finite` | `_foreach_norm(∞)` + `stack` + `isfinite().all()`, one read |
+//! | `zero_grads`, `grad_mask` | no kernel: references dropped or inspected |
+//! | `alloc_buffer` | one `zeros` allocation, viewed per tensor |
+//!
+//! Why a shim rather than one flat parameter buffer with views: gradients are
+//! allocated by autograd, one tensor per parameter, and the parameters of a
+//! `VarStore` are allocated by tch; flattening would mean copying gradients
+//! into a flat buffer on every pass (two extra passes over memory) or
+//! re-pointing the model's storage. The foreach operators work on the tensors
+//! where they are, and on CUDA they run as fused multi-tensor launches.
+//! One caveat: `clip_to_norms` multiplies each tensor by its own coefficient,
+//! a 0-d device tensor; ATen's CUDA fast path does not cover that broadcast,
+//! so on CUDA it is one small launch per tensor — still without any host
+//! synchronisation. Per-tensor clip coefficients and norms stay on the device
+//! ([`TchNorms`] holds a device tensor); only
+//! [`norms_to_host`](ParamStore::norms_to_host) and
+//! [`all_finite`](ParamStore::all_finite) read from the device, once each.
+//!
+//! ## Numerics
+//! The store's [`ParamStore::Scalar`] is `f64` whatever the tensors' dtype:
+//! coefficients go to libtorch as `f64` scalars, and libtorch rounds them to
+//! the tensors' compute type, as the `f32` reference store rounds them to
+//! `f32`. Projection coefficients are computed on the device in the tensors'
+//! dtype. `axpy` is PyTorch's `add_(src, alpha=a)`, which on CPUs with FMA is
+//! a fused multiply-add (one rounding), where the reference store rounds
+//! twice; norms accumulate in the tensors' dtype, where the reference store
+//! accumulates in `f64`. Results therefore agree with the reference within a
+//! few ulps per operation, not bit for bit.
+//!
+//! ## Linking
+//! `build.rs` gives this package's binaries, tests and examples a RUNPATH to
+//! libtorch and keeps `libtorch.so` (which loads `libtorch_cuda.so`) as a
+//! needed library, so they start without `LD_LIBRARY_PATH` and see CUDA when
+//! there is one. A package of your own that has tch binaries needs the same
+//! lines in its `build.rs`; the libtorch directory is exported to it as
+//! `DEP_AMP_TCH_LIBTORCH_LIB`.
+#![warn(missing_docs)]
+
+use std::ffi::{c_char, c_int, CStr};
+
+use amp_core::{
+    check_len, AmpError, BufferId, DType, HostTensor, ParamStore, Result, Slot, PROJECTION_GUARD,
+};
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
+
+/// The `tch` crate this backend is built on (`=0.24.0`, libtorch 2.11), so
+/// that dependents name the same version.
+pub use tch;
+
+mod ffi {
+    use std::ffi::{c_char, c_int};
+    use torch_sys::C_tensor;
+
+    /// The tensors themselves.
+    pub const PLAIN: c_int = 0;
+    /// Their gradients; an undefined gradient reads as zeros.
+    pub const GRAD_READ: c_int = 1;
+    /// Their gradients; an undefined gradient is defined as zeros first.
+    pub const GRAD_WRITE: c_int = 2;
+
+    extern "C" {
+        pub fn amp_tch_free_error(message: *mut c_char);
+        pub fn amp_tch_copy(
+            dst: *const *mut C_tensor,
+            dst_view: c_int,
+            src: *const *mut C_tensor,
+            src_view: c_int,
+            n: usize,
+        ) -> *mut c_char;
+        pub fn amp_tch_scale(
+            dst: *const *mut C_tensor,
+            dst_view: c_int,
+            factor: *const f64,
+            n: usize,
+        ) -> *mut c_char;
+        pub fn amp_tch_axpy(
+            dst: *const *mut C_tensor,
+            dst_view: c_int,
+            src: *const *mut C_tensor,
+            src_view: c_int,
+            alpha: *const f64,
+            n: usize,
+        ) -> *mut c_char;
+        pub fn amp_tch_norms(
+            src: *const *mut C_tensor,
+            src_view: c_int,
+            n: usize,
+            out: *mut *mut C_tensor,
+        ) -> *mut c_char;
+        pub fn amp_tch_clip(
+            dst: *const *mut C_tensor,
+            dst_view: c_int,
+            n: usize,
+            norms: *mut C_tensor,
+            max_norm: *const f64,
+            guard: f64,
+        ) -> *mut c_char;
+        pub fn amp_tch_all_finite(
+            src: *const *mut C_tensor,
+            src_view: c_int,
+            n: usize,
+            out: *mut c_int,
+        ) -> *mut c_char;
+        pub fn amp_tch_reset_grads(params: *const *mut C_tensor, n: usize) -> *mut c_char;
+        pub fn amp_tch_grad_mask(
+            params: *const *mut C_tensor,
+            n: usize,
+            out: *mut u8,
+        ) -> *mut c_char;
+        pub fn amp_tch_set_grad(param: *mut C_tensor, value: *mut C_tensor) -> *mut c_char;
+        pub fn amp_tch_get_grad(param: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
+        pub fn amp_tch_alloc_like(
+            params: *const *mut C_tensor,
+            n: usize,
+            out: *mut *mut C_tensor,
+        ) -> *mut c_char;
+    }
+}
+
+/// Turns a shim return value (NULL or an owned message) into a `Result`.
+fn check(message: *mut c_char) -> Result<()> {
+    if message.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null return is a NUL-terminated string malloc'ed by the
+    // shim, released exactly once here.
+    let text = unsafe {
+        let text = CStr::from_ptr(message).to_string_lossy().into_owned();
+        ffi::amp_tch_free_error(message);
+        text
+    };
+    Err(AmpError::backend(text))
+}
+
+/// Wraps an owned `at::Tensor*` returned by the shim.
+///
+/// # Safety
+/// `ptr` must be null or a pointer allocated with `new at::Tensor` and not
+/// owned by anything else.
+unsafe fn take_tensor(ptr: *mut C_tensor) -> Result<Tensor> {
+    if ptr.is_null() {
+        Err(AmpError::backend("the libtorch shim returned no tensor"))
+    } else {
+        Ok(Tensor::from_ptr(ptr))
+    }
+}
+
+fn tch_error(error: tch::TchError) -> AmpError {
+    AmpError::backend(error)
+}
+
+/// The raw pointer of a tensor, for the shim. The tensor must outlive the
+/// call that uses it; the shim mutates it only in place (or its `.grad`).
+fn raw(tensor: &Tensor) -> *mut C_tensor {
+    tensor.as_ptr().cast_mut()
+}
+
+/// The [`DType`] of a libtorch kind, if it is a floating-point one.
+pub fn dtype_of(kind: Kind) -> Option<DType> {
+    match kind {
+        Kind::Half => Some(DType::F16),
+        Kind::BFloat16 => Some(DType::BF16),
+        Kind::Float => Some(DType::F32),
+        Kind::Double => Some(DType::F64),
+        _ => None,
+    }
+}
+
+/// The libtorch kind of a [`DType`].
+pub fn kind_of(dtype: DType) -> Result<Kind> {
+    match dtype {
+        DType::F16 => Ok(Kind::Half),
+        DType::BF16 => Ok(Kind::BFloat16),
+        DType::F32 => Ok(Kind::Float),
+        DType::F64 => Ok(Kind::Double),
+        other => Err(AmpError::backend(format!(
+            "dtype {other} has no libtorch equivalent here"
+        ))),
+    }
+}
+
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".to_string(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// Builds a tensor of `kind` on `device` from host values (rounded to
+/// `kind`); it does not require grad.
+fn host_to_tensor(value: &HostTensor, kind: Kind, device: Device) -> Result<Tensor> {
+    check_len(
+        "host tensor elements",
+        value.shape.iter().product(),
+        value.data.len(),
+    )?;
+    let shape = value
+        .shape
+        .iter()
+        .map(|&d| i64::try_from(d).map_err(AmpError::backend))
+        .collect::<Result<Vec<i64>>>()?;
+    Tensor::f_from_slice(&value.data)
+        .and_then(|t| t.f_view(shape.as_slice()))
+        .and_then(|t| t.f_to_kind(kind))
+        .and_then(|t| t.f_to_device(device))
+        .map_err(tch_error)
+}
+
+/// Per-tensor Euclidean norms computed by [`TchStore`], left on the device.
+///
+/// `values` holds one entry per masked-in tensor, in store order; `mask` says
+/// which tensors those are. [`ParamStore::norms_to_host`] expands them to one
+/// `f64` per tensor, with 0 for the masked-out ones.
+#[derive(Debug)]
+pub struct TchNorms {
+    values: Tensor,
+    mask: Vec<bool>,
+}
+
+impl TchNorms {
+    /// The norms of the masked-in tensors, a 1-D tensor on the store's device
+    /// in the store's dtype.
+    pub fn values(&self) -> &Tensor {
+        &self.values
+    }
+
+    /// Which tensors of the store the entries of [`TchNorms::values`] belong
+    /// to.
+    pub fn mask(&self) -> &[bool] {
+        &self.mask
+    }
+}
+
+/// Parameters as libtorch tensors, with their autograd gradients and
+/// parameter-shaped buffers.
+///
+/// All tensors share one device and one floating-point dtype (`f32`, `f64`,
+/// `f16` or `bf16`); constructors reject anything else with
+/// [`AmpError::DeviceMismatch`] or [`AmpError::DTypeMismatch`]. The store
+/// holds shallow clones: in-place updates of the store's tensors are updates
+/// of the model's own variables.
+///
+/// Gradients live in each tensor's `.grad()`, where `backward()` puts them;
+/// [`ParamStore::write`] with [`Slot::Grads`] sets one by hand (tests,
+/// host-computed gradients). An absent gradient reads as zeros; a batched
+/// operation that writes into [`Slot::Grads`] of a tensor without a gradient
+/// first gives it a zero gradient, which then counts in
+/// [`grad_mask`](ParamStore::grad_mask) ([`amp_core::Amp`] only writes
+/// gradients of tensors that have one). Buffers are zero-filled tensors of
+/// the parameters' shapes, views into one allocation per buffer.
+#[derive(Debug)]
+pub struct TchStore {
+    params: Vec<Tensor>,
+    device: Device,
+    kind: Kind,
+    dtype: DType,
+    buffers: Vec<Option<Vec<Tensor>>>,
+}
+
+impl TchStore {
+    /// A store over `tensors` (normally leaves that require grad; tensors
+    /// that never get a gradient are simply never stepped).
+    ///
+    /// Errors: [`AmpError::DeviceMismatch`] when the tensors are not all on
+    /// the first one's device, [`AmpError::DTypeMismatch`] when one is not a
+    /// floating-point tensor or its dtype differs from the first one's,
+    /// [`AmpError::Backend`] for an undefined tensor. An empty list gives an
+    /// empty store on the CPU (which [`amp_core::Amp`] rejects with
+    /// [`AmpError::EmptyStore`]).
+    pub fn from_tensors(tensors: Vec<Tensor>) -> Result<Self> {
+        let mut device = Device::Cpu;
+        let mut kind = Kind::Float;
+        for (index, tensor) in tensors.iter().enumerate() {
+            if !tensor.defined() {
+                return Err(AmpError::backend(format!("tensor {index} is undefined")));
+            }
+            let this_kind = tensor.f_kind().map_err(tch_error)?;
+            if dtype_of(this_kind).is_none() {
+                return Err(AmpError::DTypeMismatch {
+                    index,
+                    expected: "a floating-point dtype".into(),
+                    found: format!("{this_kind:?}"),
+                });
+            }
+            if index == 0 {
+                device = tensor.device();
+                kind = this_kind;
+                continue;
+            }
+            if tensor.device() != device {
+                return Err(AmpError::DeviceMismatch {
+                    index,
+                    expected: device_name(device),
+                    found: device_name(tensor.device()),
+                });
+            }
+            if this_kind != kind {
+                return Err(AmpError::DTypeMismatch {
+                    index,
+                    expected: dtype_of(kind).map_or("?", DType::name).into(),
+                    found: dtype_of(this_kind).map_or("?", DType::name).into(),
+                });
+            }
+        }
+        let dtype = dtype_of(kind).unwrap_or(DType::F32);
+        Ok(TchStore {
+            params: tensors,
+            device,
+            kind,
+            dtype,
+            buffers: Vec::new(),
+        })
+    }
+
+    /// A store over the trainable variables of `vs`, in creation order.
+    pub fn from_var_store(vs: &tch::nn::VarStore) -> Result<Self> {
+        Self::from_tensors(vs.trainable_variables())
+    }
+
+    /// A store of new leaf tensors on `device` that require grad, holding
+    /// `values` with their shapes and dtypes (the factory of the
+    /// cross-backend test suite).
+    pub fn from_host(values: &[HostTensor], device: Device) -> Result<Self> {
+        let tensors = values
+            .iter()
+            .map(|value| {
+                let kind = kind_of(value.dtype)?;
+                host_to_tensor(value, kind, device)?
+                    .f_set_requires_grad(true)
+                    .map_err(tch_error)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_tensors(tensors)
+    }
+
+    /// The parameter tensors, in store order (they share storage with the
+    /// model's variables).
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.params
+    }
+
+    /// Gives the parameter tensors back.
+    pub fn into_tensors(self) -> Vec<Tensor> {
+        self.params
+    }
+
+    /// The device of every tensor.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The libtorch kind of every tensor.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The gradient of tensor `index` (sharing storage), or `None` when it
+    /// has none.
+    pub fn grad(&self, index: usize) -> Result<Option<Tensor>> {
+        self.check_index(index)?;
+        let mut out: *mut C_tensor = std::ptr::null_mut();
+        // SAFETY: the parameter outlives the call; `out` receives a new
+        // `at::Tensor` that we own.
+        check(unsafe { ffi::amp_tch_get_grad(raw(&self.params[index]), &mut out) })?;
+        // SAFETY: freshly allocated by the shim.
+        let grad = unsafe { take_tensor(out)? };
+        Ok(grad.defined().then_some(grad))
+    }
+
+    fn check_index(&self, index: usize) -> Result<()> {
+        if index < self.params.len() {
+            Ok(())
+        } else {
+            Err(AmpError::IndexOutOfRange {
+                index,
+                len: self.params.len(),
+            })
+        }
+    }
+
+    fn check_mask(&self, mask: &[bool]) -> Result<()> {
+        check_len("mask", self.params.len(), mask.len())
+    }
+
+    fn buffer(&self, id: BufferId) -> Result<&[Tensor]> {
+        self.buffers
+            .get(id.index())
+            .and_then(Option::as_deref)
+            .ok_or(AmpError::UnknownBuffer(id.index()))
+    }
+
+    /// Raw pointers of the masked-in tensors of `slot` and the shim view that
+    /// reaches them; `write` says whether the shim writes into them.
+    fn pointers(
+        &self,
+        slot: Slot,
+        mask: &[bool],
+        write: bool,
+    ) -> Result<(Vec<*mut C_tensor>, c_int)> {
+        let (tensors, view) = match slot {
+            Slot::Params => (&self.params[..], ffi::PLAIN),
+            Slot::Grads => (
+                &self.params[..],
+                if write {
+                    ffi::GRAD_WRITE
+                } else {
+                    ffi::GRAD_READ
+                },
+            ),
+            Slot::Buffer(id) => (self.buffer(id)?, ffi::PLAIN),
+        };
+        let pointers = tensors
+            .iter()
+            .zip(mask)
+            .filter(|(_, &m)| m)
+            .map(|(t, _)| raw(t))
+            .collect();
+        Ok((pointers, view))
+    }
+
+    fn check_distinct(dst: Slot, src: Slot) -> Result<()> {
+        if dst == src {
+            Err(AmpError::backend(format!(
+                "source and destination must be different slots, got {dst:?} twice"
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn slot_tensor(&self, slot: Slot, index: usize) -> Result<Option<Tensor>> {
+        self.check_index(index)?;
+        match slot {
+            Slot::Params => Ok(Some(self.params[index].shallow_clone())),
+            Slot::Grads => self.grad(index),
+            Slot::Buffer(id) => Ok(Some(self.buffer(id)?[index].shallow_clone())),
+        }
+    }
+}
+
+impl ParamStore for TchStore {
+    /// Coefficients are handed to libtorch as `f64` and rounded by it to the
+    /// tensors' compute type.
+    type Scalar = f64;
+    type Norms = TchNorms;
+
+    fn num_tensors(&self) -> usize {
+        self.params.len()
+    }
+
+    fn shape(&self, index: usize) -> Result<Vec<usize>> {
+        self.check_index(index)?;
+        self.params[index]
+            .size()
+            .into_iter()
+            .map(|d| usize::try_from(d).map_err(AmpError::backend))
+            .collect()
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn zero_grads(&mut self) -> Result<()> {
+        let (pointers, _) = self.pointers(Slot::Params, &vec![true; self.params.len()], true)?;
+        // SAFETY: the parameters outlive the call.
+        check(unsafe { ffi::amp_tch_reset_grads(pointers.as_ptr(), pointers.len()) })
+    }
+
+    fn grad_mask(&self) -> Result<Vec<bool>> {
+        let (pointers, _) = self.pointers(Slot::Params, &vec![true; self.params.len()], false)?;
+        let mut out = vec![0u8; pointers.len()];
+        // SAFETY: `out` has one byte per pointer; the parameters outlive the call.
+        check(unsafe {
+            ffi::amp_tch_grad_mask(pointers.as_ptr(), pointers.len(), out.as_mut_ptr())
+        })?;
+        Ok(out.into_iter().map(|b| b != 0).collect())
+    }
+
+    fn alloc_buffer(&mut self) -> Result<BufferId> {
+        let (pointers, _) = self.pointers(Slot::Params, &vec![true; self.params.len()], false)?;
+        let mut out = vec![std::ptr::null_mut::<C_tensor>(); pointers.len()];
+        // SAFETY: `out` has one slot per pointer; the shim fills every slot on
+        // success and none on failure.
+        let status =
+            unsafe { ffi::amp_tch_alloc_like(pointers.as_ptr(), pointers.len(), out.as_mut_ptr()) };
+        // Take ownership of whatever was allocated before checking, so that
+        // nothing leaks on error.
+        let mut buffer = Vec::with_capacity(out.len());
+        for ptr in out {
+            if !ptr.is_null() {
+                // SAFETY: allocated by the shim with `new at::Tensor`.
+                buffer.push(unsafe { Tensor::from_ptr(ptr) });
+            }
+        }
+        check(status)?;
+        check_len("buffer tensors", self.params.len(), buffer.len())?;
+        // Reuse a freed slot so ids stay small over long runs.
+        if let Some(i) = self.buffers.iter().position(Option::is_none) {
+            self.buffers[i] = Some(buffer);
+            Ok(BufferId::new(i))
+        } else {
+            self.buffers.push(Some(buffer));
+            Ok(BufferId::new(self.buffers.len() - 1))
+        }
+    }
+
+    fn free_buffer(&mut self, id: BufferId) -> Result<()> {
+        self.buffers
+            .get_mut(id.index())
+            .and_then(Option::take)
+            .map(drop)
+            .ok_or(AmpError::UnknownBuffer(id.index()))
+    }
+
+    fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        Self::check_distinct(dst, src)?;
+        let (d, dv) = self.pointers(dst, mask, true)?;
+        let (s, sv) = self.pointers(src, mask, false)?;
+        // SAFETY: both lists have d.len() entries; the tensors outlive the call.
+        check(unsafe { ffi::amp_tch_copy(d.as_ptr(), dv, s.as_ptr(), sv, d.len()) })
+    }
+
+    fn scale(&mut self, dst: Slot, factor: &[f64], mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("scale factors", mask.len(), factor.len())?;
+        // A factor of exactly 1 changes nothing: skip those tensors.
+        let active: Vec<bool> = (0..mask.len())
+            .map(|i| mask[i] && factor[i] != 1.0)
+            .collect();
+        let (d, dv) = self.pointers(dst, &active, true)?;
+        let f: Vec<f64> = (0..mask.len())
+            .filter(|&i| active[i])
+            .map(|i| factor[i])
+            .collect();
+        // SAFETY: `f` has d.len() entries; the tensors outlive the call.
+        check(unsafe { ffi::amp_tch_scale(d.as_ptr(), dv, f.as_ptr(), d.len()) })
+    }
+
+    fn axpy(&mut self, dst: Slot, alpha: &[f64], src: Slot, mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("axpy coefficients", mask.len(), alpha.len())?;
+        Self::check_distinct(dst, src)?;
+        let (d, dv) = self.pointers(dst, mask, true)?;
+        let (s, sv) = self.pointers(src, mask, false)?;
+        let a: Vec<f64> = (0..mask.len())
+            .filter(|&i| mask[i])
+            .map(|i| alpha[i])
+            .collect();
+        // SAFETY: all three lists have d.len() entries; the tensors outlive the call.
+        check(unsafe { ffi::amp_tch_axpy(d.as_ptr(), dv, s.as_ptr(), sv, a.as_ptr(), d.len()) })
+    }
+
+    fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<TchNorms> {
+        self.check_mask(mask)?;
+        let (s, sv) = self.pointers(src, mask, false)?;
+        let values = if s.is_empty() {
+            Tensor::f_zeros([0], (self.kind, self.device)).map_err(tch_error)?
+        } else {
+            let mut out: *mut C_tensor = std::ptr::null_mut();
+            // SAFETY: the tensors outlive the call; `out` receives a new tensor.
+            check(unsafe { ffi::amp_tch_norms(s.as_ptr(), sv, s.len(), &mut out) })?;
+            // SAFETY: freshly allocated by the shim.
+            unsafe { take_tensor(out)? }
+        };
+        Ok(TchNorms {
+            values,
+            mask: mask.to_vec(),
+        })
+    }
+
+    fn clip_to_norms(
+        &mut self,
+        dst: Slot,
+        norms: &TchNorms,
+        max_norm: &[f64],
+        mask: &[bool],
+    ) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("norms", mask.len(), norms.mask.len())?;
+        check_len("maximum norms", mask.len(), max_norm.len())?;
+        if let Some(index) = (0..mask.len()).find(|&i| mask[i] && !norms.mask[i]) {
+            return Err(AmpError::backend(format!(
+                "clip_to_norms: no norm was computed for tensor {index}"
+            )));
+        }
+        let (d, dv) = self.pointers(dst, mask, true)?;
+        if d.is_empty() {
+            return Ok(());
+        }
+        let values = if norms.mask == mask {
+            norms.values.shallow_clone()
+        } else {
+            // Positions, within the norms, of the tensors to clip.
+            let mut position = 0i64;
+            let mut positions = Vec::with_capacity(d.len());
+            for (i, &has_norm) in norms.mask.iter().enumerate() {
+                if has_norm {
+                    if mask[i] {
+                        positions.push(position);
+                    }
+                    position += 1;
+                }
+            }
+            let index = Tensor::f_from_slice(&positions)
+                .and_then(|t| t.f_to_device(self.device))
+                .map_err(tch_error)?;
+            norms.values.f_index_select(0, &index).map_err(tch_error)?
+        };
+        let limits: Vec<f64> = (0..mask.len())
+            .filter(|&i| mask[i])
+            .map(|i| max_norm[i])
+            .collect();
+        // SAFETY: `limits` and `values` have d.len() entries; the tensors
+        // outlive the call.
+        check(unsafe {
+            ffi::amp_tch_clip(
+                d.as_ptr(),
+                dv,
+                d.len(),
+                raw(&values),
+                limits.as_ptr(),
+                PROJECTION_GUARD,
+            )
+        })
+    }
+
+    fn norms_to_host(&self, norms: &TchNorms) -> Result<Vec<f64>> {
+        let count = norms.mask.iter().filter(|&&m| m).count();
+        let mut values = vec![0.0f64; count];
+        if count > 0 {
+            norms
+                .values
+                .f_to_kind(Kind::Double)
+                .and_then(|t| t.f_copy_data(&mut values, count))
+                .map_err(tch_error)?;
+        }
+        let mut values = values.into_iter();
+        Ok(norms
+            .mask
+            .iter()
+            .map(|&m| if m { values.next().unwrap_or(0.0) } else { 0.0 })
+            .collect())
+    }
+
+    fn all_finite(&mut self, src: Slot, mask: &[bool]) -> Result<bool> {
+        self.check_mask(mask)?;
+        let (s, sv) = self.pointers(src, mask, false)?;
+        let mut out: c_int = 0;
+        // SAFETY: the tensors outlive the call.
+        check(unsafe { ffi::amp_tch_all_finite(s.as_ptr(), sv, s.len(), &mut out) })?;
+        Ok(out != 0)
+    }
+
+    fn read(&self, slot: Slot, index: usize) -> Result<HostTensor> {
+        let shape = self.shape(index)?;
+        let numel: usize = shape.iter().product();
+        let mut data = vec![0.0f64; numel];
+        if let Some(tensor) = self.slot_tensor(slot, index)? {
+            if numel > 0 {
+                tensor
+                    .f_detach()
+                    .and_then(|t| t.f_to_kind(Kind::Double))
+                    .and_then(|t| t.f_copy_data(&mut data, numel))
+                    .map_err(tch_error)?;
+            }
+        }
+        HostTensor::new(shape, self.dtype, data)
+    }
+
+    fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()> {
+        let expected = self.shape(index)?;
+        if value.shape != expected {
+            return Err(AmpError::ShapeMismatch {
+                index,
+                expected,
+                found: value.shape.clone(),
+            });
+        }
+        let source = host_to_tensor(value, self.kind, self.device)?;
+        match slot {
+            Slot::Grads => {
+                // SAFETY: both tensors outlive the call.
+                check(unsafe { ffi::amp_tch_set_grad(raw(&self.params[index]), raw(&source)) })
+            }
+            Slot::Params => tch::no_grad(|| self.params[index].f_copy_(&source)).map_err(tch_error),
+            Slot::Buffer(id) => {
+                let buffer = self
+                    .buffers
+                    .get_mut(id.index())
+                    .and_then(Option::as_mut)
+                    .ok_or(AmpError::UnknownBuffer(id.index()))?;
+                tch::no_grad(|| buffer[index].f_copy_(&source)).map_err(tch_error)
+            }
+        }
+    }
+}

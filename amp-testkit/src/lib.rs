@@ -562,3 +562,11 @@ macro_rules! conformance_suite {
 }
 
 pub use proptest;
+
+/// Prints that a test was skipped and why, straight to the process's standard
+/// error: the test harness captures `eprintln!` of passing tests, and a skip
+/// must be seen.
+pub fn skip_notice(what: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {what}: {why}");
+}

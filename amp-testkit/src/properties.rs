@@ -385,3 +385,32 @@ pub fn all<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
 pub fn grads<S: ParamStore>(store: &S) -> amp_core::Result<Vec<HostTensor>> {
     read_slot(store, Slot::Grads)
 }
+
+/// Two stores of the same backend on different devices (a GPU and the CPU)
+/// agree at the dtype's tolerance, step for step.
+pub fn devices_agree<A: StoreFactory, B: StoreFactory>(
+    device: &A,
+    cpu: &B,
+    case: &Case,
+    dtype: DType,
+) -> Check {
+    let got = run_case(device, case, dtype).map_err(fail("device run"))?;
+    let want = run_case(cpu, case, dtype).map_err(fail("CPU run"))?;
+    compare_outcomes(case, &got, &want, Tolerance::for_dtype(dtype))
+        .map_err(|e| format!("{} against {}: {e}", device.name(), cpu.name()))
+}
+
+/// Runs [`all`] and [`devices_agree`] over `AMP_PROPTEST_CASES` generated
+/// cases for a device factory, panicking with the shrunk case on failure.
+/// For use in a plain `#[test]` once the test has found the device.
+pub fn device_suite<A: StoreFactory, B: StoreFactory>(device: &A, cpu: &B, dtype: DType) {
+    let mut runner = proptest::test_runner::TestRunner::new(crate::proptest_config());
+    let result = runner.run(&crate::strategies::case(5, 4), |case| {
+        all(device, &case, dtype)
+            .and_then(|()| devices_agree(device, cpu, &case, dtype))
+            .map_err(proptest::test_runner::TestCaseError::fail)
+    });
+    if let Err(e) = result {
+        panic!("{} {dtype}: {e}", device.name());
+    }
+}

@@ -1,0 +1,342 @@
+//! The `ParamStore` primitives of `TchStore`, one by one, with hand-derived
+//! expected values, and the error cases.
+
+mod common;
+
+use amp_core::{AmpError, DType, HostTensor, ParamStore, Slot};
+use amp_tch::TchStore;
+use tch::{Device, Kind, Tensor};
+
+fn host(shape: &[usize], dtype: DType, data: &[f64]) -> HostTensor {
+    HostTensor::new(shape.to_vec(), dtype, data.to_vec()).unwrap()
+}
+
+/// θ₀ = [[3, 4]] (norm 5), θ₁ = [1, 2, 2] (norm 3), θ₂ = 0-d 7.
+fn small(dtype: DType, device: Device) -> TchStore {
+    TchStore::from_host(
+        &[
+            host(&[1, 2], dtype, &[3.0, 4.0]),
+            host(&[3], dtype, &[1.0, 2.0, 2.0]),
+            host(&[], dtype, &[7.0]),
+        ],
+        device,
+    )
+    .unwrap()
+}
+
+fn data(store: &TchStore, slot: Slot, i: usize) -> Vec<f64> {
+    store.read(slot, i).unwrap().data
+}
+
+fn primitives(dtype: DType, device: Device) {
+    let mut s = small(dtype, device);
+    assert_eq!(s.num_tensors(), 3);
+    assert_eq!(s.dtype(), dtype);
+    assert_eq!(s.device(), device);
+    assert_eq!(s.shape(0).unwrap(), vec![1, 2]);
+    assert_eq!(s.shape(2).unwrap(), Vec::<usize>::new());
+    assert_eq!(s.total_numel().unwrap(), 6);
+    assert!(s.tensors().iter().all(|t| t.requires_grad()));
+
+    // No gradients yet; an absent gradient reads as zeros.
+    assert_eq!(s.grad_mask().unwrap(), vec![false; 3]);
+    assert_eq!(data(&s, Slot::Grads, 1), vec![0.0; 3]);
+    assert!(s.grad(1).unwrap().is_none());
+
+    // write(Grads) defines .grad.
+    s.write(Slot::Grads, 1, &host(&[3], dtype, &[0.5, -1.0, 2.0]))
+        .unwrap();
+    assert_eq!(s.grad_mask().unwrap(), vec![false, true, false]);
+    assert_eq!(data(&s, Slot::Grads, 1), vec![0.5, -1.0, 2.0]);
+    let g = s.grad(1).unwrap().unwrap();
+    assert_eq!(g.kind(), s.kind());
+    assert_eq!(g.device(), device);
+
+    // zero_grads forgets them.
+    s.zero_grads().unwrap();
+    assert_eq!(s.grad_mask().unwrap(), vec![false; 3]);
+
+    // Buffers start at zero.
+    let b = s.alloc_buffer().unwrap();
+    let all = [true; 3];
+    assert_eq!(data(&s, Slot::Buffer(b), 0), vec![0.0, 0.0]);
+    assert_eq!(data(&s, Slot::Buffer(b), 2), vec![0.0]);
+
+    // copy, masked.
+    s.copy(Slot::Buffer(b), Slot::Params, &[true, false, true])
+        .unwrap();
+    assert_eq!(data(&s, Slot::Buffer(b), 0), vec![3.0, 4.0]);
+    assert_eq!(data(&s, Slot::Buffer(b), 1), vec![0.0; 3]);
+    assert_eq!(data(&s, Slot::Buffer(b), 2), vec![7.0]);
+
+    // scale by per-tensor factors.
+    s.scale(Slot::Buffer(b), &[2.0, 10.0, -0.5], &all).unwrap();
+    assert_eq!(data(&s, Slot::Buffer(b), 0), vec![6.0, 8.0]);
+    assert_eq!(data(&s, Slot::Buffer(b), 2), vec![-3.5]);
+
+    // axpy with one coefficient, with two, and with more than four distinct
+    // ones (the mul + add path); here b = [[6, 8]], [0, 0, 0], -3.5.
+    s.axpy(Slot::Buffer(b), &[1.0, 1.0, 1.0], Slot::Params, &all)
+        .unwrap();
+    assert_eq!(data(&s, Slot::Buffer(b), 0), vec![9.0, 12.0]);
+    assert_eq!(data(&s, Slot::Buffer(b), 1), vec![1.0, 2.0, 2.0]);
+    assert_eq!(data(&s, Slot::Buffer(b), 2), vec![3.5]);
+    s.axpy(
+        Slot::Buffer(b),
+        &[-1.0, 0.5, 0.5],
+        Slot::Params,
+        &[true, true, false],
+    )
+    .unwrap();
+    assert_eq!(data(&s, Slot::Buffer(b), 0), vec![6.0, 8.0]);
+    assert_eq!(data(&s, Slot::Buffer(b), 1), vec![1.5, 3.0, 3.0]);
+    assert_eq!(data(&s, Slot::Buffer(b), 2), vec![3.5]);
+
+    // Norms stay on the device; masked-out entries read as 0.
+    let norms = s.norms(Slot::Params, &[true, false, true]).unwrap();
+    assert_eq!(norms.values().device(), device);
+    assert_eq!(norms.values().size(), vec![2]);
+    assert_eq!(s.norms_to_host(&norms).unwrap(), vec![5.0, 0.0, 7.0]);
+
+    // Projection: ‖θ₀‖ = 5 clipped to 1 → [[0.6, 0.8]]; ‖θ₂‖ = 7 < 10 is kept.
+    s.copy(Slot::Buffer(b), Slot::Params, &all).unwrap();
+    let norms = s.norms(Slot::Buffer(b), &all).unwrap();
+    s.clip_to_norms(
+        Slot::Buffer(b),
+        &norms,
+        &[1.0, 1.0, 10.0],
+        &[true, false, true],
+    )
+    .unwrap();
+    // The coefficient is 1 / (5 + 1e-12) (the guard is below f32's
+    // resolution at 5, not at f64's).
+    let clipped = data(&s, Slot::Buffer(b), 0);
+    let coefficient = 1.0 / (5.0 + amp_core::PROJECTION_GUARD);
+    let tol = if dtype == DType::F32 { 1e-7 } else { 1e-16 };
+    assert!(
+        (clipped[0] - 3.0 * coefficient).abs() < tol
+            && (clipped[1] - 4.0 * coefficient).abs() < tol,
+        "{clipped:?}"
+    );
+    assert_eq!(data(&s, Slot::Buffer(b), 1), vec![1.0, 2.0, 2.0]);
+    assert_eq!(data(&s, Slot::Buffer(b), 2), vec![7.0]);
+
+    // all_finite: one read for the whole slot.
+    assert!(s.all_finite(Slot::Params, &all).unwrap());
+    s.write(
+        Slot::Buffer(b),
+        1,
+        &host(&[3], dtype, &[1.0, f64::NAN, 0.0]),
+    )
+    .unwrap();
+    assert!(!s.all_finite(Slot::Buffer(b), &all).unwrap());
+    assert!(s.all_finite(Slot::Buffer(b), &[true, false, true]).unwrap());
+    s.write(
+        Slot::Buffer(b),
+        1,
+        &host(&[3], dtype, &[1.0, f64::INFINITY, 0.0]),
+    )
+    .unwrap();
+    assert!(!s.all_finite(Slot::Buffer(b), &all).unwrap());
+    // Gradients: undefined ones count as zeros, so as finite.
+    assert!(s.all_finite(Slot::Grads, &all).unwrap());
+
+    // write(Params) rounds to the store's dtype, in place (the tensor the
+    // caller holds sees it).
+    let held = s.tensors()[1].shallow_clone();
+    s.write(Slot::Params, 1, &host(&[3], DType::F64, &[0.1, 0.2, 0.3]))
+        .unwrap();
+    let expected: Vec<f64> = if dtype == DType::F32 {
+        vec![0.1f32 as f64, 0.2f32 as f64, 0.3f32 as f64]
+    } else {
+        vec![0.1, 0.2, 0.3]
+    };
+    assert_eq!(data(&s, Slot::Params, 1), expected);
+    assert_eq!(
+        Vec::<f64>::try_from(&held.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap(),
+        expected
+    );
+    assert!(held.requires_grad());
+
+    // Gradients produced by autograd are seen by the store.
+    s.zero_grads().unwrap();
+    let loss = (&s.tensors()[0] * &s.tensors()[0]).sum(s.kind());
+    loss.backward();
+    assert_eq!(s.grad_mask().unwrap(), vec![true, false, false]);
+    assert_eq!(data(&s, Slot::Grads, 0), vec![6.0, 8.0]);
+    // In-place batched ops on the gradients reach `.grad()` itself.
+    s.scale(Slot::Grads, &[0.5, 1.0, 1.0], &[true, false, false])
+        .unwrap();
+    let g = s.tensors()[0]
+        .grad()
+        .to_kind(Kind::Double)
+        .to_device(Device::Cpu);
+    assert_eq!(
+        Vec::<f64>::try_from(&g.flatten(0, -1)).unwrap(),
+        vec![3.0, 4.0]
+    );
+
+    s.free_buffer(b).unwrap();
+    assert!(matches!(s.free_buffer(b), Err(AmpError::UnknownBuffer(_))));
+    // A freed slot is reused.
+    assert_eq!(s.alloc_buffer().unwrap(), b);
+}
+
+#[test]
+fn primitives_cpu() {
+    primitives(DType::F64, Device::Cpu);
+    primitives(DType::F32, Device::Cpu);
+}
+
+#[test]
+fn primitives_cuda() {
+    if let Some(device) = common::cuda_or_skip("primitives_cuda") {
+        primitives(DType::F64, device);
+        primitives(DType::F32, device);
+    }
+}
+
+#[test]
+fn axpy_with_many_distinct_coefficients() {
+    // Six tensors, six different α: the shim switches to _foreach_mul +
+    // _foreach_add_. dst_i = i + α_i · 1 with α_i = i/4 − 1.
+    let values: Vec<HostTensor> = (0..6)
+        .map(|i| host(&[2], DType::F64, &[i as f64, i as f64]))
+        .collect();
+    let mut s = TchStore::from_host(&values, Device::Cpu).unwrap();
+    let b = s.alloc_buffer().unwrap();
+    let ones: Vec<HostTensor> = (0..6)
+        .map(|_| host(&[2], DType::F64, &[1.0, 1.0]))
+        .collect();
+    for (i, one) in ones.iter().enumerate() {
+        s.write(Slot::Buffer(b), i, one).unwrap();
+    }
+    let alpha: Vec<f64> = (0..6).map(|i| i as f64 / 4.0 - 1.0).collect();
+    let mask = [true, true, true, false, true, true];
+    s.axpy(Slot::Params, &alpha, Slot::Buffer(b), &mask)
+        .unwrap();
+    for i in 0..6 {
+        let expected = if mask[i] {
+            i as f64 + alpha[i]
+        } else {
+            i as f64
+        };
+        assert_eq!(data(&s, Slot::Params, i), vec![expected; 2], "tensor {i}");
+    }
+}
+
+#[test]
+fn errors_are_typed() {
+    let mut s = small(DType::F64, Device::Cpu);
+    let all = [true; 3];
+    assert!(matches!(
+        s.scale(Slot::Params, &[1.0], &all),
+        Err(AmpError::CountMismatch { .. })
+    ));
+    assert!(matches!(
+        s.copy(Slot::Params, Slot::Grads, &[true]),
+        Err(AmpError::CountMismatch { .. })
+    ));
+    assert!(matches!(
+        s.copy(Slot::Params, Slot::Params, &all),
+        Err(AmpError::Backend(_))
+    ));
+    let unknown = amp_core::BufferId::new(7);
+    assert!(matches!(
+        s.axpy(Slot::Params, &[1.0; 3], Slot::Buffer(unknown), &all),
+        Err(AmpError::UnknownBuffer(7))
+    ));
+    assert!(matches!(
+        s.shape(3),
+        Err(AmpError::IndexOutOfRange { index: 3, len: 3 })
+    ));
+    assert!(matches!(
+        s.read(Slot::Params, 9),
+        Err(AmpError::IndexOutOfRange { .. })
+    ));
+    // A wrong shape writes nothing.
+    let before = data(&s, Slot::Params, 0);
+    assert!(matches!(
+        s.write(Slot::Params, 0, &host(&[2], DType::F64, &[1.0, 2.0])),
+        Err(AmpError::ShapeMismatch { index: 0, .. })
+    ));
+    assert_eq!(data(&s, Slot::Params, 0), before);
+    // Inconsistent host data is rejected, not a crash.
+    let bad = HostTensor {
+        shape: vec![2, 2],
+        dtype: DType::F64,
+        data: vec![1.0],
+    };
+    assert!(matches!(
+        TchStore::from_host(&[bad], Device::Cpu),
+        Err(AmpError::CountMismatch { .. })
+    ));
+    // clip_to_norms needs norms of every tensor it clips.
+    let norms = s.norms(Slot::Params, &[true, false, false]).unwrap();
+    assert!(s
+        .clip_to_norms(Slot::Params, &norms, &[1.0; 3], &all)
+        .is_err());
+}
+
+#[test]
+fn mixed_dtypes_and_devices_are_rejected() {
+    let a = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+    let b = Tensor::zeros([2], (Kind::Double, Device::Cpu));
+    match TchStore::from_tensors(vec![a.shallow_clone(), b]) {
+        Err(AmpError::DTypeMismatch {
+            index,
+            expected,
+            found,
+        }) => {
+            assert_eq!(
+                (index, expected.as_str(), found.as_str()),
+                (1, "f32", "f64")
+            );
+        }
+        other => panic!("expected a dtype mismatch, got {other:?}"),
+    }
+    let int = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
+    assert!(matches!(
+        TchStore::from_tensors(vec![int]),
+        Err(AmpError::DTypeMismatch { index: 0, .. })
+    ));
+    if let Some(cuda) = common::cuda_or_skip("mixed_dtypes_and_devices_are_rejected") {
+        let c = Tensor::zeros([2], (Kind::Float, cuda));
+        assert!(matches!(
+            TchStore::from_tensors(vec![a, c]),
+            Err(AmpError::DeviceMismatch { index: 1, .. })
+        ));
+    }
+    // An empty store is allowed here and rejected by Amp.
+    let empty = TchStore::from_tensors(Vec::new()).unwrap();
+    assert!(matches!(
+        amp_core::Amp::sgd(empty, Default::default(), Default::default()),
+        Err(AmpError::EmptyStore)
+    ));
+}
+
+#[test]
+fn var_store_variables_are_shared() {
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let w = vs.root().ones("w", &[2, 2]);
+    let mut s = TchStore::from_var_store(&vs).unwrap();
+    assert_eq!(s.num_tensors(), 1);
+    assert_eq!(s.dtype(), DType::F32);
+    s.scale(Slot::Params, &[3.0], &[true]).unwrap();
+    assert_eq!(
+        Vec::<f32>::try_from(&w.flatten(0, -1)).unwrap(),
+        vec![3.0; 4]
+    );
+}
+
+#[test]
+fn half_precision_store() {
+    for dtype in [DType::F16, DType::BF16] {
+        let mut s = TchStore::from_host(&[host(&[2], dtype, &[3.0, 4.0])], Device::Cpu).unwrap();
+        assert_eq!(s.dtype(), dtype);
+        let norms = s.norms(Slot::Params, &[true]).unwrap();
+        assert_eq!(s.norms_to_host(&norms).unwrap(), vec![5.0]);
+        s.axpy(Slot::Params, &[0.5], Slot::Grads, &[true]).unwrap();
+        assert_eq!(s.read(Slot::Params, 0).unwrap().dtype, dtype);
+    }
+}
