@@ -1,0 +1,183 @@
+//! What every backend shares: the MLP's shape, its seeded initial weights
+//! (drawn on the host, so a seed gives the same network on every backend),
+//! the settings of a run, and the small [`Model`] trait the training loop
+//! drives.
+
+use amp::{AmpConfig, BoxError, SgdConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::data::Data;
+
+/// Which tensor library trains the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// candle (`amp::backend::candle`), autograd through candle-nn `Var`s.
+    Candle,
+    /// libtorch through tch (`amp::backend::tch`); needs `--features tch`.
+    Tch,
+    /// ndarray (`amp::backend::ndarray`), the reference backend, with the
+    /// MLP's backward pass written by hand.
+    Ndarray,
+}
+
+impl BackendKind {
+    /// The backend used when `--backend` is not given.
+    pub fn default_kind() -> Self {
+        if cfg!(feature = "candle") {
+            BackendKind::Candle
+        } else {
+            BackendKind::Ndarray
+        }
+    }
+
+    /// Name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Candle => "candle",
+            BackendKind::Tch => "tch",
+            BackendKind::Ndarray => "ndarray",
+        }
+    }
+}
+
+/// Where the tensors live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    /// The CPU.
+    Cpu,
+    /// The first CUDA GPU (candle built with `--features cuda`, or tch).
+    Cuda,
+}
+
+impl DeviceKind {
+    /// Name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// Which split to predict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    /// The validation rows.
+    Val,
+    /// The test rows.
+    Test,
+}
+
+/// One fully connected layer's initial weights, row-major `[outputs, inputs]`
+/// as in PyTorch's and candle-nn's `Linear`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostLayer {
+    /// Fan-in.
+    pub inputs: usize,
+    /// Fan-out.
+    pub outputs: usize,
+    /// `outputs × inputs` values, row-major.
+    pub weight: Vec<f32>,
+    /// `outputs` values.
+    pub bias: Vec<f32>,
+}
+
+/// Initial weights of an MLP with layer widths `sizes` (input, hidden…,
+/// classes), drawn as PyTorch's `nn.Linear` does by default: weight and bias
+/// uniform in `±1/√fan_in`.
+pub fn init_layers(sizes: &[usize], seed: u64) -> Vec<HostLayer> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    sizes
+        .windows(2)
+        .map(|w| {
+            let (inputs, outputs) = (w[0], w[1]);
+            let bound = 1.0 / (inputs as f32).sqrt();
+            let mut draw =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-bound..bound)).collect() };
+            let weight = draw(outputs * inputs);
+            let bias = draw(outputs);
+            HostLayer {
+                inputs,
+                outputs,
+                weight,
+                bias,
+            }
+        })
+        .collect()
+}
+
+/// Everything a backend needs to build one run's model and optimiser.
+pub struct Setup<'a> {
+    /// The standardised splits.
+    pub data: &'a Data,
+    /// Initial weights, first layer first.
+    pub layers: Vec<HostLayer>,
+    /// AMP's settings (`inner_iter = 0` for ERM).
+    pub amp: AmpConfig,
+    /// The base optimiser's settings.
+    pub sgd: SgdConfig,
+    /// Clip the global gradient norm to this inside the closure, on every
+    /// pass, with `ParamStore::clip_grad_norm` (the paper clips at 50).
+    pub clip_norm: Option<f64>,
+    /// Where the tensors live.
+    pub device: DeviceKind,
+}
+
+/// A network and its optimiser, as the training loop sees them.
+pub trait Model {
+    /// One optimiser step on the training rows `batch`; returns the loss of
+    /// the clean pass, L(θ), averaged over the batch.
+    fn step(&mut self, batch: &[usize]) -> Result<f64, BoxError>;
+
+    /// Sets the outer learning rate (what the schedule calls each epoch).
+    fn set_lr(&mut self, lr: f64) -> Result<(), BoxError>;
+
+    /// The predicted class of every row of a split.
+    fn predict(&mut self, which: Which) -> Result<Vec<usize>, BoxError>;
+
+    /// Waits until queued device work is done, so that a clock read after it
+    /// measures the work. CPU backends compute synchronously.
+    fn synchronize(&mut self) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// Builds the model of `backend` for one run.
+pub fn build<'a>(backend: BackendKind, setup: Setup<'a>) -> Result<Box<dyn Model + 'a>, BoxError> {
+    match backend {
+        #[cfg(feature = "ndarray")]
+        BackendKind::Ndarray => Ok(Box::new(crate::mlp_ndarray::NdMlp::new(setup)?)),
+        #[cfg(feature = "candle")]
+        BackendKind::Candle => Ok(Box::new(crate::mlp_candle::CandleMlp::new(setup)?)),
+        #[cfg(feature = "tch")]
+        BackendKind::Tch => Ok(Box::new(crate::mlp_tch::TchMlp::new(setup)?)),
+        #[allow(unreachable_patterns)]
+        other => Err(format!(
+            "this build has no {name} backend: rebuild with `--features {name}`{extra}",
+            name = other.name(),
+            extra = if other == BackendKind::Tch {
+                " (needs libtorch 2.11, see the README)"
+            } else {
+                ""
+            }
+        )
+        .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_is_seeded_and_bounded() {
+        let a = init_layers(&[11, 8, 2], 3);
+        assert_eq!(a, init_layers(&[11, 8, 2], 3));
+        assert_ne!(a, init_layers(&[11, 8, 2], 4));
+        assert_eq!((a[0].weight.len(), a[0].bias.len()), (88, 8));
+        assert_eq!((a[1].inputs, a[1].outputs), (8, 2));
+        let bound = 1.0 / 11f32.sqrt();
+        assert!(a[0].weight.iter().all(|w| w.abs() <= bound));
+    }
+}
