@@ -1,1 +1,879 @@
-//! placeholder
+//! # amp-candle
+//!
+//! The [candle](https://github.com/huggingface/candle) backend of [`amp_core`]:
+//! a [`ParamStore`] over `candle_core::Var`s, on the CPU or (with the `cuda`
+//! cargo feature) on an NVIDIA GPU. AMP here is *adversarial model
+//! perturbation* (Zheng, Zhang & Mao, CVPR 2021) — a regulariser that trains
+//! toward flat minima — not automatic mixed precision.
+//!
+//! [`CandleStore`] holds the model's `Var`s (from a `VarMap` with
+//! [`CandleStore::from_varmap`], or from a list with
+//! [`CandleStore::from_vars`]) and updates them in place with `Var::set`, so
+//! every layer built from those vars sees the new weights. candle returns
+//! gradients from `backward()` as a `GradStore` instead of accumulating them
+//! into the tensors; inside the AMP closure, hand them over with
+//! [`CandleStore::backward`] (runs backward on the loss and captures the
+//! gradients of the store's vars) or [`CandleStore::absorb_grads`].
+//!
+//! Weights may be `f32`, `f64`, `bf16` or `f16`; half-precision weights are
+//! stored as such but every operation computes in `f32`. See [`CandleStore`]
+//! for how per-tensor scalars stay on the device.
+//!
+//! A two-layer `candle_nn` MLP trained with AMP on generated data (the same
+//! program is `examples/mlp.rs`):
+//! ```
+//! use amp_candle::candle_core::{DType, Device, Module, Tensor, D};
+//! use amp_candle::candle_nn::{self, VarBuilder, VarMap};
+//! use amp_candle::CandleStore;
+//! use amp_core::{Amp, AmpConfig, BoxError, SgdConfig};
+//!
+//! let device = amp_candle::device(false)?; // the CPU; `true` prefers CUDA
+//! // Two classes: is the sum of the 4 inputs positive? 64 points from a
+//! // fixed-seed generator, so the doctest is deterministic.
+//! let mut seed = 7u64;
+//! let mut uniform = move || {
+//!     seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+//!     (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+//! };
+//! let xs: Vec<f32> = (0..64 * 4).map(|_| uniform()).collect();
+//! let ys: Vec<u32> = xs.chunks(4).map(|r| u32::from(r.iter().sum::<f32>() > 0.0)).collect();
+//! let x = Tensor::from_vec(xs, (64, 4), &device)?;
+//! let y = Tensor::from_vec(ys, 64, &device)?;
+//!
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+//! let hidden = candle_nn::linear(4, 16, vb.pp("hidden"))?;
+//! let output = candle_nn::linear(16, 2, vb.pp("output"))?;
+//! let model = candle_nn::seq().add(hidden).add(candle_nn::Activation::Relu).add(output);
+//!
+//! let store = CandleStore::from_varmap(&varmap)?;
+//! let config = AmpConfig::default().lr(0.1).epsilon(0.1).inner_iter(1);
+//! let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9))?;
+//! let mut first = None;
+//! let mut last = 0.0;
+//! for _ in 0..60 {
+//!     let report = amp.step(|store: &mut CandleStore, _pass| {
+//!         let logits = model.forward(&x)?;
+//!         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+//!         let loss = store.backward(&loss)?; // gradients into the store
+//!         Ok::<_, BoxError>((logits, loss))
+//!     })?;
+//!     first.get_or_insert(report.loss);
+//!     last = report.loss;
+//! }
+//! let logits = model.forward(&x)?;
+//! let hits = logits.argmax(D::Minus1)?.eq(&y)?.to_dtype(DType::F32)?.sum_all()?;
+//! let accuracy = hits.to_scalar::<f32>()? / 64.0;
+//! assert!(last < 0.5 * first.unwrap(), "loss {first:?} -> {last}");
+//! assert!(accuracy > 0.9, "accuracy {accuracy}");
+//! # Ok::<(), BoxError>(())
+//! ```
+//!
+//! # CUDA
+//! With the `cuda` feature candle is built with CUDA. [`device`] picks the
+//! first GPU when asked to and one is usable, and falls back to the CPU
+//! otherwise; [`cuda_device`] returns a clear error instead. Neither panics.
+//! A `cuda` build links against the CUDA driver and libraries, so it only
+//! starts on a machine that has them; keep the feature opt-in.
+#![warn(missing_docs)]
+
+use std::fmt;
+
+use amp_core::{
+    check_len, AmpError, BufferId, DType, HostTensor, ParamStore, Result, Slot, PROJECTION_GUARD,
+};
+use candle_core::backprop::GradStore;
+use candle_core::{DType as CDType, Device, Tensor, Var};
+use candle_nn::VarMap;
+
+pub use candle_core;
+pub use candle_nn;
+
+/// Converts a candle dtype to the backend-neutral [`DType`]; `None` for
+/// non-float dtypes, which cannot hold parameters.
+pub fn amp_dtype(dtype: CDType) -> Option<DType> {
+    match dtype {
+        CDType::F16 => Some(DType::F16),
+        CDType::BF16 => Some(DType::BF16),
+        CDType::F32 => Some(DType::F32),
+        CDType::F64 => Some(DType::F64),
+        _ => None,
+    }
+}
+
+/// Converts a [`DType`] to candle's; `None` for a dtype candle lacks.
+pub fn candle_dtype(dtype: DType) -> Option<CDType> {
+    match dtype {
+        DType::F16 => Some(CDType::F16),
+        DType::BF16 => Some(CDType::BF16),
+        DType::F32 => Some(CDType::F32),
+        DType::F64 => Some(CDType::F64),
+        _ => None,
+    }
+}
+
+/// The dtype operations compute in: `f32` for half-precision storage, the
+/// storage dtype otherwise.
+fn compute_dtype(storage: CDType) -> CDType {
+    match storage {
+        CDType::F16 | CDType::BF16 => CDType::F32,
+        other => other,
+    }
+}
+
+fn backend(error: candle_core::Error) -> AmpError {
+    AmpError::backend(error)
+}
+
+/// Whether two tensors share one storage (a gradient that *is* a parameter's
+/// storage would silently change when the parameter is updated in place).
+fn same_storage(a: &Tensor, b: &Tensor) -> bool {
+    let (sa, _) = a.storage_and_layout();
+    let (sb, _) = b.storage_and_layout();
+    std::ptr::eq(&*sa, &*sb)
+}
+
+fn device_name(device: &Device) -> String {
+    format!("{:?}", device.location())
+}
+
+/// The device to run on: CUDA device 0 when `prefer_cuda` is set and a GPU is
+/// usable, the CPU otherwise.
+///
+/// **Fallback:** when `prefer_cuda` is `true` but CUDA cannot be used — this
+/// build lacks the `cuda` feature, the driver reports no device, or creating
+/// the device fails (including a panic inside candle or cudarc, which is
+/// caught) — the CPU is returned. Check [`Device::is_cuda`] on the result to
+/// learn which one you got, or call [`cuda_device`] to get the reason as an
+/// error instead of a fallback. The `Result` is kept for devices whose
+/// creation can fail; today every error on the CUDA path becomes the CPU
+/// fallback.
+pub fn device(prefer_cuda: bool) -> Result<Device> {
+    if prefer_cuda {
+        if let Ok(device) = cuda_device(0) {
+            return Ok(device);
+        }
+    }
+    Ok(Device::Cpu)
+}
+
+/// CUDA device `ordinal`, or an [`AmpError::Backend`] that says why it cannot
+/// be had (built without the `cuda` feature, no driver or no device, ordinal
+/// out of range). Never falls back and never panics.
+pub fn cuda_device(ordinal: usize) -> Result<Device> {
+    if !cfg!(feature = "cuda") {
+        return Err(AmpError::backend(
+            "CUDA requested, but amp-candle was built without its `cuda` feature",
+        ));
+    }
+    // cudarc may panic on unusual driver states; a missing GPU must come back
+    // as an error, so the attempt is isolated.
+    match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
+        Ok(Ok(device)) => Ok(device),
+        Ok(Err(error)) => Err(AmpError::backend(format!(
+            "CUDA device {ordinal} is not usable: {error}"
+        ))),
+        Err(_) => Err(AmpError::backend(format!(
+            "CUDA device {ordinal} is not usable: device creation panicked"
+        ))),
+    }
+}
+
+/// Per-tensor L2 norms, kept on the store's device as one 1-D tensor.
+///
+/// One tensor of length `num_tensors` (in the compute dtype: `f32` for
+/// `f32`/`f16`/`bf16` stores, `f64` for `f64` stores) rather than one 0-d
+/// tensor per parameter: the projection computes every clip coefficient
+/// `min(1, ε / (‖δ‖ + 1e-12))` with three whole-vector ops instead of three
+/// per tensor, and [`ParamStore::norms_to_host`] is a single device read.
+/// Concatenating costs one small copy per tensor (a few bytes each), far
+/// cheaper than the per-tensor launches and host syncs it saves.
+#[derive(Clone, Debug)]
+pub struct CandleNorms {
+    norms: Tensor,
+}
+
+impl CandleNorms {
+    /// The norms as a 1-D device tensor, one entry per parameter tensor
+    /// (0 for masked-out tensors).
+    pub fn as_tensor(&self) -> &Tensor {
+        &self.norms
+    }
+
+    /// Number of entries (the store's number of tensors).
+    pub fn len(&self) -> usize {
+        self.norms.elem_count()
+    }
+
+    /// `true` for a store without tensors.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The parameters of a candle model (`Var`s), their gradients and AMP's
+/// parameter-shaped buffers.
+///
+/// * **Parameters** are the `Var`s themselves; writes go through `Var::set`,
+///   which copies into the existing storage, so the model's layers (which
+///   hold clones of the same vars) see every update. Vars must all be on
+///   one device and of one float dtype.
+/// * **Gradients** are candle tensors handed over from a `GradStore`
+///   ([`CandleStore::backward`], [`CandleStore::absorb_grads`]), set one by
+///   one ([`CandleStore::set_grad`]) or written from the host
+///   ([`ParamStore::write`] on [`Slot::Grads`]).
+/// * **Buffers** (momentum, δ, the snapshot of θ) are tensors of the
+///   parameters' dtype and device.
+///
+/// Every operation is a handful of candle ops per tensor (candle has no
+/// multi-tensor kernels): `axpy` is a scale and an add, `scale` one multiply,
+/// the norm a square and a sum. Per-tensor scalars never leave the device
+/// inside a step: norms live in one [`CandleNorms`] vector, clip coefficients
+/// are computed from it with tensor ops and applied by broadcasting a 0-d view,
+/// and [`ParamStore::all_finite`] reduces the whole slot to one scalar before
+/// its single read. Half-precision tensors are widened to `f32` for each
+/// operation and rounded back when stored.
+///
+/// The scalar type is `f64` whatever the dtype: candle takes scalar operands
+/// as `f64` and rounds them to the tensor's dtype inside each kernel, as
+/// `amp-ndarray`'s `f32` store rounds its hyper-parameters.
+#[derive(Debug)]
+pub struct CandleStore {
+    vars: Vec<Var>,
+    names: Option<Vec<String>>,
+    device: Device,
+    dtype: CDType,
+    compute: CDType,
+    /// Gradient values; `None` reads as zeros.
+    grads: Vec<Option<Tensor>>,
+    /// Which tensors received a gradient since the last `zero_grads`.
+    has_grad: Vec<bool>,
+    buffers: Vec<Option<Vec<Tensor>>>,
+}
+
+impl CandleStore {
+    /// A store over `vars`, in the given order. They must share one device
+    /// and one float dtype (f16, bf16, f32, f64) and be contiguous (every
+    /// `Var` that candle creates is).
+    pub fn from_vars(vars: Vec<Var>) -> Result<Self> {
+        Self::build(vars, None)
+    }
+
+    /// A store over every var of `varmap`, sorted by name (a `VarMap` is a
+    /// hash map, so its own order changes from run to run; sorting keeps
+    /// tensor indices, parameter groups and checkpoints stable). The names
+    /// are kept: see [`CandleStore::names`] and [`CandleStore::index_of`].
+    pub fn from_varmap(varmap: &VarMap) -> Result<Self> {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| AmpError::backend("the VarMap's lock is poisoned"))?;
+        let mut named: Vec<(String, Var)> = data
+            .iter()
+            .map(|(name, var)| (name.clone(), var.clone()))
+            .collect();
+        drop(data);
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let (names, vars) = named.into_iter().unzip();
+        Self::build(vars, Some(names))
+    }
+
+    /// A store of new vars on `device` holding `values` (each in its own
+    /// dtype; all must have the same one). This is the factory the
+    /// cross-backend suite uses to start every backend from the same weights.
+    pub fn from_host(values: &[HostTensor], device: &Device) -> Result<Self> {
+        let vars = values
+            .iter()
+            .enumerate()
+            .map(|(index, value)| {
+                let dtype = candle_dtype(value.dtype).ok_or_else(|| AmpError::DTypeMismatch {
+                    index,
+                    expected: "a dtype candle supports".into(),
+                    found: value.dtype.to_string(),
+                })?;
+                let tensor = host_to_tensor(value, dtype, device)?;
+                Var::from_tensor(&tensor).map_err(backend)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::build(vars, None)
+    }
+
+    fn build(vars: Vec<Var>, names: Option<Vec<String>>) -> Result<Self> {
+        let (device, dtype) = match vars.first() {
+            Some(first) => (first.device().clone(), first.dtype()),
+            None => (Device::Cpu, CDType::F32),
+        };
+        if amp_dtype(dtype).is_none() {
+            return Err(AmpError::DTypeMismatch {
+                index: 0,
+                expected: "a float dtype (f16, bf16, f32 or f64)".into(),
+                found: format!("{dtype:?}"),
+            });
+        }
+        for (index, var) in vars.iter().enumerate() {
+            if var.dtype() != dtype {
+                return Err(AmpError::DTypeMismatch {
+                    index,
+                    expected: format!("{dtype:?} (the dtype of tensor 0)"),
+                    found: format!("{:?}", var.dtype()),
+                });
+            }
+            if !var.device().same_device(&device) {
+                return Err(AmpError::DeviceMismatch {
+                    index,
+                    expected: device_name(&device),
+                    found: device_name(var.device()),
+                });
+            }
+            if !var.is_contiguous() {
+                return Err(AmpError::backend(format!(
+                    "tensor {index} is not contiguous; Var::set needs contiguous vars"
+                )));
+            }
+        }
+        let n = vars.len();
+        Ok(CandleStore {
+            vars,
+            names,
+            device,
+            dtype,
+            compute: compute_dtype(dtype),
+            grads: vec![None; n],
+            has_grad: vec![false; n],
+            buffers: Vec::new(),
+        })
+    }
+
+    /// The vars, in store order.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// Var `index`.
+    pub fn var(&self, index: usize) -> Result<&Var> {
+        self.check_index(index)?;
+        Ok(&self.vars[index])
+    }
+
+    /// The vars' names, in store order, when the store was built from a
+    /// `VarMap`.
+    pub fn names(&self) -> Option<&[String]> {
+        self.names.as_deref()
+    }
+
+    /// The index of the var called `name` (stores built from a `VarMap`).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.names.as_ref()?.iter().position(|n| n == name)
+    }
+
+    /// The device every var lives on (the CPU for an empty store).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The vars' dtype as candle names it.
+    pub fn candle_dtype(&self) -> CDType {
+        self.dtype
+    }
+
+    /// Gives the vars back.
+    pub fn into_vars(self) -> Vec<Var> {
+        self.vars
+    }
+
+    /// The gradient of tensor `index` from the last closure call, if any.
+    pub fn grad(&self, index: usize) -> Option<&Tensor> {
+        match self.has_grad.get(index) {
+            Some(true) => self.grads[index].as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Sets the gradient of tensor `index`; it must have the var's shape,
+    /// dtype and device.
+    pub fn set_grad(&mut self, index: usize, grad: &Tensor) -> Result<()> {
+        self.check_index(index)?;
+        let grad = self.accept_grad(index, grad)?;
+        self.grads[index] = Some(grad);
+        self.has_grad[index] = true;
+        Ok(())
+    }
+
+    /// Takes the gradients of the store's vars from `grads` (what candle's
+    /// `backward()` returns), replacing those already held for the same
+    /// vars. Vars absent from `grads` keep their state (after
+    /// [`ParamStore::zero_grads`]: no gradient). Returns how many vars got a
+    /// gradient. Everything is checked before anything is taken.
+    pub fn absorb_grads(&mut self, grads: &GradStore) -> Result<usize> {
+        let taken = self.collect_grads(grads)?;
+        let count = taken.len();
+        for (index, grad) in taken {
+            self.grads[index] = Some(grad);
+            self.has_grad[index] = true;
+        }
+        Ok(count)
+    }
+
+    /// Like [`CandleStore::absorb_grads`], but adds to gradients already
+    /// held since the last [`ParamStore::zero_grads`] (for gradient
+    /// accumulation over micro-batches inside one closure call).
+    pub fn accumulate_grads(&mut self, grads: &GradStore) -> Result<usize> {
+        let taken = self.collect_grads(grads)?;
+        let mut sums = Vec::with_capacity(taken.len());
+        for (index, grad) in taken {
+            let sum = match (self.has_grad[index], &self.grads[index]) {
+                (true, Some(held)) => {
+                    let sum = self.up(held)?.add(&self.up(&grad)?).map_err(backend)?;
+                    self.down(sum)?
+                }
+                _ => grad,
+            };
+            sums.push((index, sum));
+        }
+        let count = sums.len();
+        for (index, sum) in sums {
+            self.grads[index] = Some(sum);
+            self.has_grad[index] = true;
+        }
+        Ok(count)
+    }
+
+    /// Runs `loss.backward()`, takes the gradients of the store's vars
+    /// (as [`CandleStore::absorb_grads`]) and returns the loss as `f64` —
+    /// what an AMP closure returns. `loss` must be a 0-d tensor.
+    pub fn backward(&mut self, loss: &Tensor) -> Result<f64> {
+        if loss.rank() != 0 {
+            return Err(AmpError::backend(format!(
+                "the loss must be a 0-d tensor, got shape {:?}",
+                loss.dims()
+            )));
+        }
+        let grads = loss.backward().map_err(backend)?;
+        let value = loss
+            .to_dtype(CDType::F64)
+            .and_then(|l| l.to_scalar::<f64>())
+            .map_err(backend)?;
+        self.absorb_grads(&grads)?;
+        Ok(value)
+    }
+
+    fn collect_grads(&self, grads: &GradStore) -> Result<Vec<(usize, Tensor)>> {
+        let mut taken = Vec::new();
+        for (index, var) in self.vars.iter().enumerate() {
+            if let Some(grad) = grads.get(var.as_tensor()) {
+                taken.push((index, self.accept_grad(index, grad)?));
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Checks a gradient for tensor `index` and detaches it from any graph;
+    /// one that shares the storage of a var is copied, since vars are
+    /// updated in place.
+    fn accept_grad(&self, index: usize, grad: &Tensor) -> Result<Tensor> {
+        let var = &self.vars[index];
+        if grad.dims() != var.dims() {
+            return Err(AmpError::ShapeMismatch {
+                index,
+                expected: var.dims().to_vec(),
+                found: grad.dims().to_vec(),
+            });
+        }
+        if grad.dtype() != self.dtype {
+            return Err(AmpError::DTypeMismatch {
+                index,
+                expected: format!("{:?}", self.dtype),
+                found: format!("{:?}", grad.dtype()),
+            });
+        }
+        if !grad.device().same_device(&self.device) {
+            return Err(AmpError::DeviceMismatch {
+                index,
+                expected: device_name(&self.device),
+                found: device_name(grad.device()),
+            });
+        }
+        let grad = grad.detach();
+        if self.vars.iter().any(|v| same_storage(v.as_tensor(), &grad)) {
+            grad.copy().map_err(backend)
+        } else {
+            Ok(grad)
+        }
+    }
+
+    fn check_index(&self, index: usize) -> Result<()> {
+        if index < self.vars.len() {
+            Ok(())
+        } else {
+            Err(AmpError::IndexOutOfRange {
+                index,
+                len: self.vars.len(),
+            })
+        }
+    }
+
+    fn check_mask(&self, mask: &[bool]) -> Result<()> {
+        check_len("mask", self.vars.len(), mask.len())
+    }
+
+    /// Fails for a buffer that is not live, before anything is written.
+    fn check_slot(&self, slot: Slot) -> Result<()> {
+        match slot {
+            Slot::Buffer(id) => self
+                .buffers
+                .get(id.index())
+                .and_then(Option::as_ref)
+                .map(|_| ())
+                .ok_or(AmpError::UnknownBuffer(id.index())),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_pair(&self, dst: Slot, src: Slot) -> Result<()> {
+        self.check_slot(dst)?;
+        self.check_slot(src)?;
+        if dst == src {
+            return Err(AmpError::backend(format!(
+                "source and destination must be different slots, got {dst:?} twice"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Tensor `index` of `slot`, for reading only: a parameter comes back
+    /// detached but sharing the var's storage, a missing gradient as zeros.
+    fn value(&self, slot: Slot, index: usize) -> Result<Tensor> {
+        match slot {
+            Slot::Params => Ok(self.vars[index].as_tensor().detach()),
+            Slot::Grads => match &self.grads[index] {
+                Some(grad) => Ok(grad.clone()),
+                None => Tensor::zeros(self.vars[index].shape(), self.dtype, &self.device)
+                    .map_err(backend),
+            },
+            Slot::Buffer(id) => self
+                .buffers
+                .get(id.index())
+                .and_then(Option::as_ref)
+                .map(|b| b[index].clone())
+                .ok_or(AmpError::UnknownBuffer(id.index())),
+        }
+    }
+
+    /// Stores `value` (of the storage dtype, and never sharing a var's
+    /// storage) as tensor `index` of `slot`. Writing a gradient does not
+    /// change [`ParamStore::grad_mask`].
+    fn put(&mut self, slot: Slot, index: usize, value: Tensor) -> Result<()> {
+        match slot {
+            Slot::Params => {
+                // `Var::set` copies into the var's storage; an empty tensor
+                // has nothing to copy (and candle's ops return empty inputs
+                // unchanged, which `set` would reject as self-derived).
+                if value.elem_count() > 0 {
+                    self.vars[index].set(&value).map_err(backend)?;
+                }
+                Ok(())
+            }
+            Slot::Grads => {
+                self.grads[index] = Some(value);
+                Ok(())
+            }
+            Slot::Buffer(id) => {
+                let buffer = self
+                    .buffers
+                    .get_mut(id.index())
+                    .and_then(Option::as_mut)
+                    .ok_or(AmpError::UnknownBuffer(id.index()))?;
+                buffer[index] = value;
+                Ok(())
+            }
+        }
+    }
+
+    /// Widens to the compute dtype (a no-op unless half precision).
+    fn up(&self, tensor: &Tensor) -> Result<Tensor> {
+        tensor.to_dtype(self.compute).map_err(backend)
+    }
+
+    /// Rounds back to the storage dtype.
+    fn down(&self, tensor: Tensor) -> Result<Tensor> {
+        tensor.to_dtype(self.dtype).map_err(backend)
+    }
+
+    /// One tensor of `dtype` and length `n` from per-tensor 0-d results of
+    /// that dtype; masked-out entries are 0.
+    fn gather(&self, parts: Vec<Option<Tensor>>, dtype: CDType) -> Result<Tensor> {
+        if parts.is_empty() {
+            return Tensor::zeros(0, dtype, &self.device).map_err(backend);
+        }
+        let zero = Tensor::zeros((), dtype, &self.device).map_err(backend)?;
+        let parts: Vec<Tensor> = parts
+            .into_iter()
+            .map(|p| p.unwrap_or_else(|| zero.clone()))
+            .collect();
+        Tensor::stack(&parts, 0).map_err(backend)
+    }
+}
+
+/// Builds a tensor of `dtype` on `device` from host values, checking that
+/// the data fits the shape.
+fn host_to_tensor(value: &HostTensor, dtype: CDType, device: &Device) -> Result<Tensor> {
+    let numel: usize = value.shape.iter().product();
+    if numel != value.data.len() {
+        return Err(AmpError::CountMismatch {
+            what: "host tensor elements",
+            expected: numel,
+            found: value.data.len(),
+        });
+    }
+    Tensor::from_vec(value.data.clone(), value.shape.clone(), device)
+        .and_then(|t| t.to_dtype(dtype))
+        .map_err(backend)
+}
+
+impl ParamStore for CandleStore {
+    type Scalar = f64;
+    type Norms = CandleNorms;
+
+    fn num_tensors(&self) -> usize {
+        self.vars.len()
+    }
+
+    fn shape(&self, index: usize) -> Result<Vec<usize>> {
+        self.check_index(index)?;
+        Ok(self.vars[index].dims().to_vec())
+    }
+
+    fn dtype(&self) -> DType {
+        // `build` accepts float dtypes only.
+        amp_dtype(self.dtype).unwrap_or(DType::F32)
+    }
+
+    fn zero_grads(&mut self) -> Result<()> {
+        // Dropping the tensors frees their memory before the next backward.
+        self.grads.iter_mut().for_each(|g| *g = None);
+        self.has_grad.fill(false);
+        Ok(())
+    }
+
+    fn grad_mask(&self) -> Result<Vec<bool>> {
+        Ok(self.has_grad.clone())
+    }
+
+    fn alloc_buffer(&mut self) -> Result<BufferId> {
+        let buffer = self
+            .vars
+            .iter()
+            .map(|v| Tensor::zeros(v.shape(), self.dtype, &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(backend)?;
+        // Reuse a freed slot so ids stay small over long runs.
+        if let Some(i) = self.buffers.iter().position(Option::is_none) {
+            self.buffers[i] = Some(buffer);
+            Ok(BufferId::new(i))
+        } else {
+            self.buffers.push(Some(buffer));
+            Ok(BufferId::new(self.buffers.len() - 1))
+        }
+    }
+
+    fn free_buffer(&mut self, id: BufferId) -> Result<()> {
+        self.buffers
+            .get_mut(id.index())
+            .and_then(Option::take)
+            .map(drop)
+            .ok_or(AmpError::UnknownBuffer(id.index()))
+    }
+
+    fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        self.check_pair(dst, src)?;
+        for index in (0..mask.len()).filter(|&i| mask[i]) {
+            let mut value = self.value(src, index)?;
+            // Vars change in place: anything else must own a copy of θ.
+            // (`Var::set` copies by itself.)
+            if src == Slot::Params {
+                value = value.copy().map_err(backend)?;
+            }
+            self.put(dst, index, value)?;
+        }
+        Ok(())
+    }
+
+    fn scale(&mut self, dst: Slot, factor: &[f64], mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("scale factors", mask.len(), factor.len())?;
+        self.check_slot(dst)?;
+        for index in (0..mask.len()).filter(|&i| mask[i] && factor[i] != 1.0) {
+            let d = self.up(&self.value(dst, index)?)?;
+            let scaled = d.affine(factor[index], 0.0).map_err(backend)?;
+            let scaled = self.down(scaled)?;
+            self.put(dst, index, scaled)?;
+        }
+        Ok(())
+    }
+
+    fn axpy(&mut self, dst: Slot, alpha: &[f64], src: Slot, mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("axpy coefficients", mask.len(), alpha.len())?;
+        self.check_pair(dst, src)?;
+        for index in (0..mask.len()).filter(|&i| mask[i]) {
+            let d = self.up(&self.value(dst, index)?)?;
+            let s = self.up(&self.value(src, index)?)?;
+            // ±1 needs no multiply: x·1 is exact, so the result is the same.
+            let a = alpha[index];
+            let sum = if a == 1.0 {
+                d.add(&s)
+            } else if a == -1.0 {
+                d.sub(&s)
+            } else {
+                s.affine(a, 0.0).and_then(|s| d.add(&s))
+            }
+            .map_err(backend)?;
+            let sum = self.down(sum)?;
+            self.put(dst, index, sum)?;
+        }
+        Ok(())
+    }
+
+    fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<CandleNorms> {
+        self.check_mask(mask)?;
+        self.check_slot(src)?;
+        let mut parts = Vec::with_capacity(mask.len());
+        for (index, &active) in mask.iter().enumerate() {
+            parts.push(if active {
+                let t = self.up(&self.value(src, index)?)?;
+                Some(t.sqr().and_then(|t| t.sum_all()).map_err(backend)?)
+            } else {
+                None
+            });
+        }
+        // One square root for the whole vector.
+        let norms = self.gather(parts, self.compute)?.sqrt().map_err(backend)?;
+        Ok(CandleNorms { norms })
+    }
+
+    fn clip_to_norms(
+        &mut self,
+        dst: Slot,
+        norms: &CandleNorms,
+        max_norm: &[f64],
+        mask: &[bool],
+    ) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("norms", mask.len(), norms.len())?;
+        check_len("maximum norms", mask.len(), max_norm.len())?;
+        self.check_slot(dst)?;
+        if !mask.iter().any(|&m| m) {
+            return Ok(());
+        }
+        // coefficient = min(1, max_norm / (norm + 1e-12)), all tensors at
+        // once, on the device, in the compute dtype.
+        let max_norm = Tensor::from_slice(max_norm, max_norm.len(), &self.device)
+            .and_then(|t| t.to_dtype(self.compute))
+            .map_err(backend)?;
+        let norms = norms.norms.to_dtype(self.compute).map_err(backend)?;
+        let coefficients = norms
+            .affine(1.0, PROJECTION_GUARD)
+            .and_then(|guarded| max_norm.div(&guarded))
+            .and_then(|c| c.minimum(1.0))
+            .map_err(backend)?;
+        for index in (0..mask.len()).filter(|&i| mask[i]) {
+            let d = self.up(&self.value(dst, index)?)?;
+            // A 0-d view of the coefficient, broadcast: no host read.
+            let clipped = coefficients
+                .get(index)
+                .and_then(|c| d.broadcast_mul(&c))
+                .map_err(backend)?;
+            let clipped = self.down(clipped)?;
+            self.put(dst, index, clipped)?;
+        }
+        Ok(())
+    }
+
+    fn norms_to_host(&self, norms: &CandleNorms) -> Result<Vec<f64>> {
+        norms
+            .norms
+            .to_dtype(CDType::F64)
+            .and_then(|n| n.to_vec1::<f64>())
+            .map_err(backend)
+    }
+
+    fn all_finite(&mut self, src: Slot, mask: &[bool]) -> Result<bool> {
+        self.check_mask(mask)?;
+        self.check_slot(src)?;
+        if !mask.iter().any(|&m| m) {
+            return Ok(true);
+        }
+        // x·0 is 0 for finite x and NaN for ±inf and NaN, so the sum of
+        // x·0 over the slot is 0 exactly when every element is finite (a
+        // plain sum could overflow). Computed in the storage dtype: zeros
+        // cannot overflow.
+        let mut parts = Vec::with_capacity(mask.len());
+        for (index, &active) in mask.iter().enumerate() {
+            parts.push(if active {
+                let t = self.value(src, index)?;
+                Some(
+                    t.affine(0.0, 0.0)
+                        .and_then(|z| z.sum_all())
+                        .map_err(backend)?,
+                )
+            } else {
+                None
+            });
+        }
+        let total = self
+            .gather(parts, self.dtype)?
+            .sum_all()
+            .and_then(|t| t.to_dtype(CDType::F64))
+            .and_then(|t| t.to_scalar::<f64>())
+            .map_err(backend)?;
+        Ok(total.is_finite())
+    }
+
+    fn read(&self, slot: Slot, index: usize) -> Result<HostTensor> {
+        self.check_index(index)?;
+        self.check_slot(slot)?;
+        let shape = self.vars[index].dims().to_vec();
+        let numel = self.vars[index].elem_count();
+        let data = if (slot == Slot::Grads && !self.has_grad[index]) || numel == 0 {
+            vec![0.0; numel]
+        } else {
+            self.value(slot, index)?
+                .to_dtype(CDType::F64)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f64>())
+                .map_err(backend)?
+        };
+        HostTensor::new(shape, self.dtype(), data)
+    }
+
+    fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()> {
+        let expected = self.shape(index)?;
+        if value.shape != expected {
+            return Err(AmpError::ShapeMismatch {
+                index,
+                expected,
+                found: value.shape.clone(),
+            });
+        }
+        self.check_slot(slot)?;
+        let tensor = host_to_tensor(value, self.dtype, &self.device)?;
+        self.put(slot, index, tensor)?;
+        if slot == Slot::Grads {
+            self.has_grad[index] = true;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for CandleStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CandleStore({} tensors, {:?}, {})",
+            self.vars.len(),
+            self.dtype,
+            device_name(&self.device)
+        )
+    }
+}
