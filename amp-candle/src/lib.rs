@@ -47,6 +47,11 @@
 //! let model = candle_nn::seq().add(hidden).add(candle_nn::Activation::Relu).add(output);
 //!
 //! let store = CandleStore::from_varmap(&varmap)?;
+//! // Deterministic initial weights: candle's CPU generator cannot be seeded.
+//! for var in store.vars() {
+//!     let w: Vec<f32> = (0..var.elem_count()).map(|_| 0.5 * uniform()).collect();
+//!     var.set(&Tensor::from_vec(w, var.shape(), &device)?)?;
+//! }
 //! let config = AmpConfig::default().lr(0.1).epsilon(0.1).inner_iter(1);
 //! let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9))?;
 //! let mut first = None;
