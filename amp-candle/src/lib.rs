@@ -85,7 +85,8 @@
 use std::fmt;
 
 use amp_core::{
-    check_len, AmpError, BufferId, DType, HostTensor, ParamStore, Result, Slot, PROJECTION_GUARD,
+    check_len, check_shape, AmpError, BufferId, Buffers, DType, HostTensor, ParamStore, Result,
+    Slot, PROJECTION_GUARD,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{DType as CDType, Device, Tensor, Var};
@@ -253,7 +254,7 @@ pub struct CandleStore {
     grads: Vec<Option<Tensor>>,
     /// Which tensors received a gradient since the last `zero_grads`.
     has_grad: Vec<bool>,
-    buffers: Vec<Option<Vec<Tensor>>>,
+    buffers: Buffers<Vec<Tensor>>,
 }
 
 impl CandleStore {
@@ -345,7 +346,7 @@ impl CandleStore {
             compute: compute_dtype(dtype),
             grads: vec![None; n],
             has_grad: vec![false; n],
-            buffers: Vec::new(),
+            buffers: Buffers::new(),
         })
     }
 
@@ -477,13 +478,7 @@ impl CandleStore {
     /// updated in place.
     fn accept_grad(&self, index: usize, grad: &Tensor) -> Result<Tensor> {
         let var = &self.vars[index];
-        if grad.dims() != var.dims() {
-            return Err(AmpError::ShapeMismatch {
-                index,
-                expected: var.dims().to_vec(),
-                found: grad.dims().to_vec(),
-            });
-        }
+        check_shape(index, var.dims(), grad.dims())?;
         if grad.dtype() != self.dtype {
             return Err(AmpError::DTypeMismatch {
                 index,
@@ -524,12 +519,7 @@ impl CandleStore {
     /// Fails for a buffer that is not live, before anything is written.
     fn check_slot(&self, slot: Slot) -> Result<()> {
         match slot {
-            Slot::Buffer(id) => self
-                .buffers
-                .get(id.index())
-                .and_then(Option::as_ref)
-                .map(|_| ())
-                .ok_or(AmpError::UnknownBuffer(id.index())),
+            Slot::Buffer(id) => self.buffers.get(id).map(drop),
             _ => Ok(()),
         }
     }
@@ -555,12 +545,7 @@ impl CandleStore {
                 None => Tensor::zeros(self.vars[index].shape(), self.dtype, &self.device)
                     .map_err(backend),
             },
-            Slot::Buffer(id) => self
-                .buffers
-                .get(id.index())
-                .and_then(Option::as_ref)
-                .map(|b| b[index].clone())
-                .ok_or(AmpError::UnknownBuffer(id.index())),
+            Slot::Buffer(id) => Ok(self.buffers.get(id)?[index].clone()),
         }
     }
 
@@ -583,12 +568,7 @@ impl CandleStore {
                 Ok(())
             }
             Slot::Buffer(id) => {
-                let buffer = self
-                    .buffers
-                    .get_mut(id.index())
-                    .and_then(Option::as_mut)
-                    .ok_or(AmpError::UnknownBuffer(id.index()))?;
-                buffer[index] = value;
+                self.buffers.get_mut(id)?[index] = value;
                 Ok(())
             }
         }
@@ -671,22 +651,11 @@ impl ParamStore for CandleStore {
             .map(|v| Tensor::zeros(v.shape(), self.dtype, &self.device))
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(backend)?;
-        // Reuse a freed slot so ids stay small over long runs.
-        if let Some(i) = self.buffers.iter().position(Option::is_none) {
-            self.buffers[i] = Some(buffer);
-            Ok(BufferId::new(i))
-        } else {
-            self.buffers.push(Some(buffer));
-            Ok(BufferId::new(self.buffers.len() - 1))
-        }
+        Ok(self.buffers.insert(buffer))
     }
 
     fn free_buffer(&mut self, id: BufferId) -> Result<()> {
-        self.buffers
-            .get_mut(id.index())
-            .and_then(Option::take)
-            .map(drop)
-            .ok_or(AmpError::UnknownBuffer(id.index()))
+        self.buffers.remove(id).map(drop)
     }
 
     fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
@@ -853,14 +822,7 @@ impl ParamStore for CandleStore {
     }
 
     fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()> {
-        let expected = self.shape(index)?;
-        if value.shape != expected {
-            return Err(AmpError::ShapeMismatch {
-                index,
-                expected,
-                found: value.shape.clone(),
-            });
-        }
+        check_shape(index, &self.shape(index)?, &value.shape)?;
         self.check_slot(slot)?;
         let tensor = host_to_tensor(value, self.dtype, &self.device)?;
         self.put(slot, index, tensor)?;

@@ -301,3 +301,106 @@ pub fn check_len(what: &'static str, expected: usize, found: usize) -> Result<()
         })
     }
 }
+
+/// Checks that a tensor handed to [`ParamStore::write`] (or any other
+/// per-tensor input) has the parameter's shape; for store implementations.
+pub fn check_shape(index: usize, expected: &[usize], found: &[usize]) -> Result<()> {
+    if expected == found {
+        Ok(())
+    } else {
+        Err(AmpError::ShapeMismatch {
+            index,
+            expected: expected.to_vec(),
+            found: found.to_vec(),
+        })
+    }
+}
+
+/// The parameter-shaped buffers of a store, addressed by [`BufferId`]; for
+/// store implementations.
+///
+/// Freed slots are reused, so ids stay small over long runs, and a freed or
+/// unknown id is an [`AmpError::UnknownBuffer`], never a panic.
+#[derive(Clone, Debug)]
+pub struct Buffers<B> {
+    slots: Vec<Option<B>>,
+}
+
+impl<B> Default for Buffers<B> {
+    fn default() -> Self {
+        Buffers { slots: Vec::new() }
+    }
+}
+
+impl<B> Buffers<B> {
+    /// No buffers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stores a buffer and returns its id.
+    pub fn insert(&mut self, buffer: B) -> BufferId {
+        if let Some(i) = self.slots.iter().position(Option::is_none) {
+            self.slots[i] = Some(buffer);
+            BufferId::new(i)
+        } else {
+            self.slots.push(Some(buffer));
+            BufferId::new(self.slots.len() - 1)
+        }
+    }
+
+    /// Removes a buffer and gives it back.
+    pub fn remove(&mut self, id: BufferId) -> Result<B> {
+        self.slots
+            .get_mut(id.index())
+            .and_then(Option::take)
+            .ok_or(AmpError::UnknownBuffer(id.index()))
+    }
+
+    /// The buffer behind `id`.
+    pub fn get(&self, id: BufferId) -> Result<&B> {
+        self.slots
+            .get(id.index())
+            .and_then(Option::as_ref)
+            .ok_or(AmpError::UnknownBuffer(id.index()))
+    }
+
+    /// The buffer behind `id`, mutably.
+    pub fn get_mut(&mut self, id: BufferId) -> Result<&mut B> {
+        self.slots
+            .get_mut(id.index())
+            .and_then(Option::as_mut)
+            .ok_or(AmpError::UnknownBuffer(id.index()))
+    }
+
+    /// Two different buffers at once, the first mutably.
+    pub fn pair_mut(&mut self, dst: BufferId, src: BufferId) -> Result<(&mut B, &B)> {
+        self.get(dst)?;
+        self.get(src)?;
+        if dst == src {
+            return Err(AmpError::backend(format!(
+                "buffer {} is both source and destination",
+                dst.index()
+            )));
+        }
+        let (lo, hi) = (dst.index().min(src.index()), dst.index().max(src.index()));
+        let (left, right) = self.slots.split_at_mut(hi);
+        let (low, high) = (&mut left[lo], &mut right[0]);
+        let (low, high) = (low.as_mut(), high.as_mut());
+        match (low, high) {
+            (Some(low), Some(high)) if dst.index() < src.index() => Ok((low, high)),
+            (Some(low), Some(high)) => Ok((high, low)),
+            _ => Err(AmpError::UnknownBuffer(dst.index())),
+        }
+    }
+
+    /// Number of live buffers.
+    pub fn len(&self) -> usize {
+        self.slots.iter().filter(|b| b.is_some()).count()
+    }
+
+    /// `true` when no buffer is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

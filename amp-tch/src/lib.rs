@@ -110,7 +110,8 @@
 use std::ffi::{c_char, c_int, CStr};
 
 use amp_core::{
-    check_len, AmpError, BufferId, DType, HostTensor, ParamStore, Result, Slot, PROJECTION_GUARD,
+    check_len, check_shape, AmpError, BufferId, Buffers, DType, HostTensor, ParamStore, Result,
+    Slot, PROJECTION_GUARD,
 };
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
@@ -327,7 +328,7 @@ pub struct TchStore {
     device: Device,
     kind: Kind,
     dtype: DType,
-    buffers: Vec<Option<Vec<Tensor>>>,
+    buffers: Buffers<Vec<Tensor>>,
 }
 
 impl TchStore {
@@ -381,7 +382,7 @@ impl TchStore {
             device,
             kind,
             dtype,
-            buffers: Vec::new(),
+            buffers: Buffers::new(),
         })
     }
 
@@ -456,10 +457,7 @@ impl TchStore {
     }
 
     fn buffer(&self, id: BufferId) -> Result<&[Tensor]> {
-        self.buffers
-            .get(id.index())
-            .and_then(Option::as_deref)
-            .ok_or(AmpError::UnknownBuffer(id.index()))
+        self.buffers.get(id).map(Vec::as_slice)
     }
 
     /// Raw pointers of the masked-in tensors of `slot` and the shim view that
@@ -568,22 +566,11 @@ impl ParamStore for TchStore {
         }
         check(status)?;
         check_len("buffer tensors", self.params.len(), buffer.len())?;
-        // Reuse a freed slot so ids stay small over long runs.
-        if let Some(i) = self.buffers.iter().position(Option::is_none) {
-            self.buffers[i] = Some(buffer);
-            Ok(BufferId::new(i))
-        } else {
-            self.buffers.push(Some(buffer));
-            Ok(BufferId::new(self.buffers.len() - 1))
-        }
+        Ok(self.buffers.insert(buffer))
     }
 
     fn free_buffer(&mut self, id: BufferId) -> Result<()> {
-        self.buffers
-            .get_mut(id.index())
-            .and_then(Option::take)
-            .map(drop)
-            .ok_or(AmpError::UnknownBuffer(id.index()))
+        self.buffers.remove(id).map(drop)
     }
 
     fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
@@ -743,14 +730,7 @@ impl ParamStore for TchStore {
     }
 
     fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()> {
-        let expected = self.shape(index)?;
-        if value.shape != expected {
-            return Err(AmpError::ShapeMismatch {
-                index,
-                expected,
-                found: value.shape.clone(),
-            });
-        }
+        check_shape(index, &self.shape(index)?, &value.shape)?;
         let source = host_to_tensor(value, self.kind, self.device)?;
         match slot {
             Slot::Grads => {
@@ -759,11 +739,7 @@ impl ParamStore for TchStore {
             }
             Slot::Params => tch::no_grad(|| self.params[index].f_copy_(&source)).map_err(tch_error),
             Slot::Buffer(id) => {
-                let buffer = self
-                    .buffers
-                    .get_mut(id.index())
-                    .and_then(Option::as_mut)
-                    .ok_or(AmpError::UnknownBuffer(id.index()))?;
+                let buffer = self.buffers.get_mut(id)?;
                 tch::no_grad(|| buffer[index].f_copy_(&source)).map_err(tch_error)
             }
         }
