@@ -1,0 +1,587 @@
+//! AMP's cost against ERM and against the memory-bandwidth floor, per
+//! backend, in one table (issue 8).
+//!
+//! ```text
+//! cargo run --release --example bench_report                  # ndarray, candle
+//! cargo run --release --example bench_report --features tch   # + libtorch
+//! cargo run --release --example bench_report -- --quick       # a short run
+//! cargo run --release --example bench_report -- --backend tch --skip-mlp
+//! ```
+//! (`--features tch` needs libtorch: `source .venv/bin/activate;
+//! export LIBTORCH_USE_PYTORCH=1`. With `AMP_BENCH_CUDA=1` and a visible GPU
+//! the tch runs use CUDA:0.)
+//!
+//! AMP is *adversarial model perturbation* (Zheng, Zhang & Mao, CVPR 2021),
+//! not automatic mixed precision. What is measured:
+//!
+//! * **AMP/ERM step time** on three MLPs (64 inputs, 10 classes): 40 hidden
+//!   layers of width 32 at batch 16 (84 tensors), 4 × 512 at batch 128,
+//!   2 × 2048 at batch 256. ERM is `inner_iter = 0`, AMP `inner_iter = 1`,
+//!   both SGD with Nesterov momentum 0.9 and the very same closure. ERM and
+//!   AMP blocks alternate (A B A B …) after a warm-up; the figure is the
+//!   median of the per-pair ratios.
+//! * **Optimizer-only throughput**: an AMP step (K = 1, copy-restore) over
+//!   one f32 tensor of 1e4…1e7 elements, with a trivial closure whose time is
+//!   subtracted; bytes are those the batched primitives read and write (see
+//!   `metered.rs`). Each block alternates with a plain copy of the same
+//!   number of elements (`memcpy`, 1 and 2 threads; the faster is the floor),
+//!   and the figure is the median per-pair fraction of the floor.
+//! * **Tensor-count slowdown**: the same step over 1, 100 and 1000 tensors
+//!   holding 1e6 elements in all, interleaved; median ratios to 1 tensor.
+//! * **Extra memory**: parameter-sized buffers AMP holds between steps
+//!   beyond the base optimiser's (`Amp::amp_buffers_held`).
+//!
+//! Timing assertions live nowhere: this program reports, it does not fail on
+//! a missed target.
+#![warn(missing_docs)]
+
+mod fixtures;
+mod measure;
+mod metered;
+mod mlp;
+#[cfg(feature = "candle")]
+mod mlp_candle;
+#[cfg(feature = "ndarray")]
+mod mlp_ndarray;
+#[cfg(feature = "tch")]
+mod mlp_tch;
+
+use std::fmt::Write as _;
+
+use amp::BoxError;
+use clap::Parser;
+
+use crate::fixtures::{metered_step, opt_trainer, OptFixture, Steps};
+use crate::measure::{block_len, interleave, median, range, warm_up, CopyFloor, PairResult, Plan};
+use crate::metered::{Meter, OPS};
+use crate::mlp::{MlpSpec, Problem, SPECS};
+
+/// Command line.
+#[derive(Parser, Debug)]
+#[command(about = "AMP/ERM step-time ratios and optimizer throughput per backend")]
+struct Args {
+    /// A short run (fewer, shorter blocks): for a smoke test, not for figures.
+    #[arg(long)]
+    quick: bool,
+    /// Only these backends (ndarray, candle, tch); all compiled-in by default.
+    #[arg(long)]
+    backend: Vec<String>,
+    /// Skip the MLP (AMP/ERM) measurements.
+    #[arg(long)]
+    skip_mlp: bool,
+    /// Skip the optimizer-only measurements.
+    #[arg(long)]
+    skip_optimizer: bool,
+    /// Interleaved rounds (default 11, 5 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+}
+
+type MlpPair = (Box<dyn Steps>, Box<dyn Steps>);
+
+/// Builds the optimizer-only fixture for given tensor sizes and repeats.
+type OptBuilder = fn(&[usize], usize) -> Result<Box<dyn Steps>, BoxError>;
+
+/// Per tensor count: the median optimizer time per step, and every round's
+/// ratio to the one-tensor time.
+type CountTimes = (Vec<f64>, Vec<Vec<f64>>);
+
+/// One backend as the report drives it.
+struct Backend {
+    name: &'static str,
+    mlp: fn(&Problem) -> Result<MlpPair, BoxError>,
+    opt: OptBuilder,
+    meter: fn(&[usize], usize, usize) -> Result<Meter, BoxError>,
+}
+
+fn opt_boxed<F: OptFixture>(
+    sizes: &[usize],
+    inner_iter: usize,
+) -> Result<Box<dyn Steps>, BoxError> {
+    Ok(Box::new(opt_trainer::<F>(sizes, inner_iter)?))
+}
+
+fn backends() -> Vec<Backend> {
+    #[allow(unused_mut)]
+    let mut list = Vec::new();
+    #[cfg(feature = "ndarray")]
+    list.push(Backend {
+        name: fixtures::nd::Nd::NAME,
+        mlp: |p| {
+            let (a, b) = mlp_ndarray::trainers(p)?;
+            Ok((Box::new(a), Box::new(b)))
+        },
+        opt: opt_boxed::<fixtures::nd::Nd>,
+        meter: metered_step::<fixtures::nd::Nd>,
+    });
+    #[cfg(feature = "candle")]
+    list.push(Backend {
+        name: fixtures::cdl::Candle::NAME,
+        mlp: |p| {
+            let (a, b) = mlp_candle::trainers(p)?;
+            Ok((Box::new(a), Box::new(b)))
+        },
+        opt: opt_boxed::<fixtures::cdl::Candle>,
+        meter: metered_step::<fixtures::cdl::Candle>,
+    });
+    #[cfg(feature = "tch")]
+    list.push(Backend {
+        name: fixtures::tc::Tch::NAME,
+        mlp: |p| {
+            let (a, b) = mlp_tch::trainers(p)?;
+            Ok((Box::new(a), Box::new(b)))
+        },
+        opt: opt_boxed::<fixtures::tc::Tch>,
+        meter: metered_step::<fixtures::tc::Tch>,
+    });
+    list
+}
+
+/// Sizes of the optimizer-only sweep.
+const SIZES: [usize; 4] = [10_000, 100_000, 1_000_000, 10_000_000];
+/// Total of the tensor-count sweep.
+const COUNT_TOTAL: usize = 1_000_000;
+/// Tensor counts of the tensor-count sweep.
+const COUNTS: [usize; 3] = [1, 100, 1000];
+
+struct MlpResult {
+    pair: PairResult,
+    amp_held: usize,
+    held: usize,
+}
+
+struct SizeResult {
+    bytes: u64,
+    opt_secs: f64,
+    fraction: Vec<f64>,
+    floor: Vec<f64>,
+    floor_1t: Vec<f64>,
+}
+
+#[derive(Default)]
+struct BackendResult {
+    name: &'static str,
+    mlp: Vec<Result<MlpResult, String>>,
+    sizes: Vec<Result<SizeResult, String>>,
+    counts: Option<Result<CountTimes, String>>,
+    breakdown: Option<Result<Meter, String>>,
+    opt_amp_held: Option<usize>,
+}
+
+fn run_mlp(backend: &Backend, spec: MlpSpec, plan: &Plan) -> Result<MlpResult, BoxError> {
+    let problem = spec.problem(42);
+    let (mut erm, mut amp) = (backend.mlp)(&problem)?;
+    debug_assert_eq!(amp.tensors(), spec.tensors());
+    let pair = interleave(erm.as_mut(), amp.as_mut(), plan, false)?;
+    Ok(MlpResult {
+        pair,
+        amp_held: amp.amp_buffers_held(),
+        held: amp.buffers_held(),
+    })
+}
+
+fn run_size(backend: &Backend, n: usize, plan: &Plan) -> Result<(SizeResult, usize), BoxError> {
+    let bytes = (backend.meter)(&[n], 1, 0)?.total_bytes();
+    let mut opt = (backend.opt)(&[n], 1)?;
+    let per = warm_up(opt.as_mut(), plan.warmup_secs)?;
+    let steps = block_len(per, plan);
+    let mut floor = CopyFloor::new(n);
+    let reps = floor.reps(plan);
+    let mut out = SizeResult {
+        bytes,
+        opt_secs: 0.0,
+        fraction: Vec::new(),
+        floor: Vec::new(),
+        floor_1t: Vec::new(),
+    };
+    let mut opt_secs = Vec::new();
+    for _ in 0..plan.rounds {
+        let (one, two) = floor.bandwidth(reps);
+        let t = opt.run(steps)?.optimizer_per_step();
+        let best = one.max(two);
+        opt_secs.push(t);
+        out.fraction.push(bytes as f64 / t / best);
+        out.floor.push(best);
+        out.floor_1t.push(one);
+    }
+    out.opt_secs = median(&opt_secs);
+    Ok((out, opt.amp_buffers_held()))
+}
+
+fn run_counts(backend: &Backend, plan: &Plan) -> Result<CountTimes, BoxError> {
+    let mut trainers = COUNTS
+        .iter()
+        .map(|&c| (backend.opt)(&fixtures::layout(COUNT_TOTAL, c), 1))
+        .collect::<Result<Vec<_>, _>>()?;
+    let steps = trainers
+        .iter_mut()
+        .map(|t| Ok(block_len(warm_up(t.as_mut(), plan.warmup_secs)?, plan)))
+        .collect::<Result<Vec<_>, BoxError>>()?;
+    let mut per: Vec<Vec<f64>> = vec![Vec::new(); COUNTS.len()];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); COUNTS.len()];
+    for _ in 0..plan.rounds {
+        let times = trainers
+            .iter_mut()
+            .zip(&steps)
+            .map(|(t, &n)| Ok(t.run(n)?.optimizer_per_step()))
+            .collect::<Result<Vec<_>, BoxError>>()?;
+        for (k, &t) in times.iter().enumerate() {
+            per[k].push(t);
+            ratios[k].push(t / times[0]);
+        }
+    }
+    Ok((per.iter().map(|v| median(v)).collect(), ratios))
+}
+
+fn mlp_target(backend: &str, spec: &MlpSpec) -> Option<f64> {
+    match (backend, spec.name) {
+        ("tch", "40x32") => Some(2.10),
+        ("tch", _) | ("candle", _) => Some(2.05),
+        _ => None,
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "ok"
+    } else {
+        "MISS"
+    }
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn gbs(bytes_per_sec: f64) -> String {
+    format!("{:.1}", bytes_per_sec / 1e9)
+}
+
+fn main() -> Result<(), BoxError> {
+    let args = Args::parse();
+    let plan = if args.quick {
+        Plan {
+            block_secs: 0.03,
+            rounds: args.rounds.unwrap_or(5),
+            warmup_secs: 0.1,
+        }
+    } else {
+        Plan {
+            block_secs: 0.15,
+            rounds: args.rounds.unwrap_or(11),
+            warmup_secs: 0.5,
+        }
+    };
+    let selected: Vec<Backend> = backends()
+        .into_iter()
+        .filter(|b| args.backend.is_empty() || args.backend.iter().any(|n| n == b.name))
+        .collect();
+    let start_load = load();
+    let started = std::time::Instant::now();
+    eprintln!(
+        "bench_report: {} mode, backends {:?}, load {start_load}",
+        if args.quick { "quick" } else { "full" },
+        selected.iter().map(|b| b.name).collect::<Vec<_>>()
+    );
+
+    let mut results = Vec::new();
+    for backend in &selected {
+        let mut r = BackendResult {
+            name: backend.name,
+            ..Default::default()
+        };
+        if !args.skip_mlp {
+            for spec in SPECS {
+                eprintln!("  {} mlp {}", backend.name, spec.name);
+                r.mlp
+                    .push(run_mlp(backend, spec, &plan).map_err(|e| e.to_string()));
+            }
+        }
+        if !args.skip_optimizer {
+            for n in SIZES {
+                eprintln!("  {} optimizer-only n={n:e}", backend.name);
+                r.sizes.push(match run_size(backend, n, &plan) {
+                    Ok((s, held)) => {
+                        r.opt_amp_held = Some(held);
+                        Ok(s)
+                    }
+                    Err(e) => Err(e.to_string()),
+                });
+            }
+            eprintln!("  {} tensor counts", backend.name);
+            r.counts = Some(run_counts(backend, &plan).map_err(|e| e.to_string()));
+            let timed = if args.quick { 2 } else { 5 };
+            r.breakdown = Some((backend.meter)(&[SIZES[3]], 1, timed).map_err(|e| e.to_string()));
+        }
+        results.push(r);
+    }
+    print!(
+        "{}",
+        render(
+            &results,
+            &args,
+            &plan,
+            &start_load,
+            started.elapsed().as_secs_f64()
+        )
+    );
+    Ok(())
+}
+
+/// One table: rows are figures, columns backends, with the targets.
+fn render(
+    results: &[BackendResult],
+    args: &Args,
+    plan: &Plan,
+    start_load: &str,
+    secs: f64,
+) -> String {
+    let mut out = String::new();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    #[cfg(feature = "tch")]
+    let extra = format!(
+        ", libtorch threads {}, tch device {:?}",
+        tch::get_num_threads(),
+        fixtures::tc::device()
+    );
+    #[cfg(not(feature = "tch"))]
+    let extra = String::from(", tch not compiled in (add --features tch)");
+    let _ = writeln!(
+        out,
+        "\nAMP (adversarial model perturbation) cost report — {} run, {} rounds of >= {:.2} s blocks, \
+         {cores} cores{extra}\nload average at start {start_load}, at end {}; run took {secs:.0} s\n",
+        if args.quick { "QUICK" } else { "full" },
+        plan.rounds,
+        plan.block_secs,
+        load()
+    );
+
+    let width = 24;
+    let mut header = format!("{:<46}", "figure (median of interleaved pairs)");
+    for r in results {
+        let _ = write!(header, "{:<width$}", r.name);
+    }
+    let _ = writeln!(header, "target");
+    out.push_str(&header);
+    let _ = writeln!(out, "{}", "-".repeat(header.len() + 10));
+
+    // AMP/ERM ratios.
+    if !args.skip_mlp {
+        for (m, spec) in SPECS.iter().enumerate() {
+            let label = format!(
+                "AMP/ERM step time {} ({} t, {:.2}M p, b{})",
+                spec.name,
+                spec.tensors(),
+                spec.numel() as f64 / 1e6,
+                spec.batch
+            );
+            let mut line = format!("{label:<46}");
+            for r in results {
+                let cell = match r.mlp.get(m) {
+                    Some(Ok(res)) => {
+                        let ratio = median(&res.pair.ratios);
+                        let (lo, hi) = range(&res.pair.ratios);
+                        let mark = mlp_target(r.name, spec)
+                            .map_or(String::new(), |t| format!(" {}", verdict(ratio <= t)));
+                        format!("{ratio:.2} [{lo:.2}-{hi:.2}]{mark}")
+                    }
+                    Some(Err(e)) => format!("error: {}", e.chars().take(14).collect::<String>()),
+                    None => "-".into(),
+                };
+                let _ = write!(line, "{cell:<width$}");
+            }
+            let _ = writeln!(
+                line,
+                "{}",
+                if spec.name == "40x32" {
+                    "tch <= 2.10, candle <= 2.05"
+                } else {
+                    "tch, candle <= 2.05"
+                }
+            );
+            out.push_str(&line);
+        }
+        let mut line = format!("{:<46}", "  ERM / AMP ms per step, 40x32 | 4x512 | 2x2048");
+        for r in results {
+            let cell = r
+                .mlp
+                .iter()
+                .map(|m| match m {
+                    Ok(m) => format!(
+                        "{:.3}/{:.3}",
+                        median(&m.pair.a) * 1e3,
+                        median(&m.pair.b) * 1e3
+                    ),
+                    Err(_) => "err".into(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            let _ = write!(line, "{cell} ");
+        }
+        let _ = writeln!(line);
+        out.push_str(&line);
+    }
+
+    if !args.skip_optimizer {
+        for (k, &n) in SIZES.iter().enumerate() {
+            let mut line = format!(
+                "{:<46}",
+                format!("optimizer-only, {n:.0e} f32: fraction of copy floor")
+            );
+            for r in results {
+                let cell = match r.sizes.get(k) {
+                    Some(Ok(s)) => {
+                        let f = median(&s.fraction);
+                        let mark = if r.name == "ndarray" && n == 10_000_000 {
+                            format!(" {}", verdict(f >= 0.5))
+                        } else {
+                            String::new()
+                        };
+                        format!("{f:.2} ({} GB/s){mark}", gbs(s.bytes as f64 / s.opt_secs))
+                    }
+                    Some(Err(e)) => format!("error: {}", e.chars().take(14).collect::<String>()),
+                    None => "-".into(),
+                };
+                let _ = write!(line, "{cell:<width$}");
+            }
+            let _ = writeln!(
+                line,
+                "{}",
+                if n == 10_000_000 {
+                    "ndarray >= 0.50"
+                } else {
+                    ""
+                }
+            );
+            out.push_str(&line);
+        }
+        let mut line = format!("{:<46}", "  copy floor at 1e7: GB/s best (1 thread)");
+        for r in results {
+            let cell = match r.sizes.get(3) {
+                Some(Ok(s)) => format!("{} ({})", gbs(median(&s.floor)), gbs(median(&s.floor_1t))),
+                _ => "-".into(),
+            };
+            let _ = write!(line, "{cell:<width$}");
+        }
+        let _ = writeln!(line, "(reference PyTorch copy: ~31)");
+        out.push_str(&line);
+        let mut line = format!("{:<46}", "  optimizer-only step at 1e7: ms, MB moved");
+        for r in results {
+            let cell = match r.sizes.get(3) {
+                Some(Ok(s)) => {
+                    format!("{:.2} ms, {:.0} MB", s.opt_secs * 1e3, s.bytes as f64 / 1e6)
+                }
+                _ => "-".into(),
+            };
+            let _ = write!(line, "{cell:<width$}");
+        }
+        let _ = writeln!(line);
+        out.push_str(&line);
+
+        for (k, &c) in COUNTS.iter().enumerate().skip(1) {
+            let mut line = format!(
+                "{:<46}",
+                format!("{c} vs 1 tensor(s), 1e6 f32 total: slowdown")
+            );
+            for r in results {
+                let cell = match &r.counts {
+                    Some(Ok((_, ratios))) => {
+                        let x = median(&ratios[k]);
+                        let mark = if r.name == "tch" && c == 1000 {
+                            format!(" {}", verdict(x <= 1.5))
+                        } else {
+                            String::new()
+                        };
+                        format!("{x:.2}x{mark}")
+                    }
+                    Some(Err(e)) => format!("error: {}", e.chars().take(14).collect::<String>()),
+                    None => "-".into(),
+                };
+                let _ = write!(line, "{cell:<width$}");
+            }
+            let _ = writeln!(
+                line,
+                "{}",
+                if c == 1000 {
+                    "tch <= 1.5 (candle: reported)"
+                } else {
+                    ""
+                }
+            );
+            out.push_str(&line);
+        }
+        let mut line = format!("{:<46}", "  optimizer-only ms/step at 1 | 100 | 1000 t");
+        for r in results {
+            let cell = match &r.counts {
+                Some(Ok((per, _))) => per
+                    .iter()
+                    .map(|t| format!("{:.3}", t * 1e3))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+                _ => "-".into(),
+            };
+            let _ = write!(line, "{cell:<width$}");
+        }
+        let _ = writeln!(line);
+        out.push_str(&line);
+    }
+
+    let mut line = format!("{:<46}", "AMP buffers held between steps (all held)");
+    for r in results {
+        let from_mlp = r
+            .mlp
+            .iter()
+            .find_map(|m| m.as_ref().ok())
+            .map(|m| (m.amp_held, m.held));
+        let cell = match (from_mlp, r.opt_amp_held) {
+            (Some((amp, all)), _) => format!("{amp} ({all}) {}", verdict(amp <= 1)),
+            (None, Some(amp)) => format!("{amp} {}", verdict(amp <= 1)),
+            _ => "-".into(),
+        };
+        let _ = write!(line, "{cell:<width$}");
+    }
+    let _ = writeln!(line, "<= 1 (copy mode, K = 1)");
+    out.push_str(&line);
+
+    // Where the optimizer's time goes at 1e7.
+    if !args.skip_optimizer {
+        let _ = writeln!(out, "\nper-primitive breakdown of one AMP step (K = 1) at 1e7 f32, 1 tensor: calls, MB, ms, GB/s");
+        for r in results {
+            match &r.breakdown {
+                Some(Ok(m)) => {
+                    let _ = write!(out, "  {:<8}", r.name);
+                    for (i, op) in OPS.iter().enumerate() {
+                        if m.calls[i] == 0 {
+                            continue;
+                        }
+                        let secs = m.time[i].as_secs_f64();
+                        let _ = write!(
+                            out,
+                            " {op} x{} {:.0}MB {:.2}ms {}GB/s;",
+                            m.calls[i],
+                            m.bytes[i] as f64 / 1e6,
+                            secs * 1e3,
+                            gbs(m.bytes[i] as f64 / secs)
+                        );
+                    }
+                    let _ = writeln!(out);
+                }
+                Some(Err(e)) => {
+                    let _ = writeln!(out, "  {:<8} error: {e}", r.name);
+                }
+                None => {}
+            }
+        }
+    }
+    for r in results {
+        for m in r.mlp.iter().filter_map(|m| m.as_ref().err()) {
+            let _ = writeln!(out, "{} MLP error: {m}", r.name);
+        }
+        for m in r.sizes.iter().filter_map(|m| m.as_ref().err()) {
+            let _ = writeln!(out, "{} optimizer-only error: {m}", r.name);
+        }
+    }
+    out
+}
