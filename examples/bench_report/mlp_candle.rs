@@ -74,8 +74,6 @@ fn trainer(problem: &Problem, inner_iter: usize) -> Result<Trainer<CandleStore>,
 }
 
 /// The ERM (`inner_iter` 0) and AMP (`inner_iter` 1) trainers of `problem`.
-pub fn trainers(
-    problem: &Problem,
-) -> Result<TrainerPair<CandleStore>, BoxError> {
+pub fn trainers(problem: &Problem) -> Result<TrainerPair<CandleStore>, BoxError> {
     Ok((trainer(problem, 0)?, trainer(problem, 1)?))
 }
