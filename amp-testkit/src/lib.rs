@@ -505,6 +505,10 @@ impl ParamStore for NdAny {
     }
 }
 
+/// Where the conformance suite keeps the seeds of failing cases, relative to
+/// the package whose tests run it.
+pub const REGRESSIONS: &str = "tests/conformance.proptest-regressions";
+
 /// The proptest configuration of the conformance suite: `AMP_PROPTEST_CASES`
 /// cases per property (default 128; raise it for a deep run, e.g.
 /// `AMP_PROPTEST_CASES=2000`).
@@ -515,6 +519,12 @@ pub fn proptest_config() -> proptest::test_runner::Config {
         .unwrap_or(128);
     proptest::test_runner::Config {
         cases,
+        // Failing seeds of every suite go to one file (relative to the
+        // package root, where integration tests run), committed and re-run
+        // first by every property of every backend.
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::Direct(REGRESSIONS),
+        )),
         ..proptest::test_runner::Config::default()
     }
 }
