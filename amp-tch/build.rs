@@ -10,7 +10,8 @@
 //!    [`emit_torch_link_args`].
 //! 2. Compiles the C++ shim (`src/shim.cpp`), which calls ATen's multi-tensor
 //!    `_foreach_*` operators that tch 0.24 does not bind, against the headers
-//!    of the same libtorch that torch-sys links.
+//!    of the same libtorch that torch-sys links, and holds the plain loops of
+//!    the CPU fast path (compiled with `-O3 -ffp-contract=off`).
 //! 3. Re-exports the libtorch directory as `DEP_AMP_TCH_LIBTORCH_LIB` (this
 //!    package declares `links = "amp_tch"`) for the build scripts of packages
 //!    that depend on amp-tch but not on torch-sys directly.
@@ -85,7 +86,11 @@ fn main() {
         .include(include.join("torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi(&lib_dir))
         .define("GLOG_USE_GLOG_EXPORT", None)
-        .opt_level(2)
+        // -O3 vectorises the plain loops of the CPU fast path; -ffp-contract=off
+        // keeps `d + a * s` a separate multiply and add (no FMA), as the
+        // reference store computes it.
+        .opt_level(3)
+        .flag_if_supported("-ffp-contract=off")
         .file("src/shim.cpp")
         .compile("amp_tch_shim");
 }

@@ -69,7 +69,7 @@
 //! | `axpy` | `_foreach_add_(dst, src, alpha)` per distinct coefficient (≤ 4: parameter groups), else `_foreach_mul` + `_foreach_add_` |
 //! | `norms` | `_foreach_norm` + `stack` |
 //! | `clip_to_norms` | a few ops on the stacked norms + `_foreach_mul_` (tensor list) |
-//! | `all_finite` | `_foreach_norm(∞)` + `stack` + `isfinite().all()`, one read |
+//! | `all_finite` | `_foreach_norm(∞)` + `stack` + `isfinite().all()`, one read (CPU: `aminmax` per tensor + `stack` instead) |
 //! | `zero_grads`, `grad_mask` | no kernel: references dropped or inspected |
 //! | `alloc_buffer` | one `zeros` allocation, viewed per tensor |
 //!
@@ -87,6 +87,25 @@
 //! [`norms_to_host`](ParamStore::norms_to_host) and
 //! [`all_finite`](ParamStore::all_finite) read from the device, once each.
 //!
+//! ## CPU fast path
+//! libtorch's CPU foreach kernels are loops over the tensors that pay a full
+//! operator dispatch (about a microsecond) per tensor per operation, and its
+//! infinity norm runs far below memory speed. So when every tensor that a
+//! batched operation touches (destination and source, masked-in) is a dense,
+//! contiguous `f32` or `f64` CPU tensor — parameters, autograd gradients and
+//! buffers normally are — the shim runs `copy`, `scale`, `axpy`, `norms`,
+//! `clip_to_norms` and `all_finite` as plain loops over the tensors' memory
+//! (compiled with `-O3 -ffp-contract=off`), with the reference store's
+//! arithmetic: `d + a·s` as a separate multiply and add, norms accumulated in
+//! `f64` over 8 partial sums exactly as `amp-ndarray` sums them, the clip
+//! coefficient `min(1, max / (n + 1e-12))` in the tensors' dtype (a NaN
+//! quotient counts as 1, as Rust's `min` has it), and a branch-free finite
+//! check over blocks. On that path the results are the reference store's bit
+//! for bit. [`TchNorms`] then holds a CPU tensor, as it does on the ATen
+//! path; written tensors get their autograd version counter bumped, as an
+//! in-place ATen operation would. Anything else — CUDA, half precision,
+//! strided tensors — takes the ATen path unchanged.
+//!
 //! ## Numerics
 //! The store's [`ParamStore::Scalar`] is `f64` whatever the tensors' dtype:
 //! coefficients go to libtorch as `f64` scalars, and libtorch rounds them to
@@ -96,7 +115,8 @@
 //! a fused multiply-add (one rounding), where the reference store rounds
 //! twice; norms accumulate in the tensors' dtype, where the reference store
 //! accumulates in `f64`. Results therefore agree with the reference within a
-//! few ulps per operation, not bit for bit.
+//! few ulps per operation, not bit for bit — except on the CPU fast path
+//! above, which matches the reference bit for bit.
 //!
 //! ## Linking
 //! `build.rs` gives this package's binaries, tests and examples a RUNPATH to

@@ -1,0 +1,319 @@
+//! The CPU fast path of `TchStore` (plain loops over contiguous f32/f64 CPU
+//! tensors in the shim) against the reference store, bit for bit, and the
+//! ATen path it falls back to for everything else.
+
+use amp_core::{DType, HostTensor, ParamStore, Scalar, Slot};
+use amp_ndarray::{Element, NdStore};
+use amp_tch::TchStore;
+use ndarray::{ArrayD, IxDyn};
+use tch::{Device, Kind, Tensor};
+
+/// Shapes around the fast path's edges: empty, 0-d, shorter than the 8
+/// partial sums, ragged tails, and more than one 4096-element finite-check
+/// block.
+const SHAPES: [&[usize]; 12] = [
+    &[0],
+    &[],
+    &[1],
+    &[7],
+    &[8],
+    &[3, 3],
+    &[17],
+    &[4096],
+    &[4097],
+    &[3, 0, 2],
+    &[5, 2001],
+    &[3, 5],
+];
+
+/// Deterministic values of mixed magnitude, rounded to `dtype`.
+fn values(dtype: DType, seed: u64) -> Vec<HostTensor> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        // Uniform in [-1, 1), times a scale between 1e-3 and 1e3.
+        let u = (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+        let scale = 10f64.powi(((state >> 3) % 7) as i32 - 3);
+        u * scale
+    };
+    SHAPES
+        .iter()
+        .map(|shape| {
+            let numel = shape.iter().product();
+            let data = (0..numel)
+                .map(|_| {
+                    let v = next();
+                    if dtype == DType::F32 {
+                        v as f32 as f64
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            HostTensor::new(shape.to_vec(), dtype, data).unwrap()
+        })
+        .collect()
+}
+
+fn nd_store<T: Element>(values: &[HostTensor]) -> NdStore<T> {
+    NdStore::new(
+        values
+            .iter()
+            .map(|v| {
+                ArrayD::from_shape_vec(
+                    IxDyn(&v.shape),
+                    v.data.iter().map(|&x| T::from_f64_rounded(x)).collect(),
+                )
+                .unwrap()
+            })
+            .collect(),
+    )
+}
+
+/// Every tensor of every slot, as bit patterns of the f64-widened values.
+fn snapshot<S: ParamStore>(store: &S, slots: &[Slot]) -> Vec<Vec<u64>> {
+    slots
+        .iter()
+        .flat_map(|&slot| {
+            (0..store.num_tensors()).map(move |i| {
+                store
+                    .read(slot, i)
+                    .unwrap()
+                    .data
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
+        })
+        .collect()
+}
+
+/// A sequence of every batched primitive, with coefficients that round
+/// differently in f32 and f64; returns the norms and finite checks read on
+/// the way, as bit patterns.
+fn exercise<S: ParamStore>(store: &mut S, grads: &[HostTensor], seed: u64) -> Vec<u64> {
+    let n = store.num_tensors();
+    let c = |x: f64| S::Scalar::from_f64_rounded(x);
+    let mask: Vec<bool> = (0..n).map(|i| (i as u64 + seed) % 5 != 3).collect();
+    let all = vec![true; n];
+    for (i, g) in grads.iter().enumerate() {
+        store.write(Slot::Grads, i, g).unwrap();
+    }
+    let b = store.alloc_buffer().unwrap();
+    let d = store.alloc_buffer().unwrap();
+    let mut seen = Vec::new();
+
+    store.copy(Slot::Buffer(b), Slot::Params, &all).unwrap();
+    let factor: Vec<_> = (0..n)
+        .map(|i| {
+            c(if i % 3 == 0 {
+                1.0
+            } else {
+                0.1 * i as f64 - 0.35
+            })
+        })
+        .collect();
+    store.scale(Slot::Params, &factor, &mask).unwrap();
+    let alpha: Vec<_> = (0..n).map(|i| c(-1.0 / (3.0 + i as f64))).collect();
+    store
+        .axpy(Slot::Params, &alpha, Slot::Grads, &mask)
+        .unwrap();
+    store
+        .axpy(Slot::Buffer(d), &alpha, Slot::Params, &all)
+        .unwrap();
+    store.copy(Slot::Grads, Slot::Buffer(b), &mask).unwrap();
+
+    let norms = store.norms(Slot::Buffer(d), &all).unwrap();
+    let host = store.norms_to_host(&norms).unwrap();
+    seen.extend(host.iter().map(|x| x.to_bits()));
+    // Half the tensors are clipped hard, the others not at all (coefficient
+    // 1), on a mask that differs from the norms' one.
+    let limit: Vec<_> = host
+        .iter()
+        .enumerate()
+        .map(|(i, &h)| c(if i % 2 == 0 { h * 0.37 } else { h * 4.0 + 1.0 }))
+        .collect();
+    store
+        .clip_to_norms(Slot::Buffer(d), &norms, &limit, &mask)
+        .unwrap();
+    let masked = store.norms(Slot::Params, &mask).unwrap();
+    seen.extend(
+        store
+            .norms_to_host(&masked)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits()),
+    );
+    store
+        .clip_to_norms(Slot::Params, &masked, &limit, &mask)
+        .unwrap();
+    for slot in [Slot::Params, Slot::Grads, Slot::Buffer(b), Slot::Buffer(d)] {
+        seen.push(u64::from(store.all_finite(slot, &all).unwrap()));
+    }
+    seen
+}
+
+fn matches_reference<T: Element>(dtype: DType) {
+    for seed in 0..4 {
+        let params = values(dtype, 2 * seed);
+        let grads = values(dtype, 2 * seed + 1);
+        let mut tch = TchStore::from_host(&params, Device::Cpu).unwrap();
+        let mut nd = nd_store::<T>(&params);
+        let got = exercise(&mut tch, &grads, seed);
+        let want = exercise(&mut nd, &grads, seed);
+        assert_eq!(got, want, "{dtype} seed {seed}: norms and finite checks");
+        let slots = [
+            Slot::Params,
+            Slot::Grads,
+            Slot::Buffer(amp_core::BufferId::new(0)),
+            Slot::Buffer(amp_core::BufferId::new(1)),
+        ];
+        let (a, e) = (snapshot(&tch, &slots), snapshot(&nd, &slots));
+        for (k, (x, y)) in a.iter().zip(&e).enumerate() {
+            assert_eq!(
+                x,
+                y,
+                "{dtype} seed {seed}: slot {} tensor {}",
+                k / 12,
+                k % 12
+            );
+        }
+    }
+}
+
+#[test]
+fn f32_matches_reference_bit_for_bit() {
+    matches_reference::<f32>(DType::F32);
+}
+
+#[test]
+fn f64_matches_reference_bit_for_bit() {
+    matches_reference::<f64>(DType::F64);
+}
+
+#[test]
+fn all_finite_finds_every_bad_value() {
+    let sizes = [1usize, 7, 4096, 2 * 4096 + 3];
+    for kind in [Kind::Float, Kind::Double, Kind::Half, Kind::BFloat16] {
+        for contiguous in [true, false] {
+            for &len in &sizes {
+                for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                    for at in [0, len / 2, len.saturating_sub(4096), len - 1] {
+                        let mut data = vec![0.5f64; len];
+                        data[at] = bad;
+                        // Store tensor 1 holds the bad value; a non-contiguous
+                        // one is a strided view (every other element).
+                        let base = Tensor::from_slice(&data).to_kind(kind);
+                        let t = if contiguous {
+                            base
+                        } else {
+                            Tensor::stack(&[&base, &base], 1).select(1, 0)
+                        };
+                        assert_eq!(t.is_contiguous(), contiguous || len == 1);
+                        let ok = Tensor::ones([3, 2], (kind, Device::Cpu));
+                        let empty = Tensor::zeros([0], (kind, Device::Cpu));
+                        let mut s = TchStore::from_tensors(vec![ok, t, empty]).unwrap();
+                        let context =
+                            format!("{kind:?} contiguous {contiguous} len {len} {bad} at {at}");
+                        assert!(
+                            !s.all_finite(Slot::Params, &[true, true, true]).unwrap(),
+                            "{context}"
+                        );
+                        assert!(
+                            s.all_finite(Slot::Params, &[true, false, true]).unwrap(),
+                            "{context}: masked out"
+                        );
+                    }
+                }
+            }
+        }
+        let mut s = TchStore::from_tensors(vec![
+            Tensor::zeros([0], (kind, Device::Cpu)),
+            Tensor::full([5000], 1e30, (Kind::Double, Device::Cpu)).to_kind(kind),
+        ])
+        .unwrap();
+        // 1e30 overflows f16 and bf16 keeps it: whatever the kind, the answer
+        // is the finiteness of what is stored.
+        let stored_finite = s.read(Slot::Params, 1).unwrap().data[0].is_finite();
+        assert_eq!(
+            s.all_finite(Slot::Params, &[true, true]).unwrap(),
+            stored_finite,
+            "{kind:?}"
+        );
+    }
+}
+
+/// One strided tensor sends a whole batched operation down the ATen path;
+/// its results are still the reference's (exactly, on these values).
+#[test]
+fn strided_tensors_take_the_aten_path() {
+    let strided = Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0])
+        .view([2, 3])
+        .tr();
+    assert!(!strided.is_contiguous());
+    let plain = Tensor::from_slice(&[3.0f64, 4.0]);
+    let mut s =
+        TchStore::from_tensors(vec![plain.shallow_clone(), strided.shallow_clone()]).unwrap();
+    let b = s.alloc_buffer().unwrap();
+    let all = [true, true];
+    s.copy(Slot::Buffer(b), Slot::Params, &all).unwrap();
+    s.scale(Slot::Params, &[2.0, 0.5], &all).unwrap();
+    s.axpy(Slot::Params, &[1.0, -1.0], Slot::Buffer(b), &all)
+        .unwrap();
+    // θ₀ = 2·θ₀ + θ₀ = 3·θ₀, θ₁ = θ₁/2 − θ₁ = −θ₁/2.
+    assert_eq!(s.read(Slot::Params, 0).unwrap().data, vec![9.0, 12.0]);
+    assert_eq!(
+        s.read(Slot::Params, 1).unwrap().data,
+        vec![-0.5, -2.0, -1.0, -2.5, -1.5, -3.0]
+    );
+    let norms = s.norms(Slot::Params, &all).unwrap();
+    assert_eq!(norms.values().device(), Device::Cpu);
+    let host = s.norms_to_host(&norms).unwrap();
+    assert_eq!(host[0], 15.0);
+    s.clip_to_norms(Slot::Params, &norms, &[5.0, 1e3], &all)
+        .unwrap();
+    let clipped = s.read(Slot::Params, 0).unwrap().data;
+    assert!((clipped[0] - 3.0).abs() < 1e-12 && (clipped[1] - 4.0).abs() < 1e-12);
+    assert!(s.all_finite(Slot::Params, &all).unwrap());
+    // The writes went to the caller's tensors.
+    assert_eq!(strided.double_value(&[0, 0]), -0.5);
+    assert!((plain.double_value(&[1]) - 4.0).abs() < 1e-12);
+}
+
+/// In-place writes of the fast path count for autograd's version counter,
+/// as an in-place ATen op does.
+#[test]
+fn fast_path_bumps_versions() {
+    let mut s = TchStore::from_host(
+        &[HostTensor::new(vec![4], DType::F32, vec![1.0, 2.0, 3.0, 4.0]).unwrap()],
+        Device::Cpu,
+    )
+    .unwrap();
+    let before = s.tensors()[0].internal_version();
+    s.scale(Slot::Params, &[2.0], &[true]).unwrap();
+    let after = s.tensors()[0].internal_version();
+    assert!(after > before, "version {before} -> {after}");
+    assert_eq!(
+        s.read(Slot::Params, 0).unwrap().data,
+        vec![2.0, 4.0, 6.0, 8.0]
+    );
+}
+
+/// A NaN norm gives the coefficient 1 (Rust's `min`, as the reference
+/// store computes it): the tensor is left as it is.
+#[test]
+fn nan_norm_leaves_the_tensor_alone() {
+    for dtype in [DType::F32, DType::F64] {
+        let values = [HostTensor::new(vec![3], dtype, vec![1.0, f64::NAN, 2.0]).unwrap()];
+        let mut s = TchStore::from_host(&values, Device::Cpu).unwrap();
+        let norms = s.norms(Slot::Params, &[true]).unwrap();
+        assert!(s.norms_to_host(&norms).unwrap()[0].is_nan());
+        s.clip_to_norms(Slot::Params, &norms, &[0.5], &[true])
+            .unwrap();
+        let data = s.read(Slot::Params, 0).unwrap().data;
+        assert_eq!((data[0], data[2]), (1.0, 2.0), "{dtype}");
+        assert!(data[1].is_nan());
+    }
+}
