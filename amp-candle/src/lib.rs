@@ -502,14 +502,7 @@ impl CandleStore {
     }
 
     fn check_index(&self, index: usize) -> Result<()> {
-        if index < self.vars.len() {
-            Ok(())
-        } else {
-            Err(AmpError::IndexOutOfRange {
-                index,
-                len: self.vars.len(),
-            })
-        }
+        amp_core::check_index(index, self.vars.len())
     }
 
     fn check_mask(&self, mask: &[bool]) -> Result<()> {

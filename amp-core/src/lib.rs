@@ -52,6 +52,6 @@ pub use crate::grad_fn::GradFn;
 pub use crate::optimizer::{BaseOptimizer, OptimizerState, Sgd, SgdConfig, StepContext};
 pub use crate::schedule::{Cosine, LrSchedule, MultiStep};
 pub use crate::store::{
-    check_len, check_shape, BufferId, Buffers, DType, HostTensor, ParamStore, Scalar, Slot,
-    PROJECTION_GUARD,
+    check_index, check_len, check_shape, BufferId, Buffers, DType, HostTensor, ParamStore, Scalar,
+    Slot, PROJECTION_GUARD,
 };

@@ -302,6 +302,16 @@ pub fn check_len(what: &'static str, expected: usize, found: usize) -> Result<()
     }
 }
 
+/// Checks that `index` names one of `len` tensors; for store
+/// implementations.
+pub fn check_index(index: usize, len: usize) -> Result<()> {
+    if index < len {
+        Ok(())
+    } else {
+        Err(AmpError::IndexOutOfRange { index, len })
+    }
+}
+
 /// Checks that a tensor handed to [`ParamStore::write`] (or any other
 /// per-tensor input) has the parameter's shape; for store implementations.
 pub fn check_shape(index: usize, expected: &[usize], found: &[usize]) -> Result<()> {

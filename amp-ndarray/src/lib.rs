@@ -164,14 +164,7 @@ impl<T: Element> NdStore<T> {
     }
 
     fn check_index(&self, index: usize) -> Result<()> {
-        if index < self.params.len() {
-            Ok(())
-        } else {
-            Err(AmpError::IndexOutOfRange {
-                index,
-                len: self.params.len(),
-            })
-        }
+        amp_core::check_index(index, self.params.len())
     }
 
     fn check_mask(&self, mask: &[bool]) -> Result<()> {

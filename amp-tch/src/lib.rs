@@ -462,14 +462,7 @@ impl TchStore {
     }
 
     fn check_index(&self, index: usize) -> Result<()> {
-        if index < self.params.len() {
-            Ok(())
-        } else {
-            Err(AmpError::IndexOutOfRange {
-                index,
-                len: self.params.len(),
-            })
-        }
+        amp_core::check_index(index, self.params.len())
     }
 
     fn check_mask(&self, mask: &[bool]) -> Result<()> {
