@@ -20,7 +20,7 @@
 //! for how per-tensor scalars stay on the device.
 //!
 //! A two-layer `candle_nn` MLP trained with AMP on generated data (the same
-//! program is `examples/mlp.rs`):
+//! program is `examples/candle_mlp.rs`):
 //! ```
 //! use amp_candle::candle_core::{DType, Device, Module, Tensor, D};
 //! use amp_candle::candle_nn::{self, VarBuilder, VarMap};

@@ -2,8 +2,8 @@
 //! compares it with plain SGD (AMP with `inner_iter = 0`) on held-out data.
 //!
 //! ```text
-//! cargo run -p amp-tch --release --example mlp            # CPU
-//! cargo run -p amp-tch --release --example mlp -- cuda    # GPU, if any
+//! cargo run -p amp-tch --release --example tch_mlp            # CPU
+//! cargo run -p amp-tch --release --example tch_mlp -- cuda    # GPU, if any
 //! ```
 
 use amp_core::{Amp, AmpConfig, AmpError, SgdConfig};

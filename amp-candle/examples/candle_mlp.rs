@@ -2,8 +2,8 @@
 //! generated data: two interleaved spirals, 2 inputs, 2 classes.
 //!
 //! ```text
-//! cargo run --release -p amp-candle --example mlp            # CPU
-//! cargo run --release -p amp-candle --example mlp --features cuda -- --cuda
+//! cargo run --release -p amp-candle --example candle_mlp            # CPU
+//! cargo run --release -p amp-candle --example candle_mlp --features cuda -- --cuda
 //! ```
 //! With `--cuda` the first GPU is used when one is usable; otherwise the
 //! example says so and runs on the CPU.
