@@ -286,6 +286,14 @@ pub trait ParamStore {
         }
         Ok(total)
     }
+
+    /// [`ParamStore::clip_grad_norm`] over every tensor that has a gradient
+    /// (as [`ParamStore::grad_mask`] reports): what a closure calls after its
+    /// backward pass.
+    fn clip_grads_to_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let mask = self.grad_mask()?;
+        self.clip_grad_norm(max_norm, &mask)
+    }
 }
 
 /// Checks that a mask or coefficient slice has one entry per tensor; for

@@ -96,8 +96,7 @@ impl Model for CandleMlp {
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             let loss = store.backward(&loss)?;
             if let Some(max_norm) = clip_norm {
-                let mask = vec![true; store.num_tensors()];
-                store.clip_grad_norm(max_norm, &mask)?;
+                store.clip_grads_to_norm(max_norm)?;
             }
             Ok::<_, BoxError>(((), loss))
         })?;

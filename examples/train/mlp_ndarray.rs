@@ -56,8 +56,7 @@ impl Model for NdMlp<'_> {
                 store.set_grad(i, grad)?;
             }
             if let Some(max_norm) = clip_norm {
-                let mask = vec![true; store.params().len()];
-                store.clip_grad_norm(max_norm, &mask)?;
+                store.clip_grads_to_norm(max_norm)?;
             }
             Ok::<_, AmpError>(((), loss))
         })?;

@@ -87,8 +87,7 @@ impl Model for TchMlp {
             let loss = forward(store.tensors(), &x).cross_entropy_for_logits(&y);
             loss.backward();
             if let Some(max_norm) = clip_norm {
-                let mask = vec![true; store.num_tensors()];
-                store.clip_grad_norm(max_norm, &mask)?;
+                store.clip_grads_to_norm(max_norm)?;
             }
             Ok::<_, AmpError>(((), loss.double_value(&[])))
         })?;

@@ -118,7 +118,7 @@ pub struct Setup<'a> {
     /// The base optimiser's settings.
     pub sgd: SgdConfig,
     /// Clip the global gradient norm to this inside the closure, on every
-    /// pass, with `ParamStore::clip_grad_norm` (the paper clips at 50).
+    /// pass, with `ParamStore::clip_grads_to_norm` (the paper clips at 50).
     pub clip_norm: Option<f64>,
     /// Where the tensors live.
     pub device: DeviceKind,
