@@ -551,9 +551,13 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         }
         self.check_gradients(Pass::Clean, &active)?;
 
-        if self.config.inner_iter > 0 {
-            self.perturb(grad_fn, &active, report)?;
-        }
+        // With copy-restore, θ is restored by the base step itself, which
+        // reads θ from the snapshot (no separate copy back).
+        let restore_from = if self.config.inner_iter > 0 {
+            self.perturb(grad_fn, &active, report)?
+        } else {
+            None
+        };
 
         let ctx = StepContext {
             lr: &self.lr,
@@ -561,7 +565,18 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             mask: &active,
             step: self.steps,
         };
-        self.base.step(&mut self.store, &ctx)
+        match restore_from {
+            None => self.base.step(&mut self.store, &ctx),
+            Some(snapshot) => {
+                let stepped = self.base.step_from(&mut self.store, &ctx, snapshot);
+                if stepped.is_err() {
+                    // θ + δ (or a partial update) is in the parameters: put
+                    // θ back; a failure to do so is reported over the first.
+                    self.store.copy(Slot::Params, snapshot, &active)?;
+                }
+                stepped
+            }
+        }
     }
 
     /// Checks a gradient mask against the clean pass's and the gradients for
@@ -592,88 +607,110 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         }
     }
 
-    /// Steps 2–4: the inner loop, always followed by restoring θ.
+    /// Steps 2–4: the inner loop. On success with copy-restore, θ + δ is left
+    /// in the parameters and the snapshot to restore from is returned (the
+    /// base step reads θ from it); otherwise θ is restored here.
     fn perturb<G: GradFn<S>>(
         &mut self,
         grad_fn: &mut G,
         active: &[bool],
         report: &mut StepReport<G::Output>,
-    ) -> Result<()> {
+    ) -> Result<Option<Slot>> {
         let inner_iter = self.config.inner_iter;
         let copy_restore = self.config.restore == RestoreMode::Copy;
         // With copy-restore and one inner iteration δ = clip(ζ·g) is only
-        // needed until the weights have moved, so it is built in place in the
-        // gradient storage: no δ buffer, and no copy of g into one.
+        // needed until the weights have moved, so it is never stored: no δ
+        // buffer.
         let delta = if copy_restore && inner_iter == 1 {
-            Slot::Grads
+            None
         } else {
-            Slot::Buffer(Self::buffer(&mut self.store, &mut self.delta)?)
+            Some(Slot::Buffer(Self::buffer(
+                &mut self.store,
+                &mut self.delta,
+            )?))
         };
         let snapshot = if copy_restore {
-            let id = Self::buffer(&mut self.store, &mut self.snapshot)?;
-            self.store.copy(Slot::Buffer(id), Slot::Params, active)?;
-            Some(Slot::Buffer(id))
+            Some(Slot::Buffer(Self::buffer(
+                &mut self.store,
+                &mut self.snapshot,
+            )?))
         } else {
             None
         };
 
         let mut moved = false;
         let result = self.inner_loop(grad_fn, active, delta, snapshot, &mut moved, report);
-        if moved {
-            let restored = match snapshot {
-                Some(snapshot) => self.store.copy(Slot::Params, snapshot, active),
-                None => self.store.axpy(Slot::Params, &self.neg_ones, delta, active),
-            };
-            // A failure to restore is reported over the error that caused it:
-            // the weights are then not θ and the caller must know.
-            restored?;
+        match (result, snapshot) {
+            (Ok(()), Some(snapshot)) if moved => Ok(Some(snapshot)),
+            (result, _) => {
+                if moved {
+                    let restored = match (snapshot, delta) {
+                        (Some(snapshot), _) => self.store.copy(Slot::Params, snapshot, active),
+                        (None, Some(delta)) => {
+                            self.store.axpy(Slot::Params, &self.neg_ones, delta, active)
+                        }
+                        (None, None) => Err(AmpError::backend(
+                            "nothing to restore θ from (no snapshot and no δ)",
+                        )),
+                    };
+                    // A failure to restore is reported over the error that
+                    // caused it: the weights are then not θ and the caller
+                    // must know.
+                    restored?;
+                }
+                result.map(|()| None)
+            }
         }
-        result
     }
 
     fn inner_loop<G: GradFn<S>>(
         &mut self,
         grad_fn: &mut G,
         active: &[bool],
-        delta: Slot,
+        delta: Option<Slot>,
         snapshot: Option<Slot>,
         moved: &mut bool,
         report: &mut StepReport<G::Output>,
     ) -> Result<()> {
         let inner_iter = self.config.inner_iter;
-        let unit_inner_lr = self.inner_lr.iter().all(|&z| z == S::Scalar::one());
         let mut last_norms = None;
         for k in 1..=inner_iter {
             let pass = Pass::Perturbed { k, of: inner_iter };
-            // Ascent: δ ← δ + ζ·g (δ starts at 0, so the first is δ = ζ·g).
             if k == 1 {
-                if delta != Slot::Grads {
-                    self.store.copy(delta, Slot::Grads, active)?;
-                }
-                if !unit_inner_lr {
-                    self.store.scale(delta, &self.inner_lr, active)?;
-                }
+                // δ = clip(ζ·g) from δ = 0, the snapshot of θ and θ ← θ + δ
+                // in one fused store operation; θ is untouched if it fails.
+                let norms = self.store.perturb_from_grads(
+                    snapshot,
+                    delta,
+                    &self.inner_lr,
+                    &self.epsilon,
+                    active,
+                )?;
+                *moved = true;
+                last_norms = Some(norms);
             } else {
+                let Some(delta) = delta else {
+                    return Err(AmpError::backend("δ buffer missing for inner_iter > 1"));
+                };
                 if snapshot.is_none() {
                     // Subtract mode: step back from θ + δ_{k−1} before δ changes.
                     self.store
                         .axpy(Slot::Params, &self.neg_ones, delta, active)?;
                 }
+                // Ascent δ ← δ + ζ·g, then the projection onto each tensor's
+                // ε-ball.
                 self.store
                     .axpy(delta, &self.inner_lr, Slot::Grads, active)?;
+                let norms = self.store.norms(delta, active)?;
+                self.store
+                    .clip_to_norms(delta, &norms, &self.epsilon, active)?;
+                // Weights to θ + δ.
+                if let Some(snapshot) = snapshot {
+                    self.store.copy(Slot::Params, snapshot, active)?;
+                }
+                self.store.axpy(Slot::Params, &self.ones, delta, active)?;
+                last_norms = Some(norms);
             }
-            // Projection onto each tensor's ε-ball.
-            let norms = self.store.norms(delta, active)?;
-            self.store
-                .clip_to_norms(delta, &norms, &self.epsilon, active)?;
-            // Weights to θ + δ.
-            if let (Some(snapshot), true) = (snapshot, k > 1) {
-                *moved = true;
-                self.store.copy(Slot::Params, snapshot, active)?;
-            }
-            *moved = true;
-            self.store.axpy(Slot::Params, &self.ones, delta, active)?;
-            last_norms = Some(norms);
 
             self.store.zero_grads()?;
             report.closure_calls += 1;

@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 
 mod amp;
+pub mod composed;
 mod error;
 mod grad_fn;
 mod optimizer;

@@ -74,6 +74,28 @@ pub trait BaseOptimizer<S: ParamStore> {
     /// [`Slot::Grads`].
     fn step(&mut self, store: &mut S, ctx: &StepContext<'_, S::Scalar>) -> Result<()>;
 
+    /// [`BaseOptimizer::step`] for weights held in `weights` (AMP's snapshot
+    /// of θ) while [`Slot::Params`] holds something else (the perturbed
+    /// weights θ + δ): the updated weights land in [`Slot::Params`] and
+    /// `weights` is only read. It must give exactly what copying `weights`
+    /// into [`Slot::Params`] and calling `step` gives, which is the default.
+    ///
+    /// An optimiser that reads θ from `weights` itself saves that copy, a
+    /// full pass over the parameters per step ([`Sgd`] does, through
+    /// [`ParamStore::axpy_from`]). If it fails, [`Amp`](crate::Amp) copies
+    /// `weights` back into [`Slot::Params`].
+    fn step_from(
+        &mut self,
+        store: &mut S,
+        ctx: &StepContext<'_, S::Scalar>,
+        weights: Slot,
+    ) -> Result<()> {
+        if weights != Slot::Params {
+            store.copy(Slot::Params, weights, ctx.mask)?;
+        }
+        self.step(store, ctx)
+    }
+
     /// Copies the optimiser's state to the host, for a checkpoint.
     fn save_state(&self, store: &S) -> Result<OptimizerState>;
 
@@ -200,16 +222,15 @@ impl Sgd {
     pub fn initialized(&self) -> &[bool] {
         &self.initialized
     }
-}
 
-const MOMENTUM_BUFFER: &str = "momentum_buffer";
-
-impl<S: ParamStore> BaseOptimizer<S> for Sgd {
-    fn validate(&self) -> Result<()> {
-        self.config.validate()
-    }
-
-    fn step(&mut self, store: &mut S, ctx: &StepContext<'_, S::Scalar>) -> Result<()> {
+    /// One step reading θ from `weights` (weight decay and the update's
+    /// addend) and writing the result into [`Slot::Params`].
+    fn update<S: ParamStore>(
+        &mut self,
+        store: &mut S,
+        ctx: &StepContext<'_, S::Scalar>,
+        weights: Slot,
+    ) -> Result<()> {
         let n = store.num_tensors();
         crate::store::check_len("step mask", n, ctx.mask.len())?;
         crate::store::check_len("learning rates", n, ctx.lr.len())?;
@@ -222,7 +243,7 @@ impl<S: ParamStore> BaseOptimizer<S> for Sgd {
             .map(|i| ctx.mask[i] && ctx.weight_decay[i] != zero)
             .collect();
         if decay_mask.iter().any(|&m| m) {
-            store.axpy(Slot::Grads, ctx.weight_decay, Slot::Params, &decay_mask)?;
+            store.axpy(Slot::Grads, ctx.weight_decay, weights, &decay_mask)?;
         }
 
         let update = if self.config.momentum != 0.0 {
@@ -264,7 +285,28 @@ impl<S: ParamStore> BaseOptimizer<S> for Sgd {
         };
 
         let neg_lr: Vec<S::Scalar> = ctx.lr.iter().map(|&lr| -lr).collect();
-        store.axpy(Slot::Params, &neg_lr, update, ctx.mask)
+        store.axpy_from(Slot::Params, weights, &neg_lr, update, ctx.mask)
+    }
+}
+
+const MOMENTUM_BUFFER: &str = "momentum_buffer";
+
+impl<S: ParamStore> BaseOptimizer<S> for Sgd {
+    fn validate(&self) -> Result<()> {
+        self.config.validate()
+    }
+
+    fn step(&mut self, store: &mut S, ctx: &StepContext<'_, S::Scalar>) -> Result<()> {
+        self.update(store, ctx, Slot::Params)
+    }
+
+    fn step_from(
+        &mut self,
+        store: &mut S,
+        ctx: &StepContext<'_, S::Scalar>,
+        weights: Slot,
+    ) -> Result<()> {
+        self.update(store, ctx, weights)
     }
 
     fn save_state(&self, store: &S) -> Result<OptimizerState> {

@@ -254,6 +254,60 @@ pub trait ParamStore {
     /// written). Values are rounded to the store's dtype.
     fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()>;
 
+    /// `dst[i] ← base[i] + alpha[i] · src[i]`: an [`axpy`](ParamStore::axpy)
+    /// whose addend is read from `base` instead of `dst`, in one pass (one
+    /// multiply and one add per element, as `axpy`). `dst` and `src` differ;
+    /// `base` may be `dst` (then it is `axpy`).
+    ///
+    /// [`Sgd`](crate::Sgd) ends its step with it, reading θ from AMP's
+    /// snapshot, so that restoring θ costs no pass of its own. The default is
+    /// [`composed::axpy_from`](crate::composed::axpy_from) (a copy and an
+    /// axpy); a backend may fuse it.
+    fn axpy_from(
+        &mut self,
+        dst: Slot,
+        base: Slot,
+        alpha: &[Self::Scalar],
+        src: Slot,
+        mask: &[bool],
+    ) -> Result<()> {
+        crate::composed::axpy_from(self, dst, base, alpha, src, mask)
+    }
+
+    /// The first ascent step of AMP and its projection, fused. For every
+    /// masked-in tensor, with `g` its gradient:
+    ///
+    /// ```text
+    /// v        = inner_lr[i] · g            (no multiply where inner_lr[i] is 1)
+    /// c        = min(1, epsilon[i] / (‖v‖₂ + 1e-12))
+    /// snapshot ← θ                          (when `snapshot` is given)
+    /// delta    ← c · v                      (when `delta` is given)
+    /// θ        ← θ + c · v
+    /// ```
+    ///
+    /// and returns the norms `‖v‖₂` (before projection). The arithmetic and
+    /// its rounding are those of the unfused sequence
+    /// ([`composed::perturb_from_grads`](crate::composed::perturb_from_grads),
+    /// the default): copy, [`scale`](ParamStore::scale),
+    /// [`norms`](ParamStore::norms), [`clip_to_norms`](ParamStore::clip_to_norms),
+    /// [`axpy`](ParamStore::axpy). A fused implementation makes five passes
+    /// over parameter-sized memory (reads g twice and θ once, writes θ and
+    /// the snapshot), against eight to ten for the sequence.
+    ///
+    /// `snapshot` and `delta` are distinct buffers. Afterwards the gradient
+    /// slot holds either `g` or `c · v` (callers must not rely on which). On
+    /// error θ is as it was.
+    fn perturb_from_grads(
+        &mut self,
+        snapshot: Option<Slot>,
+        delta: Option<Slot>,
+        inner_lr: &[Self::Scalar],
+        epsilon: &[Self::Scalar],
+        mask: &[bool],
+    ) -> Result<Self::Norms> {
+        crate::composed::perturb_from_grads(self, snapshot, delta, inner_lr, epsilon, mask)
+    }
+
     /// Total number of elements over all parameters.
     fn total_numel(&self) -> Result<usize> {
         (0..self.num_tensors()).try_fold(0usize, |acc, i| {

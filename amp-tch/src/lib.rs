@@ -174,6 +174,28 @@ mod ffi {
             alpha: *const f64,
             n: usize,
         ) -> *mut c_char;
+        pub fn amp_tch_axpy_from(
+            dst: *const *mut C_tensor,
+            dst_view: c_int,
+            base: *const *mut C_tensor,
+            base_view: c_int,
+            src: *const *mut C_tensor,
+            src_view: c_int,
+            alpha: *const f64,
+            n: usize,
+        ) -> *mut c_char;
+        #[allow(clippy::too_many_arguments)]
+        pub fn amp_tch_perturb(
+            params: *const *mut C_tensor,
+            snapshot: *const *mut C_tensor,
+            delta: *const *mut C_tensor,
+            n: usize,
+            inner_lr: *const f64,
+            max_norm: *const f64,
+            guard: f64,
+            norms: *mut *mut C_tensor,
+            handled: *mut c_int,
+        ) -> *mut c_char;
         pub fn amp_tch_norms(
             src: *const *mut C_tensor,
             src_view: c_int,
@@ -623,6 +645,107 @@ impl ParamStore for TchStore {
             .collect();
         // SAFETY: all three lists have d.len() entries; the tensors outlive the call.
         check(unsafe { ffi::amp_tch_axpy(d.as_ptr(), dv, s.as_ptr(), sv, a.as_ptr(), d.len()) })
+    }
+
+    /// One pass on the CPU fast path (dense f32/f64 tensors); elsewhere a
+    /// copy and `_foreach_add_`.
+    fn axpy_from(
+        &mut self,
+        dst: Slot,
+        base: Slot,
+        alpha: &[f64],
+        src: Slot,
+        mask: &[bool],
+    ) -> Result<()> {
+        amp_core::composed::check_axpy_from_slots(dst, src)?;
+        if base == dst {
+            return self.axpy(dst, alpha, src, mask);
+        }
+        self.check_mask(mask)?;
+        check_len("axpy coefficients", mask.len(), alpha.len())?;
+        let (d, dv) = self.pointers(dst, mask, true)?;
+        let (b, bv) = self.pointers(base, mask, false)?;
+        let (s, sv) = self.pointers(src, mask, false)?;
+        let a: Vec<f64> = (0..mask.len())
+            .filter(|&i| mask[i])
+            .map(|i| alpha[i])
+            .collect();
+        // SAFETY: all four lists have d.len() entries; the tensors outlive the call.
+        check(unsafe {
+            ffi::amp_tch_axpy_from(
+                d.as_ptr(),
+                dv,
+                b.as_ptr(),
+                bv,
+                s.as_ptr(),
+                sv,
+                a.as_ptr(),
+                d.len(),
+            )
+        })
+    }
+
+    /// Fused on the CPU fast path (dense f32/f64 tensors): per tensor, one
+    /// read of the gradient for its norm and one pass writing θ (and the
+    /// snapshot, δ), with the unfused sequence's rounding. Elsewhere (CUDA,
+    /// half precision, strided tensors) it is that sequence,
+    /// [`amp_core::composed::perturb_from_grads`].
+    fn perturb_from_grads(
+        &mut self,
+        snapshot: Option<Slot>,
+        delta: Option<Slot>,
+        inner_lr: &[f64],
+        epsilon: &[f64],
+        mask: &[bool],
+    ) -> Result<TchNorms> {
+        self.check_mask(mask)?;
+        check_len("inner learning rates", mask.len(), inner_lr.len())?;
+        check_len("maximum norms", mask.len(), epsilon.len())?;
+        amp_core::composed::check_perturb_slots(snapshot, delta)?;
+        let (p, _) = self.pointers(Slot::Params, mask, true)?;
+        let snap = snapshot
+            .map(|slot| self.pointers(slot, mask, true).map(|(v, _)| v))
+            .transpose()?;
+        let del = delta
+            .map(|slot| self.pointers(slot, mask, true).map(|(v, _)| v))
+            .transpose()?;
+        let pick = |values: &[f64]| -> Vec<f64> {
+            (0..mask.len())
+                .filter(|&i| mask[i])
+                .map(|i| values[i])
+                .collect()
+        };
+        let (z, e) = (pick(inner_lr), pick(epsilon));
+        let mut out: *mut C_tensor = std::ptr::null_mut();
+        let mut handled: c_int = 0;
+        if !p.is_empty() {
+            // SAFETY: every list has p.len() entries (or is NULL); the
+            // tensors outlive the call; `out` receives a new tensor only when
+            // `handled` is set.
+            check(unsafe {
+                ffi::amp_tch_perturb(
+                    p.as_ptr(),
+                    snap.as_ref().map_or(std::ptr::null(), |v| v.as_ptr()),
+                    del.as_ref().map_or(std::ptr::null(), |v| v.as_ptr()),
+                    p.len(),
+                    z.as_ptr(),
+                    e.as_ptr(),
+                    PROJECTION_GUARD,
+                    &mut out,
+                    &mut handled,
+                )
+            })?;
+        }
+        if handled == 0 {
+            return amp_core::composed::perturb_from_grads(
+                self, snapshot, delta, inner_lr, epsilon, mask,
+            );
+        }
+        Ok(TchNorms {
+            // SAFETY: freshly allocated by the shim.
+            values: unsafe { take_tensor(out)? },
+            mask: mask.to_vec(),
+        })
     }
 
     fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<TchNorms> {

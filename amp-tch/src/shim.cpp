@@ -232,6 +232,27 @@ template <typename T> void fast_axpy(const std::vector<Span> &d,
   }
 }
 
+// d + a * s with the addend read from b (b is not d; b may be s).
+template <typename T>
+void axpy_from_loop(T *__restrict__ d, const T *b, const T *s, int64_t n,
+                    T a) {
+  for (int64_t k = 0; k < n; ++k) d[k] = b[k] + a * s[k];
+}
+
+template <typename T> void fast_axpy_from(const std::vector<Span> &d,
+                                          const std::vector<Span> &b,
+                                          const std::vector<Span> &s,
+                                          const double *alpha) {
+  for (size_t i = 0; i < d.size(); ++i) {
+    prefetch(b, i + 1, sizeof(T));
+    prefetch(s, i + 1, sizeof(T));
+    axpy_from_loop<T>(reinterpret_cast<T *>(d[i].p),
+                      reinterpret_cast<const T *>(b[i].p),
+                      reinterpret_cast<const T *>(s[i].p), d[i].n,
+                      static_cast<T>(alpha[i]));
+  }
+}
+
 // Σ x² in f64 exactly as amp-ndarray's `sum_of_squares`: LANES partial sums
 // over whole chunks, combined pairwise, plus the tail summed in order.
 template <typename T> double sum_of_squares(const T *__restrict__ p, int64_t n) {
@@ -286,6 +307,97 @@ template <typename T> void fast_clip(const std::vector<Span> &d,
   }
 }
 
+// Σ (z·x)² in f64, z·x rounded to T first: `sum_of_squares` of the scaled
+// tensor without writing it (z == 1 multiplies by nothing).
+template <typename T>
+double scaled_sum_of_squares(const T *__restrict__ p, int64_t n, T z) {
+  if (z == static_cast<T>(1)) return sum_of_squares<T>(p, n);
+  double lanes[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t whole = n - n % static_cast<int64_t>(LANES);
+  for (int64_t k = 0; k < whole; k += LANES) {
+    for (size_t j = 0; j < LANES; ++j) {
+      double x = static_cast<double>(static_cast<T>(p[k + j] * z));
+      lanes[j] += x * x;
+    }
+  }
+  double tail = 0.0;
+  for (int64_t k = whole; k < n; ++k) {
+    double x = static_cast<double>(static_cast<T>(p[k] * z));
+    tail += x * x;
+  }
+  for (size_t width = LANES / 2; width >= 1; width /= 2) {
+    for (size_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  }
+  return lanes[0] + tail;
+}
+
+// theta <- theta + (z·g)·c, with snap <- theta and delta <- (z·g)·c when
+// SNAP and DELTA say so. The products are rounded as the unfused sequence
+// rounds them: z·g, then ·c, then the add (a factor of exactly 1, which
+// the unfused sequence skips, changes nothing). Branch-free, so that it
+// vectorises.
+template <typename T, bool SNAP, bool DELTA>
+void perturb_loop(T *__restrict__ theta, const T *__restrict__ g,
+                  T *__restrict__ snap, T *__restrict__ delta, int64_t n, T z,
+                  T c) {
+  for (int64_t k = 0; k < n; ++k) {
+    T v = (g[k] * z) * c;
+    T t = theta[k];
+    if constexpr (SNAP) snap[k] = t;
+    if constexpr (DELTA) delta[k] = v;
+    theta[k] = t + v;
+  }
+}
+
+template <typename T>
+void perturb_tensor(T *theta, const T *g, T *snap, T *delta, int64_t n, T z,
+                    T c) {
+  if (snap != nullptr && delta != nullptr) {
+    perturb_loop<T, true, true>(theta, g, snap, delta, n, z, c);
+  } else if (snap != nullptr) {
+    perturb_loop<T, true, false>(theta, g, snap, nullptr, n, z, c);
+  } else if (delta != nullptr) {
+    perturb_loop<T, false, true>(theta, g, nullptr, delta, n, z, c);
+  } else {
+    perturb_loop<T, false, false>(theta, g, nullptr, nullptr, n, z, c);
+  }
+}
+
+// The fused first ascent step: per tensor, the norm of z·g (one read of g,
+// still in cache for the second one when the tensor is small), the
+// projection coefficient, then one pass writing θ (and the snapshot, δ).
+// Returns the norms as a 1-D CPU tensor of T.
+template <typename T>
+at::Tensor fast_perturb(const std::vector<Span> &theta,
+                        const std::vector<Span> &g,
+                        const std::vector<Span> *snap,
+                        const std::vector<Span> *delta,
+                        const double *inner_lr, const double *max_norm,
+                        double guard, at::ScalarType type) {
+  auto out = at::empty({static_cast<int64_t>(theta.size())},
+                       at::TensorOptions().dtype(type));
+  T *o = out.mutable_data_ptr<T>();
+  const T one = static_cast<T>(1);
+  const T gd = static_cast<T>(guard);
+  for (size_t i = 0; i < theta.size(); ++i) {
+    prefetch(g, i + 1, sizeof(T));
+    prefetch(theta, i + 1, sizeof(T));
+    const T *gp = reinterpret_cast<const T *>(g[i].p);
+    int64_t n = theta[i].n;
+    T z = static_cast<T>(inner_lr[i]);
+    T norm = static_cast<T>(std::sqrt(scaled_sum_of_squares<T>(gp, n, z)));
+    o[i] = norm;
+    T q = static_cast<T>(max_norm[i]) / (norm + gd);
+    // Rust's `min`: a NaN quotient gives 1.
+    T c = q < one ? q : one;
+    perturb_tensor<T>(reinterpret_cast<T *>(theta[i].p), gp,
+                      snap ? reinterpret_cast<T *>((*snap)[i].p) : nullptr,
+                      delta ? reinterpret_cast<T *>((*delta)[i].p) : nullptr,
+                      n, z, c);
+  }
+  return out;
+}
+
 // The unsigned integer of T's width, T's exponent mask and the lowest
 // exponent bit.
 template <typename T> struct Bits;
@@ -325,6 +437,45 @@ template <typename T> bool fast_all_finite(const std::vector<Span> &s) {
     }
   }
   return true;
+}
+
+// d[i] += alpha[i] * s[i] through ATen. Parameter groups give few distinct
+// coefficients, so the common case is one `_foreach_add_(dst, src, alpha)`
+// per distinct value: exactly PyTorch's `add_(src, alpha=a)`. With many
+// distinct values it is two foreach calls through a temporary.
+void aten_axpy(std::vector<at::Tensor> &d, const std::vector<at::Tensor> &s,
+               const double *alpha, size_t n) {
+  std::vector<double> distinct;
+  for (size_t i = 0; i < n && distinct.size() <= MAX_ALPHA_GROUPS; ++i) {
+    bool seen = false;
+    for (double v : distinct) {
+      // Compare bit patterns so that 0.0 and -0.0 (and NaNs) stay apart.
+      if (std::memcmp(&v, &alpha[i], sizeof(double)) == 0) {
+        seen = true;
+        break;
+      }
+    }
+    if (!seen) distinct.push_back(alpha[i]);
+  }
+  if (distinct.size() <= MAX_ALPHA_GROUPS) {
+    for (double a : distinct) {
+      if (distinct.size() == 1) {
+        at::_foreach_add_(d, s, a);
+        break;
+      }
+      std::vector<at::Tensor> dg, sg;
+      for (size_t i = 0; i < n; ++i) {
+        if (std::memcmp(&a, &alpha[i], sizeof(double)) == 0) {
+          dg.push_back(d[i]);
+          sg.push_back(s[i]);
+        }
+      }
+      at::_foreach_add_(dg, sg, a);
+    }
+  } else {
+    auto scaled = at::_foreach_mul(s, scalars(alpha, n));
+    at::_foreach_add_(d, scaled);
+  }
 }
 
 } // namespace
@@ -376,11 +527,6 @@ char *amp_tch_scale(at::Tensor **dst, int dst_view, const double *factor,
 }
 
 // dst[i] <- dst[i] + alpha[i] * src[i]
-//
-// Parameter groups give few distinct coefficients, so the common case is one
-// `_foreach_add_(dst, src, alpha)` per distinct value: exactly PyTorch's
-// `add_(src, alpha=a)`. With many distinct values it is two foreach calls
-// through a temporary.
 char *amp_tch_axpy(at::Tensor **dst, int dst_view, at::Tensor **src,
                    int src_view, const double *alpha, size_t n) {
   return guarded([&] {
@@ -398,37 +544,75 @@ char *amp_tch_axpy(at::Tensor **dst, int dst_view, at::Tensor **src,
       }
       return bump(d);
     }
-    std::vector<double> distinct;
-    for (size_t i = 0; i < n && distinct.size() <= MAX_ALPHA_GROUPS; ++i) {
-      bool seen = false;
-      for (double v : distinct) {
-        // Compare bit patterns so that 0.0 and -0.0 (and NaNs) stay apart.
-        if (std::memcmp(&v, &alpha[i], sizeof(double)) == 0) {
-          seen = true;
-          break;
-        }
+    aten_axpy(d, s, alpha, n);
+  });
+}
+
+// dst[i] <- base[i] + alpha[i] * src[i]; base is never dst (the caller
+// uses amp_tch_axpy then), src is never dst.
+char *amp_tch_axpy_from(at::Tensor **dst, int dst_view, at::Tensor **base,
+                        int base_view, at::Tensor **src, int src_view,
+                        const double *alpha, size_t n) {
+  return guarded([&] {
+    if (n == 0) return;
+    auto d = collect(dst, n, dst_view);
+    auto b = collect(base, n, base_view);
+    auto s = collect(src, n, src_view);
+    at::ScalarType type = fast_type(d);
+    std::vector<Span> ds, bs, ss;
+    if (type != at::ScalarType::Undefined && spans(d, type, true, ds) &&
+        spans(b, type, false, bs, &ds) && spans(s, type, false, ss, &ds)) {
+      if (type == at::kFloat) {
+        fast_axpy_from<float>(ds, bs, ss, alpha);
+      } else {
+        fast_axpy_from<double>(ds, bs, ss, alpha);
       }
-      if (!seen) distinct.push_back(alpha[i]);
+      return bump(d);
     }
-    if (distinct.size() <= MAX_ALPHA_GROUPS) {
-      for (double a : distinct) {
-        if (distinct.size() == 1) {
-          at::_foreach_add_(d, s, a);
-          break;
-        }
-        std::vector<at::Tensor> dg, sg;
-        for (size_t i = 0; i < n; ++i) {
-          if (std::memcmp(&a, &alpha[i], sizeof(double)) == 0) {
-            dg.push_back(d[i]);
-            sg.push_back(s[i]);
-          }
-        }
-        at::_foreach_add_(dg, sg, a);
-      }
-    } else {
-      auto scaled = at::_foreach_mul(s, scalars(alpha, n));
-      at::_foreach_add_(d, scaled);
+    at::_foreach_copy_(d, b);
+    aten_axpy(d, s, alpha, n);
+  });
+}
+
+// The fused first ascent step of AMP on the CPU fast path (see
+// `fast_perturb`): *handled <- 1 and *norms <- the norms of inner_lr·grad
+// when every tensor qualifies; *handled <- 0 and nothing written otherwise,
+// and the caller runs the unfused sequence. `snapshot` and `delta` may be
+// NULL.
+char *amp_tch_perturb(at::Tensor **params, at::Tensor **snapshot,
+                      at::Tensor **delta, size_t n, const double *inner_lr,
+                      const double *max_norm, double guard,
+                      at::Tensor **norms, int *handled) {
+  return guarded([&] {
+    *handled = 0;
+    if (n == 0) return;
+    auto theta = collect(params, n, AMP_PLAIN);
+    auto g = collect(params, n, AMP_GRAD_READ);
+    at::ScalarType type = fast_type(theta);
+    std::vector<Span> ts, gs, ss, dsp;
+    std::vector<at::Tensor> snap, del;
+    if (type == at::ScalarType::Undefined || !spans(theta, type, true, ts) ||
+        !spans(g, type, false, gs, &ts))
+      return;
+    if (snapshot != nullptr) {
+      snap = collect(snapshot, n, AMP_PLAIN);
+      if (!spans(snap, type, true, ss, &ts)) return;
     }
+    if (delta != nullptr) {
+      del = collect(delta, n, AMP_PLAIN);
+      if (!spans(del, type, true, dsp, &ts)) return;
+    }
+    const std::vector<Span> *sp = snapshot != nullptr ? &ss : nullptr;
+    const std::vector<Span> *dp = delta != nullptr ? &dsp : nullptr;
+    at::Tensor out =
+        type == at::kFloat
+            ? fast_perturb<float>(ts, gs, sp, dp, inner_lr, max_norm, guard, type)
+            : fast_perturb<double>(ts, gs, sp, dp, inner_lr, max_norm, guard, type);
+    bump(theta);
+    if (snapshot != nullptr) bump(snap);
+    if (delta != nullptr) bump(del);
+    *norms = new at::Tensor(out);
+    *handled = 1;
   });
 }
 

@@ -551,6 +551,7 @@ macro_rules! conformance_suite {
                 k0_and_eps0_equal_sgd,
                 closure_calls,
                 base_step_uses_perturbed_gradient,
+                fused_ops_match_composed,
                 failure_leaves_state
             );
         }

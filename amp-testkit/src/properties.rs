@@ -369,6 +369,99 @@ pub fn failure_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype: DT
     Ok(())
 }
 
+/// The store's own [`ParamStore::perturb_from_grads`] and
+/// [`ParamStore::axpy_from`] (fused on some backends) give bit for bit what
+/// the unfused sequences of [`amp_core::composed`] give on a second store
+/// with the same values: weights, snapshot, δ and norms.
+pub fn fused_ops_match_composed<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
+    let n = case.init.len();
+    let per = reference::PerTensor::resolve(&case.config, n);
+    let scalars = |v: &[f64]| -> Vec<<F::Store as ParamStore>::Scalar> {
+        v.iter()
+            .map(|&x| amp_core::Scalar::from_f64_rounded(x))
+            .collect()
+    };
+    let (inner_lr, epsilon) = (scalars(&per.inner_lr), scalars(&per.epsilon));
+    // A snapshot when restoring by copy, δ kept when more than one inner
+    // iteration or subtract-restore needs it: the shapes Amp asks for.
+    let copy = case.config.restore == RestoreMode::Copy;
+    let keep_delta = !copy || case.config.inner_iter > 1;
+    let alpha = scalars(&per.lr.iter().map(|lr| -lr).collect::<Vec<_>>());
+    let run = |fused: bool| -> amp_core::Result<(Vec<Vec<HostTensor>>, Vec<f64>)> {
+        let mut store = factory.make(&case.init, dtype)?;
+        let calls = Cell::new(0);
+        let mut grad_fn = case.objective.grad_fn::<F::Store>(&calls, Fault::None);
+        store.zero_grads()?;
+        grad_fn(&mut store, Pass::Clean)?;
+        let mask = store.grad_mask()?;
+        let snapshot = store.alloc_buffer()?;
+        let delta = store.alloc_buffer()?;
+        let snapshot_slot = copy.then_some(Slot::Buffer(snapshot));
+        let delta_slot = keep_delta.then_some(Slot::Buffer(delta));
+        let norms = if fused {
+            store.perturb_from_grads(snapshot_slot, delta_slot, &inner_lr, &epsilon, &mask)?
+        } else {
+            amp_core::composed::perturb_from_grads(
+                &mut store,
+                snapshot_slot,
+                delta_slot,
+                &inner_lr,
+                &epsilon,
+                &mask,
+            )?
+        };
+        let norms = store.norms_to_host(&norms)?;
+        let mut slots = vec![
+            read_slot(&store, Slot::Params)?,
+            read_slot(&store, Slot::Buffer(snapshot))?,
+            read_slot(&store, Slot::Buffer(delta))?,
+        ];
+        // θ_new = snapshot − lr · g at the perturbed weights, as SGD's last
+        // operation computes it after AMP's inner loop.
+        store.zero_grads()?;
+        grad_fn(&mut store, Pass::Perturbed { k: 1, of: 1 })?;
+        let base = snapshot_slot.unwrap_or(Slot::Params);
+        if fused {
+            store.axpy_from(Slot::Params, base, &alpha, Slot::Grads, &mask)?;
+        } else {
+            amp_core::composed::axpy_from(
+                &mut store,
+                Slot::Params,
+                base,
+                &alpha,
+                Slot::Grads,
+                &mask,
+            )?;
+        }
+        slots.push(read_slot(&store, Slot::Params)?);
+        Ok((slots, norms))
+    };
+    let (got, got_norms) = run(true).map_err(fail("fused"))?;
+    let (want, want_norms) = run(false).map_err(fail("composed"))?;
+    let same = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    if !same(&got_norms, &want_norms) {
+        return Err(format!(
+            "{} {dtype}: norms differ: {got_norms:?} vs {want_norms:?}",
+            factory.name()
+        ));
+    }
+    let names = ["θ + δ", "snapshot", "δ", "θ after axpy_from"];
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            if !same(&x.data, &y.data) {
+                return Err(format!(
+                    "{} {dtype}: {} of tensor {i} differs: {:?} vs {:?}",
+                    factory.name(),
+                    names[k],
+                    x.data,
+                    y.data
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs every property above on one case and dtype; the first violation is
 /// returned.
 pub fn all<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
@@ -378,6 +471,7 @@ pub fn all<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
     k0_and_eps0_equal_sgd(factory, case, dtype)?;
     closure_calls(factory, case, dtype)?;
     base_step_uses_perturbed_gradient(factory, case, dtype)?;
+    fused_ops_match_composed(factory, case, dtype)?;
     failure_leaves_state(factory, case, dtype)
 }
 
