@@ -165,6 +165,7 @@ struct BackendResult {
     sizes: Vec<Result<SizeResult, String>>,
     counts: Option<Result<CountTimes, String>>,
     breakdown: Option<Result<Meter, String>>,
+    breakdown_many: Option<Result<Meter, String>>,
     opt_amp_held: Option<usize>,
 }
 
@@ -255,6 +256,30 @@ fn load() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// One line of a per-primitive breakdown: calls, MB, ms and GB/s per op.
+fn render_meter(m: &Meter) -> String {
+    let mut out = String::new();
+    for (i, op) in OPS.iter().enumerate() {
+        if m.calls[i] == 0 {
+            continue;
+        }
+        let secs = m.time[i].as_secs_f64();
+        let _ = write!(out, " {op} x{} ", m.calls[i]);
+        if m.bytes[i] > 0 {
+            let _ = write!(
+                out,
+                "{:.0}MB {:.2}ms {}GB/s;",
+                m.bytes[i] as f64 / 1e6,
+                secs * 1e3,
+                gbs(m.bytes[i] as f64 / secs)
+            );
+        } else {
+            let _ = write!(out, "{:.2}ms;", secs * 1e3);
+        }
+    }
+    out
+}
+
 fn gbs(bytes_per_sec: f64) -> String {
     format!("{:.1}", bytes_per_sec / 1e9)
 }
@@ -314,6 +339,9 @@ fn main() -> Result<(), BoxError> {
             r.counts = Some(run_counts(backend, &plan).map_err(|e| e.to_string()));
             let timed = if args.quick { 2 } else { 5 };
             r.breakdown = Some((backend.meter)(&[SIZES[3]], 1, timed).map_err(|e| e.to_string()));
+            let many = fixtures::layout(COUNT_TOTAL, COUNTS[2]);
+            r.breakdown_many =
+                Some((backend.meter)(&many, 1, 10 * timed).map_err(|e| e.to_string()));
         }
         results.push(r);
     }
@@ -403,25 +431,34 @@ fn render(
             );
             out.push_str(&line);
         }
-        let mut line = format!("{:<46}", "  ERM / AMP ms per step, 40x32 | 4x512 | 2x2048");
-        for r in results {
-            let cell = r
-                .mlp
-                .iter()
-                .map(|m| match m {
-                    Ok(m) => format!(
-                        "{:.3}/{:.3}",
-                        median(&m.pair.a) * 1e3,
-                        median(&m.pair.b) * 1e3
-                    ),
-                    Err(_) => "err".into(),
-                })
-                .collect::<Vec<_>>()
-                .join(" ");
-            let _ = write!(line, "{cell} ");
+        for (label, pick) in [
+            ("  ERM / AMP ms per step (40x32, 4x512, 2x2048)", 0),
+            ("  of which optimiser (outside the closure)", 1),
+        ] {
+            let _ = writeln!(out, "{label}");
+            let mut line = format!("{:<46}", "");
+            for r in results {
+                let cell = r
+                    .mlp
+                    .iter()
+                    .map(|m| match m {
+                        Ok(m) => {
+                            let (a, b) = if pick == 0 {
+                                (&m.pair.a, &m.pair.b)
+                            } else {
+                                (&m.pair.a_opt, &m.pair.b_opt)
+                            };
+                            format!("{:.3}/{:.3}", median(a) * 1e3, median(b) * 1e3)
+                        }
+                        Err(_) => "err".into(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let _ = write!(line, "{cell}  ");
+            }
+            let _ = writeln!(line);
+            out.push_str(&line);
         }
-        let _ = writeln!(line);
-        out.push_str(&line);
     }
 
     if !args.skip_optimizer {
@@ -547,31 +584,29 @@ fn render(
 
     // Where the optimizer's time goes at 1e7.
     if !args.skip_optimizer {
-        let _ = writeln!(out, "\nper-primitive breakdown of one AMP step (K = 1) at 1e7 f32, 1 tensor: calls, MB, ms, GB/s");
-        for r in results {
-            match &r.breakdown {
-                Some(Ok(m)) => {
-                    let _ = write!(out, "  {:<8}", r.name);
-                    for (i, op) in OPS.iter().enumerate() {
-                        if m.calls[i] == 0 {
-                            continue;
-                        }
-                        let secs = m.time[i].as_secs_f64();
-                        let _ = write!(
-                            out,
-                            " {op} x{} {:.0}MB {:.2}ms {}GB/s;",
-                            m.calls[i],
-                            m.bytes[i] as f64 / 1e6,
-                            secs * 1e3,
-                            gbs(m.bytes[i] as f64 / secs)
-                        );
+        for (title, many) in [
+            ("at 1e7 f32, 1 tensor", false),
+            ("at 1e6 f32 in 1000 tensors", true),
+        ] {
+            let _ = writeln!(
+                out,
+                "\nper-primitive breakdown of one AMP step (K = 1) {title}: calls, MB, ms, GB/s"
+            );
+            for r in results {
+                let breakdown = if many {
+                    &r.breakdown_many
+                } else {
+                    &r.breakdown
+                };
+                match breakdown {
+                    Some(Ok(m)) => {
+                        let _ = writeln!(out, "  {}{}", r.name, render_meter(m));
                     }
-                    let _ = writeln!(out);
+                    Some(Err(e)) => {
+                        let _ = writeln!(out, "  {:<8} error: {e}", r.name);
+                    }
+                    None => {}
                 }
-                Some(Err(e)) => {
-                    let _ = writeln!(out, "  {:<8} error: {e}", r.name);
-                }
-                None => {}
             }
         }
     }

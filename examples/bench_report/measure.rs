@@ -77,6 +77,11 @@ pub struct PairResult {
     pub b: Vec<f64>,
     /// B / A, per round.
     pub ratios: Vec<f64>,
+    /// Seconds per step of A outside the closure (the optimiser's own), per
+    /// round.
+    pub a_opt: Vec<f64>,
+    /// Seconds per step of B outside the closure, per round.
+    pub b_opt: Vec<f64>,
 }
 
 /// Warms both up, then runs `plan.rounds` rounds of one A block and one B
@@ -102,6 +107,8 @@ pub fn interleave(
         };
         out.a.push(sa);
         out.b.push(sb);
+        out.a_opt.push(ta.optimizer_per_step());
+        out.b_opt.push(tb.optimizer_per_step());
         out.ratios.push(sb / sa);
     }
     Ok(out)

@@ -4,7 +4,9 @@
 //! The byte count is the *logical* traffic of the primitives that amp-core
 //! issues, whatever the backend does inside them: `copy` reads and writes
 //! each element once, `scale` and `clip_to_norms` read and write it, `axpy`
-//! reads two and writes one, `norms` and `all_finite` read one. This is the
+//! and `axpy_from` read two and write one, `norms` and `all_finite` read
+//! one, `perturb_from_grads` reads the gradient twice and θ once and writes
+//! θ (and the snapshot and δ where asked for). This is the
 //! numerator of "optimizer throughput as a fraction of the copy floor": a
 //! backend that makes extra passes (temporaries, a separate write-back) moves
 //! more bytes than it is credited with, and scores lower.
@@ -14,13 +16,16 @@ use std::time::{Duration, Instant};
 use amp::{BufferId, DType, HostTensor, ParamStore, Result, Slot};
 
 /// The primitives that move parameter-sized data, in report order.
-pub const OPS: [&str; 7] = [
+pub const OPS: [&str; 10] = [
     "copy",
     "scale",
     "axpy",
+    "axpy_from",
+    "perturb",
     "norms",
     "clip_to_norms",
     "all_finite",
+    "zero_grads",
     "other",
 ];
 
@@ -118,7 +123,9 @@ impl<S: ParamStore> ParamStore for Metered<S> {
         self.inner.dtype()
     }
     fn zero_grads(&mut self) -> Result<()> {
-        self.inner.zero_grads()
+        // Moves no parameter data of its own (0 bytes), but is timed: a
+        // backend that frees and reallocates gradients pays for it here.
+        self.record(8, 0, &[], |s| s.zero_grads())
     }
     fn grad_mask(&self) -> Result<Vec<bool>> {
         self.inner.grad_mask()
@@ -138,8 +145,31 @@ impl<S: ParamStore> ParamStore for Metered<S> {
     fn axpy(&mut self, dst: Slot, alpha: &[Self::Scalar], src: Slot, mask: &[bool]) -> Result<()> {
         self.record(2, 3, mask, |s| s.axpy(dst, alpha, src, mask))
     }
+    fn axpy_from(
+        &mut self,
+        dst: Slot,
+        base: Slot,
+        alpha: &[Self::Scalar],
+        src: Slot,
+        mask: &[bool],
+    ) -> Result<()> {
+        self.record(3, 3, mask, |s| s.axpy_from(dst, base, alpha, src, mask))
+    }
+    fn perturb_from_grads(
+        &mut self,
+        snapshot: Option<Slot>,
+        delta: Option<Slot>,
+        inner_lr: &[Self::Scalar],
+        epsilon: &[Self::Scalar],
+        mask: &[bool],
+    ) -> Result<Self::Norms> {
+        let passes = 4 + u64::from(snapshot.is_some()) + u64::from(delta.is_some());
+        self.record(4, passes, mask, |s| {
+            s.perturb_from_grads(snapshot, delta, inner_lr, epsilon, mask)
+        })
+    }
     fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<Self::Norms> {
-        self.record(3, 1, mask, |s| s.norms(src, mask))
+        self.record(5, 1, mask, |s| s.norms(src, mask))
     }
     fn clip_to_norms(
         &mut self,
@@ -148,13 +178,13 @@ impl<S: ParamStore> ParamStore for Metered<S> {
         max_norm: &[Self::Scalar],
         mask: &[bool],
     ) -> Result<()> {
-        self.record(4, 2, mask, |s| s.clip_to_norms(dst, norms, max_norm, mask))
+        self.record(6, 2, mask, |s| s.clip_to_norms(dst, norms, max_norm, mask))
     }
     fn norms_to_host(&self, norms: &Self::Norms) -> Result<Vec<f64>> {
         self.inner.norms_to_host(norms)
     }
     fn all_finite(&mut self, src: Slot, mask: &[bool]) -> Result<bool> {
-        self.record(5, 1, mask, |s| s.all_finite(src, mask))
+        self.record(7, 1, mask, |s| s.all_finite(src, mask))
     }
     fn read(&self, slot: Slot, index: usize) -> Result<HostTensor> {
         self.inner.read(slot, index)
@@ -163,6 +193,6 @@ impl<S: ParamStore> ParamStore for Metered<S> {
         self.inner.write(slot, index, value)
     }
     fn clip_grad_norm(&mut self, max_norm: f64, mask: &[bool]) -> Result<f64> {
-        self.record(6, 3, mask, |s| s.clip_grad_norm(max_norm, mask))
+        self.record(9, 3, mask, |s| s.clip_grad_norm(max_norm, mask))
     }
 }
