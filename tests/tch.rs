@@ -8,8 +8,27 @@ use amp_tch::TchStore;
 use amp_testkit::{conformance_suite, properties, StoreFactory};
 use tch::Device;
 
-/// libtorch stores on one device.
-struct TchFactory(Device);
+/// libtorch stores on one device, in the flat layout of
+/// [`TchStore::flatten`] when `flat` is set.
+struct TchFactory {
+    device: Device,
+    flat: bool,
+}
+
+impl TchFactory {
+    /// Stores of separately allocated tensors on `device`.
+    fn on(device: Device) -> Self {
+        TchFactory {
+            device,
+            flat: false,
+        }
+    }
+
+    /// Flattened stores on `device`.
+    fn flat(device: Device) -> Self {
+        TchFactory { device, flat: true }
+    }
+}
 
 impl StoreFactory for TchFactory {
     type Store = TchStore;
@@ -19,16 +38,23 @@ impl StoreFactory for TchFactory {
             .iter()
             .map(|v| HostTensor { dtype, ..v.clone() })
             .collect();
-        TchStore::from_host(&values, self.0)
+        let mut store = TchStore::from_host(&values, self.device)?;
+        if self.flat {
+            store.flatten()?;
+        }
+        Ok(store)
     }
 
     fn name(&self) -> String {
-        format!("tch {:?}", self.0)
+        let layout = if self.flat { " flat" } else { "" };
+        format!("tch {:?}{layout}", self.device)
     }
 }
 
-conformance_suite!(tch_cpu_f64, TchFactory(Device::Cpu), DType::F64);
-conformance_suite!(tch_cpu_f32, TchFactory(Device::Cpu), DType::F32);
+conformance_suite!(tch_cpu_f64, TchFactory::on(Device::Cpu), DType::F64);
+conformance_suite!(tch_cpu_f32, TchFactory::on(Device::Cpu), DType::F32);
+conformance_suite!(tch_cpu_flat_f64, TchFactory::flat(Device::Cpu), DType::F64);
+conformance_suite!(tch_cpu_flat_f32, TchFactory::flat(Device::Cpu), DType::F32);
 
 #[test]
 fn tch_cuda_conformance_and_agreement_with_cpu() {
@@ -38,8 +64,13 @@ fn tch_cuda_conformance_and_agreement_with_cpu() {
     }
     for dtype in [DType::F32, DType::F64] {
         properties::device_suite(
-            &TchFactory(Device::Cuda(0)),
-            &TchFactory(Device::Cpu),
+            &TchFactory::on(Device::Cuda(0)),
+            &TchFactory::on(Device::Cpu),
+            dtype,
+        );
+        properties::device_suite(
+            &TchFactory::flat(Device::Cuda(0)),
+            &TchFactory::on(Device::Cpu),
             dtype,
         );
     }

@@ -223,6 +223,27 @@ mod ffi {
             out: *mut u8,
         ) -> *mut c_char;
         pub fn amp_tch_set_grad(param: *mut C_tensor, value: *mut C_tensor) -> *mut c_char;
+        pub fn amp_tch_flatten(
+            params: *const *mut C_tensor,
+            n: usize,
+            views: *mut *mut C_tensor,
+            flat_params: *mut *mut C_tensor,
+            flat_grads: *mut *mut C_tensor,
+        ) -> *mut c_char;
+        pub fn amp_tch_flat_zero(
+            params: *const *mut C_tensor,
+            views: *const *mut C_tensor,
+            n: usize,
+            flat_grads: *mut C_tensor,
+            versions: *mut i64,
+        ) -> *mut c_char;
+        pub fn amp_tch_flat_grad_mask(
+            params: *const *mut C_tensor,
+            views: *const *mut C_tensor,
+            n: usize,
+            versions: *const i64,
+            out: *mut u8,
+        ) -> *mut c_char;
         pub fn amp_tch_get_grad(param: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
         pub fn amp_tch_alloc_like(
             params: *const *mut C_tensor,
@@ -371,6 +392,20 @@ pub struct TchStore {
     kind: Kind,
     dtype: DType,
     buffers: Buffers<Vec<Tensor>>,
+    flat: Option<Flat>,
+}
+
+/// The flat layout of [`TchStore::flatten`].
+#[derive(Debug)]
+struct Flat {
+    /// All gradients, one allocation (the parameters' allocation is held by
+    /// the parameters themselves).
+    grads: Tensor,
+    /// Per parameter: its gradient over `grads` (`None` for parameters that
+    /// did not require grad when flattened).
+    views: Vec<Option<Tensor>>,
+    /// Per parameter: the version of its gradient when last zeroed.
+    versions: Vec<i64>,
 }
 
 impl TchStore {
@@ -425,6 +460,7 @@ impl TchStore {
             kind,
             dtype,
             buffers: Buffers::new(),
+            flat: None,
         })
     }
 
@@ -449,6 +485,83 @@ impl TchStore {
         Self::from_tensors(tensors)
     }
 
+    /// Moves the parameters into one contiguous allocation and their
+    /// gradients into another, for models with many small tensors.
+    ///
+    /// Afterwards every parameter is a view of one buffer (its values,
+    /// `requires_grad` and autograd identity unchanged: the model's variables
+    /// are the store's tensors, so the model sees the move), and every
+    /// parameter that requires grad keeps a gradient in one zero-filled
+    /// buffer. [`ParamStore::zero_grads`] then zeroes that buffer in one fill
+    /// instead of dropping the gradients, and `backward()` accumulates into
+    /// it in place, as PyTorch's `zero_grad(set_to_none=False)` would: no
+    /// gradient is allocated or freed per pass, and the batched operations
+    /// walk contiguous memory instead of a thousand scattered allocations.
+    /// [`ParamStore::grad_mask`] still reports only the tensors that
+    /// received a gradient since the last reset (autograd's in-place
+    /// accumulation is seen through each gradient's version counter).
+    ///
+    /// Call it once, before training; calling it again does nothing. On
+    /// error the store and the tensors are unchanged.
+    ///
+    /// ```
+    /// use amp_core::{ParamStore, Slot};
+    /// use amp_tch::TchStore;
+    /// use amp_tch::tch::{Device, Kind, Tensor};
+    ///
+    /// let a = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+    /// let b = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
+    /// let mut store = TchStore::from_tensors(vec![a.shallow_clone(), b.shallow_clone()])?;
+    /// store.flatten()?;
+    /// assert_eq!(Vec::<f32>::try_from(&a).unwrap(), vec![1.0, 2.0]); // values kept
+    /// store.zero_grads()?;
+    /// (&a * &a).sum(Kind::Float).backward(); // only `a` gets a gradient
+    /// assert_eq!(store.grad_mask()?, vec![true, false]);
+    /// assert_eq!(store.read(Slot::Grads, 0)?.data, vec![2.0, 4.0]);
+    /// # Ok::<(), amp_core::AmpError>(())
+    /// ```
+    pub fn flatten(&mut self) -> Result<()> {
+        if self.flat.is_some() || self.params.is_empty() {
+            return Ok(());
+        }
+        let n = self.params.len();
+        let pointers: Vec<*mut C_tensor> = self.params.iter().map(raw).collect();
+        let mut views = vec![std::ptr::null_mut::<C_tensor>(); n];
+        let mut flat_params: *mut C_tensor = std::ptr::null_mut();
+        let mut flat_grads: *mut C_tensor = std::ptr::null_mut();
+        // SAFETY: `views` has one slot per parameter; the shim fills slots
+        // and the two outputs only on success.
+        check(unsafe {
+            ffi::amp_tch_flatten(
+                pointers.as_ptr(),
+                n,
+                views.as_mut_ptr(),
+                &mut flat_params,
+                &mut flat_grads,
+            )
+        })?;
+        let views = views
+            .into_iter()
+            .map(|ptr| {
+                // SAFETY: allocated by the shim with `new at::Tensor`.
+                (!ptr.is_null()).then(|| unsafe { Tensor::from_ptr(ptr) })
+            })
+            .collect();
+        // SAFETY: allocated by the shim on success.
+        let (_params, grads) = unsafe { (take_tensor(flat_params)?, take_tensor(flat_grads)?) };
+        self.flat = Some(Flat {
+            grads,
+            views,
+            versions: vec![i64::MIN; n],
+        });
+        Ok(())
+    }
+
+    /// `true` after [`TchStore::flatten`].
+    pub fn is_flat(&self) -> bool {
+        self.flat.is_some()
+    }
+
     /// The parameter tensors, in store order (they share storage with the
     /// model's variables).
     pub fn tensors(&self) -> &[Tensor] {
@@ -470,9 +583,80 @@ impl TchStore {
         self.kind
     }
 
+    /// Sets the gradient of tensor `index` to a copy of `grad` (which must
+    /// have the parameter's shape, dtype and device), without autograd: for
+    /// gradients computed outside libtorch's `backward()`, or handed over
+    /// from elsewhere. The store keeps its own copy, since the optimiser
+    /// writes into gradients in place; an existing gradient is overwritten in
+    /// place, a missing one allocated. Nothing changes on error.
+    ///
+    /// ```
+    /// use amp_tch::TchStore;
+    /// use amp_tch::tch::{Device, Kind, Tensor};
+    ///
+    /// let w = Tensor::zeros([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    /// let mut store = TchStore::from_tensors(vec![w])?;
+    /// store.set_grad(0, &Tensor::from_slice(&[1.0f32, 2.0, 3.0]))?;
+    /// let g = store.grad(0)?.expect("a gradient");
+    /// assert_eq!(Vec::<f32>::try_from(&g).unwrap(), vec![1.0, 2.0, 3.0]);
+    /// // The wrong shape is a typed error.
+    /// assert!(store.set_grad(0, &Tensor::from_slice(&[1.0f32])).is_err());
+    /// # Ok::<(), amp_core::AmpError>(())
+    /// ```
+    pub fn set_grad(&mut self, index: usize, grad: &Tensor) -> Result<()> {
+        let shape = self.shape(index)?;
+        let found: Vec<usize> = grad
+            .size()
+            .into_iter()
+            .map(|d| usize::try_from(d).map_err(AmpError::backend))
+            .collect::<Result<_>>()?;
+        check_shape(index, &shape, &found)?;
+        if grad.kind() != self.kind {
+            return Err(AmpError::DTypeMismatch {
+                index,
+                expected: format!("{:?}", self.kind),
+                found: format!("{:?}", grad.kind()),
+            });
+        }
+        if grad.device() != self.device {
+            return Err(AmpError::DeviceMismatch {
+                index,
+                expected: device_name(self.device),
+                found: device_name(grad.device()),
+            });
+        }
+        match self.attached_grad(index)? {
+            Some(existing) => tch::no_grad(|| existing.shallow_clone().f_copy_(grad))
+                .map(drop)
+                .map_err(tch_error),
+            None => {
+                let dims: Vec<i64> = grad.size();
+                let fresh = tch::no_grad(|| {
+                    let mut fresh = Tensor::f_empty(dims.as_slice(), (self.kind, self.device))?;
+                    fresh.f_copy_(grad)?;
+                    Ok::<_, tch::TchError>(fresh)
+                })
+                .map_err(tch_error)?;
+                // SAFETY: both tensors outlive the call.
+                check(unsafe { ffi::amp_tch_set_grad(raw(&self.params[index]), raw(&fresh)) })
+            }
+        }
+    }
+
     /// The gradient of tensor `index` (sharing storage), or `None` when it
     /// has none.
     pub fn grad(&self, index: usize) -> Result<Option<Tensor>> {
+        let grad = self.attached_grad(index)?;
+        if grad.is_some() && self.flat.is_some() && !self.grad_mask()?[index] {
+            // Flat layout: a zero gradient that nothing wrote is no gradient.
+            return Ok(None);
+        }
+        Ok(grad)
+    }
+
+    /// The tensor in `.grad()` of parameter `index`, whether or not it
+    /// received a gradient since the last reset.
+    fn attached_grad(&self, index: usize) -> Result<Option<Tensor>> {
         self.check_index(index)?;
         let mut out: *mut C_tensor = std::ptr::null_mut();
         // SAFETY: the parameter outlives the call; `out` receives a new
@@ -569,6 +753,24 @@ impl ParamStore for TchStore {
 
     fn zero_grads(&mut self) -> Result<()> {
         let (pointers, _) = self.pointers(Slot::Params, &vec![true; self.params.len()], true)?;
+        if let Some(flat) = self.flat.as_mut() {
+            let views: Vec<*mut C_tensor> = flat
+                .views
+                .iter()
+                .map(|v| v.as_ref().map_or(std::ptr::null_mut(), raw))
+                .collect();
+            // SAFETY: every list has one entry per parameter; the tensors
+            // outlive the call.
+            return check(unsafe {
+                ffi::amp_tch_flat_zero(
+                    pointers.as_ptr(),
+                    views.as_ptr(),
+                    pointers.len(),
+                    raw(&flat.grads),
+                    flat.versions.as_mut_ptr(),
+                )
+            });
+        }
         // SAFETY: the parameters outlive the call.
         check(unsafe { ffi::amp_tch_reset_grads(pointers.as_ptr(), pointers.len()) })
     }
@@ -576,6 +778,25 @@ impl ParamStore for TchStore {
     fn grad_mask(&self) -> Result<Vec<bool>> {
         let (pointers, _) = self.pointers(Slot::Params, &vec![true; self.params.len()], false)?;
         let mut out = vec![0u8; pointers.len()];
+        if let Some(flat) = &self.flat {
+            let views: Vec<*mut C_tensor> = flat
+                .views
+                .iter()
+                .map(|v| v.as_ref().map_or(std::ptr::null_mut(), raw))
+                .collect();
+            // SAFETY: every list has one entry per parameter; the tensors
+            // outlive the call.
+            check(unsafe {
+                ffi::amp_tch_flat_grad_mask(
+                    pointers.as_ptr(),
+                    views.as_ptr(),
+                    pointers.len(),
+                    flat.versions.as_ptr(),
+                    out.as_mut_ptr(),
+                )
+            })?;
+            return Ok(out.into_iter().map(|b| b != 0).collect());
+        }
         // SAFETY: `out` has one byte per pointer; the parameters outlive the call.
         check(unsafe {
             ffi::amp_tch_grad_mask(pointers.as_ptr(), pointers.len(), out.as_mut_ptr())
@@ -869,10 +1090,17 @@ impl ParamStore for TchStore {
         check_shape(index, &self.shape(index)?, &value.shape)?;
         let source = host_to_tensor(value, self.kind, self.device)?;
         match slot {
-            Slot::Grads => {
+            Slot::Grads => match self.attached_grad(index)? {
+                // Into the existing gradient (with the flat layout, its
+                // place in the flat allocation).
+                Some(existing) => {
+                    tch::no_grad(|| existing.shallow_clone().f_copy_(&source)).map_err(tch_error)
+                }
                 // SAFETY: both tensors outlive the call.
-                check(unsafe { ffi::amp_tch_set_grad(raw(&self.params[index]), raw(&source)) })
-            }
+                None => {
+                    check(unsafe { ffi::amp_tch_set_grad(raw(&self.params[index]), raw(&source)) })
+                }
+            },
             Slot::Params => tch::no_grad(|| self.params[index].f_copy_(&source)).map_err(tch_error),
             Slot::Buffer(id) => {
                 let buffer = self.buffers.get_mut(id)?;

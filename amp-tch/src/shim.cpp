@@ -48,6 +48,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -91,6 +92,41 @@ std::vector<at::Tensor> collect(at::Tensor **tensors, size_t n, int view) {
   }
   return out;
 }
+
+// The tensors an operation addresses, as pointers: straight to the tensors
+// (or their gradients) when every one is defined, which costs no reference
+// count traffic; otherwise through `collect`, whose copies `owned` keeps.
+struct TensorList {
+  std::vector<const at::Tensor *> ptrs;
+  std::vector<at::Tensor> owned;
+
+  TensorList(at::Tensor **tensors, size_t n, int view) {
+    ptrs.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor *t = tensors[i];
+      if (view != AMP_PLAIN) {
+        t = &t->grad();
+        if (!t->defined()) break;
+      }
+      ptrs.push_back(t);
+    }
+    if (ptrs.size() < n) {
+      owned = collect(tensors, n, view);
+      ptrs.clear();
+      for (const auto &t : owned) ptrs.push_back(&t);
+    }
+  }
+
+  size_t size() const { return ptrs.size(); }
+
+  // Handles sharing the tensors, for ATen's list operators.
+  std::vector<at::Tensor> aten() const {
+    std::vector<at::Tensor> out;
+    out.reserve(ptrs.size());
+    for (const auto *t : ptrs) out.push_back(*t);
+    return out;
+  }
+};
 
 std::vector<at::Scalar> scalars(const double *values, size_t n) {
   std::vector<at::Scalar> out;
@@ -141,12 +177,12 @@ struct Span {
 // The fast path's spans of `ts` (writable ones when `write`), all of `type`,
 // each of the numel `like` gives when not NULL; false when the ATen path must
 // run instead.
-bool spans(const std::vector<at::Tensor> &ts, at::ScalarType type, bool write,
+bool spans(const TensorList &ts, at::ScalarType type, bool write,
            std::vector<Span> &out, const std::vector<Span> *like = nullptr) {
   out.clear();
   out.reserve(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) {
-    const at::Tensor &t = ts[i];
+    const at::Tensor &t = *ts.ptrs[i];
     if (!plain_cpu(t, type)) return false;
     int64_t n = t.numel();
     if (like != nullptr && (*like)[i].n != n) return false;
@@ -162,16 +198,16 @@ bool spans(const std::vector<at::Tensor> &ts, at::ScalarType type, bool write,
 
 // The fast path's dtype when `ts` is a non-empty list of f32 or f64 tensors,
 // else Undefined; `spans` then checks every tensor.
-at::ScalarType fast_type(const std::vector<at::Tensor> &ts) {
-  if (ts.empty() || !ts[0].defined()) return at::ScalarType::Undefined;
-  at::ScalarType type = ts[0].scalar_type();
+at::ScalarType fast_type(const TensorList &ts) {
+  if (ts.size() == 0 || !ts.ptrs[0]->defined()) return at::ScalarType::Undefined;
+  at::ScalarType type = ts.ptrs[0]->scalar_type();
   return type == at::kFloat || type == at::kDouble ? type
                                                    : at::ScalarType::Undefined;
 }
 
 // What an in-place ATen op does to its output's autograd version counter.
-void bump(const std::vector<at::Tensor> &ts) {
-  for (const auto &t : ts) t.unsafeGetTensorImpl()->bump_version();
+void bump(const TensorList &ts) {
+  for (const auto *t : ts.ptrs) t->unsafeGetTensorImpl()->bump_version();
 }
 
 // Many small tensors lie scattered in memory, and the hardware prefetcher
@@ -489,8 +525,8 @@ char *amp_tch_copy(at::Tensor **dst, int dst_view, at::Tensor **src,
                    int src_view, size_t n) {
   return guarded([&] {
     if (n == 0) return;
-    auto d = collect(dst, n, dst_view);
-    auto s = collect(src, n, src_view);
+    TensorList d(dst, n, dst_view);
+    TensorList s(src, n, src_view);
     at::ScalarType type = fast_type(d);
     std::vector<Span> ds, ss;
     if (type != at::ScalarType::Undefined && spans(d, type, true, ds) &&
@@ -502,7 +538,7 @@ char *amp_tch_copy(at::Tensor **dst, int dst_view, at::Tensor **src,
       }
       return bump(d);
     }
-    at::_foreach_copy_(d, s);
+    at::_foreach_copy_(d.aten(), s.aten());
   });
 }
 
@@ -511,7 +547,7 @@ char *amp_tch_scale(at::Tensor **dst, int dst_view, const double *factor,
                     size_t n) {
   return guarded([&] {
     if (n == 0) return;
-    auto d = collect(dst, n, dst_view);
+    TensorList d(dst, n, dst_view);
     at::ScalarType type = fast_type(d);
     std::vector<Span> ds;
     if (type != at::ScalarType::Undefined && spans(d, type, true, ds)) {
@@ -522,7 +558,7 @@ char *amp_tch_scale(at::Tensor **dst, int dst_view, const double *factor,
       }
       return bump(d);
     }
-    at::_foreach_mul_(d, scalars(factor, n));
+    at::_foreach_mul_(d.aten(), scalars(factor, n));
   });
 }
 
@@ -531,8 +567,8 @@ char *amp_tch_axpy(at::Tensor **dst, int dst_view, at::Tensor **src,
                    int src_view, const double *alpha, size_t n) {
   return guarded([&] {
     if (n == 0) return;
-    auto d = collect(dst, n, dst_view);
-    auto s = collect(src, n, src_view);
+    TensorList d(dst, n, dst_view);
+    TensorList s(src, n, src_view);
     at::ScalarType type = fast_type(d);
     std::vector<Span> ds, ss;
     if (type != at::ScalarType::Undefined && spans(d, type, true, ds) &&
@@ -544,7 +580,8 @@ char *amp_tch_axpy(at::Tensor **dst, int dst_view, at::Tensor **src,
       }
       return bump(d);
     }
-    aten_axpy(d, s, alpha, n);
+    auto dt = d.aten();
+    aten_axpy(dt, s.aten(), alpha, n);
   });
 }
 
@@ -555,9 +592,9 @@ char *amp_tch_axpy_from(at::Tensor **dst, int dst_view, at::Tensor **base,
                         const double *alpha, size_t n) {
   return guarded([&] {
     if (n == 0) return;
-    auto d = collect(dst, n, dst_view);
-    auto b = collect(base, n, base_view);
-    auto s = collect(src, n, src_view);
+    TensorList d(dst, n, dst_view);
+    TensorList b(base, n, base_view);
+    TensorList s(src, n, src_view);
     at::ScalarType type = fast_type(d);
     std::vector<Span> ds, bs, ss;
     if (type != at::ScalarType::Undefined && spans(d, type, true, ds) &&
@@ -569,8 +606,9 @@ char *amp_tch_axpy_from(at::Tensor **dst, int dst_view, at::Tensor **base,
       }
       return bump(d);
     }
-    at::_foreach_copy_(d, b);
-    aten_axpy(d, s, alpha, n);
+    auto dt = d.aten();
+    at::_foreach_copy_(dt, b.aten());
+    aten_axpy(dt, s.aten(), alpha, n);
   });
 }
 
@@ -586,21 +624,21 @@ char *amp_tch_perturb(at::Tensor **params, at::Tensor **snapshot,
   return guarded([&] {
     *handled = 0;
     if (n == 0) return;
-    auto theta = collect(params, n, AMP_PLAIN);
-    auto g = collect(params, n, AMP_GRAD_READ);
+    TensorList theta(params, n, AMP_PLAIN);
+    TensorList g(params, n, AMP_GRAD_READ);
     at::ScalarType type = fast_type(theta);
     std::vector<Span> ts, gs, ss, dsp;
-    std::vector<at::Tensor> snap, del;
+    std::unique_ptr<TensorList> snap, del;
     if (type == at::ScalarType::Undefined || !spans(theta, type, true, ts) ||
         !spans(g, type, false, gs, &ts))
       return;
     if (snapshot != nullptr) {
-      snap = collect(snapshot, n, AMP_PLAIN);
-      if (!spans(snap, type, true, ss, &ts)) return;
+      snap = std::make_unique<TensorList>(snapshot, n, AMP_PLAIN);
+      if (!spans(*snap, type, true, ss, &ts)) return;
     }
     if (delta != nullptr) {
-      del = collect(delta, n, AMP_PLAIN);
-      if (!spans(del, type, true, dsp, &ts)) return;
+      del = std::make_unique<TensorList>(delta, n, AMP_PLAIN);
+      if (!spans(*del, type, true, dsp, &ts)) return;
     }
     const std::vector<Span> *sp = snapshot != nullptr ? &ss : nullptr;
     const std::vector<Span> *dp = delta != nullptr ? &dsp : nullptr;
@@ -609,8 +647,8 @@ char *amp_tch_perturb(at::Tensor **params, at::Tensor **snapshot,
             ? fast_perturb<float>(ts, gs, sp, dp, inner_lr, max_norm, guard, type)
             : fast_perturb<double>(ts, gs, sp, dp, inner_lr, max_norm, guard, type);
     bump(theta);
-    if (snapshot != nullptr) bump(snap);
-    if (delta != nullptr) bump(del);
+    if (snap) bump(*snap);
+    if (del) bump(*del);
     *norms = new at::Tensor(out);
     *handled = 1;
   });
@@ -620,7 +658,7 @@ char *amp_tch_perturb(at::Tensor **params, at::Tensor **snapshot,
 char *amp_tch_norms(at::Tensor **src, int src_view, size_t n,
                     at::Tensor **out) {
   return guarded([&] {
-    auto s = collect(src, n, src_view);
+    TensorList s(src, n, src_view);
     at::ScalarType type = fast_type(s);
     std::vector<Span> ss;
     if (type != at::ScalarType::Undefined && spans(s, type, false, ss)) {
@@ -628,7 +666,7 @@ char *amp_tch_norms(at::Tensor **src, int src_view, size_t n,
                                                : fast_norms<double>(ss, type));
       return;
     }
-    *out = new at::Tensor(at::stack(at::_foreach_norm(s, 2)));
+    *out = new at::Tensor(at::stack(at::_foreach_norm(s.aten(), 2)));
   });
 }
 
@@ -638,7 +676,7 @@ char *amp_tch_clip(at::Tensor **dst, int dst_view, size_t n,
                    at::Tensor *norms, const double *max_norm, double guard) {
   return guarded([&] {
     if (n == 0) return;
-    auto d = collect(dst, n, dst_view);
+    TensorList d(dst, n, dst_view);
     at::ScalarType type = fast_type(d);
     std::vector<Span> ds;
     if (type != at::ScalarType::Undefined && plain_cpu(*norms, type) &&
@@ -657,7 +695,7 @@ char *amp_tch_clip(at::Tensor **dst, int dst_view, size_t n,
     // Round ε to the tensors' dtype first, as the reference store does.
     auto limit = host.to(norms->options());
     auto coefficient = (limit / (*norms + guard)).clamp_max(1.0);
-    at::_foreach_mul_(d, coefficient.unbind(0));
+    at::_foreach_mul_(d.aten(), coefficient.unbind(0));
   });
 }
 
@@ -667,7 +705,7 @@ char *amp_tch_clip(at::Tensor **dst, int dst_view, size_t n,
 // one reduction over the per-tensor infinity norms and one read to the host.
 char *amp_tch_all_finite(at::Tensor **src, int src_view, size_t n, int *out) {
   return guarded([&] {
-    auto all = collect(src, n, src_view);
+    TensorList all(src, n, src_view);
     at::ScalarType type = fast_type(all);
     std::vector<Span> ss;
     if (type != at::ScalarType::Undefined && spans(all, type, false, ss)) {
@@ -678,9 +716,9 @@ char *amp_tch_all_finite(at::Tensor **src, int src_view, size_t n, int *out) {
     }
     std::vector<at::Tensor> s;
     s.reserve(all.size());
-    for (auto &t : all) {
+    for (const auto *t : all.ptrs) {
       // The infinity norm of an empty tensor is undefined; it is finite.
-      if (t.numel() > 0) s.push_back(t);
+      if (t->numel() > 0) s.push_back(*t);
     }
     if (s.empty()) {
       *out = 1;
@@ -719,6 +757,112 @@ char *amp_tch_grad_mask(at::Tensor **params, size_t n, unsigned char *out) {
   return guarded([&] {
     for (size_t i = 0; i < n; ++i) {
       out[i] = params[i]->grad().defined() ? 1 : 0;
+    }
+  });
+}
+
+// Flat layout: every params[i] becomes a view of one new contiguous
+// allocation *flat_params (set_data keeps each parameter's own TensorImpl,
+// autograd metadata and version counter; values are copied), and every
+// parameter that requires grad gets a gradient in one zero-filled allocation
+// *flat_grads, views[i] (NULL for the others). Each gradient is a tensor of
+// its own over the shared storage (`set_`, not a view), so that it has its
+// own version counter: autograd's in-place accumulation bumps it, which is
+// how `amp_tch_flat_grad_mask` tells the tensors that received a gradient.
+// Existing gradients are copied in. Everything is allocated before any
+// parameter is touched.
+char *amp_tch_flatten(at::Tensor **params, size_t n, at::Tensor **views,
+                      at::Tensor **flat_params, at::Tensor **flat_grads) {
+  return guarded([&] {
+    for (size_t i = 0; i < n; ++i) views[i] = nullptr;
+    if (n == 0) return;
+    int64_t total = 0;
+    for (size_t i = 0; i < n; ++i) total += params[i]->numel();
+    auto options = params[0]->options().requires_grad(false);
+    auto fp = at::empty({total}, options);
+    auto fg = at::zeros({total}, options);
+    std::vector<at::Tensor> slots, grads;
+    slots.reserve(n);
+    grads.reserve(n);
+    int64_t offset = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor &p = *params[i];
+      int64_t numel = p.numel();
+      auto slot = fp.narrow(0, offset, numel).view(p.sizes());
+      slot.copy_(p);
+      slots.push_back(slot);
+      at::Tensor g;
+      if (p.requires_grad()) {
+        g = at::empty({0}, options);
+        g.set_(fg.storage(), fg.storage_offset() + offset, p.sizes(),
+               slot.strides());
+        if (p.grad().defined()) g.copy_(p.grad());
+      }
+      grads.push_back(g);
+      offset += numel;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      params[i]->set_data(slots[i]);
+      if (grads[i].defined()) {
+        params[i]->mutable_grad() = grads[i];
+        views[i] = new at::Tensor(grads[i]);
+      } else {
+        params[i]->mutable_grad().reset();
+      }
+    }
+    *flat_params = new at::Tensor(fp);
+    *flat_grads = new at::Tensor(fg);
+  });
+}
+
+// Flat layout's zero_grad: re-attaches views[i] as the gradient where
+// something replaced it, drops gradients of tensors without a view, zeroes
+// *flat_grads in one fill and records each view's version in versions[i].
+char *amp_tch_flat_zero(at::Tensor **params, at::Tensor **views, size_t n,
+                        at::Tensor *flat_grads, int64_t *versions) {
+  return guarded([&] {
+    for (size_t i = 0; i < n; ++i) {
+      at::Tensor *view = views[i];
+      if (view == nullptr) {
+        params[i]->mutable_grad().reset();
+        continue;
+      }
+      const at::Tensor &g = params[i]->grad();
+      if (!g.defined() ||
+          g.unsafeGetTensorImpl() != view->unsafeGetTensorImpl()) {
+        params[i]->mutable_grad() = *view;
+      }
+    }
+    const at::Tensor &flat = *flat_grads;
+    if ((plain_cpu(flat, at::kFloat) || plain_cpu(flat, at::kDouble)) &&
+        flat.numel() > 0) {
+      // One memset: no operator dispatch, no wake-up of libtorch's threads
+      // for what is a single streaming write. All-zero bits are +0.0.
+      std::memset(flat.mutable_data_ptr(), 0,
+                  static_cast<size_t>(flat.numel()) * flat.element_size());
+      flat.unsafeGetTensorImpl()->bump_version();
+    } else {
+      flat_grads->zero_();
+    }
+    for (size_t i = 0; i < n; ++i) {
+      versions[i] = views[i] == nullptr ? 0 : views[i]->_version();
+    }
+  });
+}
+
+// Flat layout's grad_mask: out[i] <- 1 where params[i] received a gradient
+// since amp_tch_flat_zero (its view was written, or it has a gradient of
+// its own).
+char *amp_tch_flat_grad_mask(at::Tensor **params, at::Tensor **views,
+                             size_t n, const int64_t *versions,
+                             unsigned char *out) {
+  return guarded([&] {
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor &g = params[i]->grad();
+      at::Tensor *view = views[i];
+      bool own = view != nullptr &&
+                 g.unsafeGetTensorImpl() == view->unsafeGetTensorImpl();
+      out[i] = g.defined() && (!own || g._version() != versions[i]) ? 1 : 0;
     }
   });
 }

@@ -149,6 +149,48 @@ fn exercise<S: ParamStore>(store: &mut S, grads: &[HostTensor], seed: u64) -> Ve
     store
         .clip_to_norms(Slot::Params, &masked, &limit, &mask)
         .unwrap();
+
+    // The fused operations (ndarray runs the composed sequence), with and
+    // without snapshot and δ, ζ of 1 and not, clipped tensors and not.
+    let inner_lr: Vec<_> = (0..n)
+        .map(|i| {
+            c(if i % 2 == 0 {
+                1.0
+            } else {
+                0.45 + 0.1 * i as f64
+            })
+        })
+        .collect();
+    let epsilon: Vec<_> = (0..n)
+        .map(|i| c(if i % 3 == 0 { 1e-3 } else { 1e3 }))
+        .collect();
+    let e = store.alloc_buffer().unwrap();
+    let (snap, delta) = match seed % 4 {
+        0 => (Some(Slot::Buffer(e)), None),
+        1 => (None, Some(Slot::Buffer(e))),
+        2 => (Some(Slot::Buffer(e)), Some(Slot::Buffer(d))),
+        _ => (None, None),
+    };
+    let norms = store
+        .perturb_from_grads(snap, delta, &inner_lr, &epsilon, &mask)
+        .unwrap();
+    seen.extend(
+        store
+            .norms_to_host(&norms)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits()),
+    );
+    // The gradients are unspecified after perturb_from_grads: write them again.
+    for (i, g) in grads.iter().enumerate() {
+        store.write(Slot::Grads, i, g).unwrap();
+    }
+    store
+        .axpy_from(Slot::Params, Slot::Buffer(b), &alpha, Slot::Grads, &mask)
+        .unwrap();
+    store
+        .axpy_from(Slot::Buffer(d), Slot::Buffer(d), &alpha, Slot::Grads, &all)
+        .unwrap();
     for slot in [Slot::Params, Slot::Grads, Slot::Buffer(b), Slot::Buffer(d)] {
         seen.push(u64::from(store.all_finite(slot, &all).unwrap()));
     }
@@ -169,6 +211,7 @@ fn matches_reference<T: Element>(dtype: DType) {
             Slot::Grads,
             Slot::Buffer(amp_core::BufferId::new(0)),
             Slot::Buffer(amp_core::BufferId::new(1)),
+            Slot::Buffer(amp_core::BufferId::new(2)),
         ];
         let (a, e) = (snapshot(&tch, &slots), snapshot(&nd, &slots));
         for (k, (x, y)) in a.iter().zip(&e).enumerate() {

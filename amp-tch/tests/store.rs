@@ -340,3 +340,35 @@ fn half_precision_store() {
         assert_eq!(s.read(Slot::Params, 0).unwrap().dtype, dtype);
     }
 }
+
+#[test]
+fn set_grad_copies_and_checks() {
+    let mut s = small(DType::F32, Device::Cpu);
+    let mut source = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+    s.set_grad(1, &source).unwrap();
+    assert_eq!(s.grad_mask().unwrap(), vec![false, true, false]);
+    // The store holds a copy: changing the source changes nothing.
+    let _ = source.fill_(9.0);
+    assert_eq!(data(&s, Slot::Grads, 1), vec![1.0, 2.0, 3.0]);
+    // An existing gradient is overwritten in place.
+    let before = s.grad(1).unwrap().unwrap().data_ptr();
+    s.set_grad(1, &Tensor::from_slice(&[4.0f32, 5.0, 6.0]))
+        .unwrap();
+    assert_eq!(s.grad(1).unwrap().unwrap().data_ptr(), before);
+    assert_eq!(data(&s, Slot::Grads, 1), vec![4.0, 5.0, 6.0]);
+    // Wrong shape, dtype or index: typed errors, nothing changed.
+    assert!(matches!(
+        s.set_grad(1, &Tensor::from_slice(&[1.0f32])),
+        Err(AmpError::ShapeMismatch { index: 1, .. })
+    ));
+    assert!(matches!(
+        s.set_grad(1, &Tensor::from_slice(&[1.0f64, 2.0, 3.0])),
+        Err(AmpError::DTypeMismatch { index: 1, .. })
+    ));
+    assert!(matches!(
+        s.set_grad(7, &Tensor::from_slice(&[1.0f32])),
+        Err(AmpError::IndexOutOfRange { index: 7, len: 3 })
+    ));
+    assert_eq!(data(&s, Slot::Grads, 1), vec![4.0, 5.0, 6.0]);
+    assert_eq!(s.grad_mask().unwrap(), vec![false, true, false]);
+}

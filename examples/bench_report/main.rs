@@ -134,6 +134,16 @@ fn backends() -> Vec<Backend> {
         opt: opt_boxed::<fixtures::tc::Tch>,
         meter: metered_step::<fixtures::tc::Tch>,
     });
+    #[cfg(feature = "tch")]
+    list.push(Backend {
+        name: fixtures::tc::TchFlat::NAME,
+        mlp: |p| {
+            let (a, b) = mlp_tch::flat_trainers(p)?;
+            Ok((Box::new(a), Box::new(b)))
+        },
+        opt: opt_boxed::<fixtures::tc::TchFlat>,
+        meter: metered_step::<fixtures::tc::TchFlat>,
+    });
     list
 }
 
@@ -141,6 +151,12 @@ fn backends() -> Vec<Backend> {
 const SIZES: [usize; 4] = [10_000, 100_000, 1_000_000, 10_000_000];
 /// Total of the tensor-count sweep.
 const COUNT_TOTAL: usize = 1_000_000;
+/// The per-primitive breakdowns: title, total parameters, tensors.
+const BREAKDOWNS: [(&str, usize, usize); 3] = [
+    ("at 1e7 f32, 1 tensor", 10_000_000, 1),
+    ("at 1e6 f32, 1 tensor", COUNT_TOTAL, 1),
+    ("at 1e6 f32 in 1000 tensors", COUNT_TOTAL, 1000),
+];
 /// Tensor counts of the tensor-count sweep.
 const COUNTS: [usize; 3] = [1, 100, 1000];
 
@@ -164,8 +180,8 @@ struct BackendResult {
     mlp: Vec<Result<MlpResult, String>>,
     sizes: Vec<Result<SizeResult, String>>,
     counts: Option<Result<CountTimes, String>>,
-    breakdown: Option<Result<Meter, String>>,
-    breakdown_many: Option<Result<Meter, String>>,
+    /// Per-primitive breakdowns, one per entry of [`BREAKDOWNS`].
+    breakdowns: Vec<Result<Meter, String>>,
     opt_amp_held: Option<usize>,
 }
 
@@ -338,10 +354,12 @@ fn main() -> Result<(), BoxError> {
             eprintln!("  {} tensor counts", backend.name);
             r.counts = Some(run_counts(backend, &plan).map_err(|e| e.to_string()));
             let timed = if args.quick { 2 } else { 5 };
-            r.breakdown = Some((backend.meter)(&[SIZES[3]], 1, timed).map_err(|e| e.to_string()));
-            let many = fixtures::layout(COUNT_TOTAL, COUNTS[2]);
-            r.breakdown_many =
-                Some((backend.meter)(&many, 1, 10 * timed).map_err(|e| e.to_string()));
+            for (_, total, count) in BREAKDOWNS {
+                let steps = timed * (SIZES[3] / total).max(1);
+                let layout = fixtures::layout(total, count);
+                r.breakdowns
+                    .push((backend.meter)(&layout, 1, steps).map_err(|e| e.to_string()));
+            }
         }
         results.push(r);
     }
@@ -584,21 +602,13 @@ fn render(
 
     // Where the optimizer's time goes at 1e7.
     if !args.skip_optimizer {
-        for (title, many) in [
-            ("at 1e7 f32, 1 tensor", false),
-            ("at 1e6 f32 in 1000 tensors", true),
-        ] {
+        for (k, (title, _, _)) in BREAKDOWNS.iter().enumerate() {
             let _ = writeln!(
                 out,
                 "\nper-primitive breakdown of one AMP step (K = 1) {title}: calls, MB, ms, GB/s"
             );
             for r in results {
-                let breakdown = if many {
-                    &r.breakdown_many
-                } else {
-                    &r.breakdown
-                };
-                match breakdown {
+                match r.breakdowns.get(k) {
                     Some(Ok(m)) => {
                         let _ = writeln!(out, "  {}{}", r.name, render_meter(m));
                     }

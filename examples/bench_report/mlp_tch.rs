@@ -1,5 +1,6 @@
 //! The benchmark MLP on libtorch: `tch::nn::linear` layers in a `VarStore`
 //! that a `TchStore` holds; gradients from libtorch's autograd.
+#![allow(dead_code)]
 
 use amp::backend::tch::TchStore;
 use amp::BoxError;
@@ -9,7 +10,11 @@ use tch::{Kind, Tensor};
 use crate::fixtures::{amp_config, Closure, Trainer, TrainerPair};
 use crate::mlp::{Problem, EPSILON, LR};
 
-fn trainer(problem: &Problem, inner_iter: usize) -> Result<Trainer<TchStore>, BoxError> {
+fn trainer(
+    problem: &Problem,
+    inner_iter: usize,
+    flat: bool,
+) -> Result<Trainer<TchStore>, BoxError> {
     let device = crate::fixtures::tc::device();
     let vs = nn::VarStore::new(device);
     let mut model = nn::seq();
@@ -40,7 +45,10 @@ fn trainer(problem: &Problem, inner_iter: usize) -> Result<Trainer<TchStore>, Bo
         .to_device(device);
     let labels: Vec<i64> = problem.y.iter().map(|&c| c as i64).collect();
     let y = Tensor::from_slice(&labels).to_device(device);
-    let store = TchStore::from_var_store(&vs)?;
+    let mut store = TchStore::from_var_store(&vs)?;
+    if flat {
+        store.flatten()?;
+    }
     let closure: Closure<TchStore> = Box::new(move |_: &mut TchStore, _pass| {
         let _keep = &vs;
         let logits = model.forward(&x);
@@ -58,5 +66,10 @@ fn trainer(problem: &Problem, inner_iter: usize) -> Result<Trainer<TchStore>, Bo
 
 /// The ERM (`inner_iter` 0) and AMP (`inner_iter` 1) trainers of `problem`.
 pub fn trainers(problem: &Problem) -> Result<TrainerPair<TchStore>, BoxError> {
-    Ok((trainer(problem, 0)?, trainer(problem, 1)?))
+    Ok((trainer(problem, 0, false)?, trainer(problem, 1, false)?))
+}
+
+/// The same pair over flattened stores (`TchStore::flatten`).
+pub fn flat_trainers(problem: &Problem) -> Result<TrainerPair<TchStore>, BoxError> {
+    Ok((trainer(problem, 0, true)?, trainer(problem, 1, true)?))
 }
