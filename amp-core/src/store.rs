@@ -466,6 +466,14 @@ impl<B> Buffers<B> {
         }
     }
 
+    /// The live buffers with their ids, in id order.
+    pub fn iter(&self) -> impl Iterator<Item = (BufferId, &B)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.as_ref().map(|b| (BufferId::new(i), b)))
+    }
+
     /// Number of live buffers.
     pub fn len(&self) -> usize {
         self.slots.iter().filter(|b| b.is_some()).count()

@@ -151,6 +151,16 @@ mod ffi {
     /// Their gradients; an undefined gradient is defined as zeros first.
     pub const GRAD_WRITE: c_int = 2;
 
+    /// Operations of `amp_tch_raw`.
+    pub const RAW_COPY: c_int = 0;
+    pub const RAW_SCALE: c_int = 1;
+    pub const RAW_AXPY: c_int = 2;
+    pub const RAW_AXPY_FROM: c_int = 3;
+    pub const RAW_NORMS: c_int = 4;
+    pub const RAW_CLIP: c_int = 5;
+    pub const RAW_ALL_FINITE: c_int = 6;
+    pub const RAW_PERTURB: c_int = 7;
+
     extern "C" {
         pub fn amp_tch_free_error(message: *mut c_char);
         pub fn amp_tch_copy(
@@ -242,7 +252,25 @@ mod ffi {
             views: *const *mut C_tensor,
             n: usize,
             versions: *const i64,
+            expected: *const super::RawSpan,
             out: *mut u8,
+            intact: *mut c_int,
+        ) -> *mut c_char;
+        #[allow(clippy::too_many_arguments)]
+        pub fn amp_tch_raw(
+            op: c_int,
+            is_double: c_int,
+            n: usize,
+            d: *const super::RawSpan,
+            a: *const super::RawSpan,
+            b: *const super::RawSpan,
+            e: *const super::RawSpan,
+            c1: *const f64,
+            c2: *const f64,
+            guard: f64,
+            out: *mut std::ffi::c_void,
+            bump: *const *mut C_tensor,
+            nbump: usize,
         ) -> *mut c_char;
         pub fn amp_tch_get_grad(param: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
         pub fn amp_tch_alloc_like(
@@ -406,6 +434,43 @@ struct Flat {
     views: Vec<Option<Tensor>>,
     /// Per parameter: the version of its gradient when last zeroed.
     versions: Vec<i64>,
+    /// The raw path's spans, on the CPU in f32/f64 (see [`RawSpan`]).
+    raw: Option<RawLayout>,
+}
+
+/// Where a tensor's elements are, as the shim's fast path addresses them:
+/// the address (as an integer, so that the store stays `Send`) and the
+/// element count. Laid out as the shim's `Span`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct RawSpan {
+    addr: usize,
+    n: i64,
+}
+
+impl RawSpan {
+    fn of(tensor: &Tensor) -> Self {
+        RawSpan {
+            addr: tensor.data_ptr() as usize,
+            n: tensor.numel() as i64,
+        }
+    }
+}
+
+/// The flat layout's spans, for operations that skip reading every
+/// tensor's metadata. They are trusted only while `intact`: set when the
+/// layout is made and by every [`ParamStore::grad_mask`] that finds the
+/// parameters where they were laid out and every gradient that arrived in
+/// its place; cleared by [`ParamStore::zero_grads`] and by anything that
+/// gives a tensor a gradient of its own.
+#[derive(Debug)]
+struct RawLayout {
+    params: Vec<RawSpan>,
+    /// `None` for parameters without a flat gradient.
+    grads: Vec<Option<RawSpan>>,
+    /// Per buffer: its tensors' spans.
+    buffers: std::collections::HashMap<BufferId, Vec<RawSpan>>,
+    intact: std::sync::atomic::AtomicBool,
 }
 
 impl TchStore {
@@ -540,7 +605,7 @@ impl TchStore {
                 &mut flat_grads,
             )
         })?;
-        let views = views
+        let views: Vec<Option<Tensor>> = views
             .into_iter()
             .map(|ptr| {
                 // SAFETY: allocated by the shim with `new at::Tensor`.
@@ -549,10 +614,25 @@ impl TchStore {
             .collect();
         // SAFETY: allocated by the shim on success.
         let (_params, grads) = unsafe { (take_tensor(flat_params)?, take_tensor(flat_grads)?) };
+        let raw = (self.device == Device::Cpu && matches!(self.kind, Kind::Float | Kind::Double))
+            .then(|| RawLayout {
+                params: self.params.iter().map(RawSpan::of).collect(),
+                grads: views
+                    .iter()
+                    .map(|v: &Option<Tensor>| v.as_ref().map(RawSpan::of))
+                    .collect(),
+                buffers: self
+                    .buffers
+                    .iter()
+                    .map(|(id, b)| (id, b.iter().map(RawSpan::of).collect()))
+                    .collect(),
+                intact: std::sync::atomic::AtomicBool::new(true),
+            });
         self.flat = Some(Flat {
             grads,
             views,
             versions: vec![i64::MIN; n],
+            raw,
         });
         Ok(())
     }
@@ -637,6 +717,8 @@ impl TchStore {
                     Ok::<_, tch::TchError>(fresh)
                 })
                 .map_err(tch_error)?;
+                // A gradient of its own: not in the flat layout.
+                self.distrust_raw();
                 // SAFETY: both tensors outlive the call.
                 check(unsafe { ffi::amp_tch_set_grad(raw(&self.params[index]), raw(&fresh)) })
             }
@@ -708,6 +790,101 @@ impl TchStore {
         Ok((pointers, view))
     }
 
+    /// The raw layout, when it may be used now (see [`RawLayout`]).
+    fn raw(&self) -> Option<&RawLayout> {
+        let raw = self.flat.as_ref()?.raw.as_ref()?;
+        raw.intact
+            .load(std::sync::atomic::Ordering::Acquire)
+            .then_some(raw)
+    }
+
+    /// Stops the raw path until the next check finds the layout intact.
+    fn distrust_raw(&self) {
+        if let Some(raw) = self.flat.as_ref().and_then(|f| f.raw.as_ref()) {
+            raw.intact
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The masked-in spans of `slot` on the raw path (`None` when a tensor
+    /// has no span there).
+    fn raw_spans(raw: &RawLayout, slot: Slot, mask: &[bool]) -> Option<Vec<RawSpan>> {
+        let pick = |spans: &[RawSpan]| -> Vec<RawSpan> {
+            spans
+                .iter()
+                .zip(mask)
+                .filter(|(_, &m)| m)
+                .map(|(s, _)| *s)
+                .collect()
+        };
+        match slot {
+            Slot::Params => Some(pick(&raw.params)),
+            Slot::Grads => raw
+                .grads
+                .iter()
+                .zip(mask)
+                .filter(|(_, &m)| m)
+                .map(|(g, _)| *g)
+                .collect(),
+            Slot::Buffer(id) => raw.buffers.get(&id).map(|b| pick(b)),
+        }
+    }
+
+    /// One `amp_tch_raw` call over `n` tensors; the parameters selected by
+    /// `bump` get their autograd version bumped (they are written).
+    #[allow(clippy::too_many_arguments)]
+    fn raw_call(
+        &self,
+        op: c_int,
+        n: usize,
+        lists: [Option<&[RawSpan]>; 4],
+        c1: Option<&[f64]>,
+        c2: Option<&[f64]>,
+        out: *mut std::ffi::c_void,
+        bump: Option<&[bool]>,
+    ) -> Result<()> {
+        let bumped: Vec<*mut C_tensor> = bump
+            .map(|mask| {
+                self.params
+                    .iter()
+                    .zip(mask)
+                    .filter(|(_, &m)| m)
+                    .map(|(t, _)| raw(t))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let list = |l: Option<&[RawSpan]>| l.map_or(std::ptr::null(), <[RawSpan]>::as_ptr);
+        let coefficients = |c: Option<&[f64]>| c.map_or(std::ptr::null(), <[f64]>::as_ptr);
+        // SAFETY: every list given has n entries, every coefficient slice n
+        // values; the spans were taken from live tensors that the store
+        // keeps, and were checked since the last closure call (`intact`).
+        check(unsafe {
+            ffi::amp_tch_raw(
+                op,
+                c_int::from(self.kind == Kind::Double),
+                n,
+                list(lists[0]),
+                list(lists[1]),
+                list(lists[2]),
+                list(lists[3]),
+                coefficients(c1),
+                coefficients(c2),
+                PROJECTION_GUARD,
+                out,
+                bumped.as_ptr(),
+                bumped.len(),
+            )
+        })
+    }
+
+    /// Coefficients of the masked-in tensors.
+    fn masked(values: &[f64], mask: &[bool]) -> Vec<f64> {
+        (0..mask.len())
+            .filter(|&i| mask[i])
+            .map(|i| values[i])
+            .collect()
+    }
+
     fn check_distinct(dst: Slot, src: Slot) -> Result<()> {
         if dst == src {
             Err(AmpError::backend(format!(
@@ -753,6 +930,7 @@ impl ParamStore for TchStore {
 
     fn zero_grads(&mut self) -> Result<()> {
         let (pointers, _) = self.pointers(Slot::Params, &vec![true; self.params.len()], true)?;
+        self.distrust_raw();
         if let Some(flat) = self.flat.as_mut() {
             let views: Vec<*mut C_tensor> = flat
                 .views
@@ -784,17 +962,28 @@ impl ParamStore for TchStore {
                 .iter()
                 .map(|v| v.as_ref().map_or(std::ptr::null_mut(), raw))
                 .collect();
-            // SAFETY: every list has one entry per parameter; the tensors
-            // outlive the call.
+            let expected = flat
+                .raw
+                .as_ref()
+                .map_or(std::ptr::null(), |r| r.params.as_ptr());
+            let mut intact: c_int = 0;
+            // SAFETY: every list has one entry per parameter (`expected` too,
+            // or it is NULL); the tensors outlive the call.
             check(unsafe {
                 ffi::amp_tch_flat_grad_mask(
                     pointers.as_ptr(),
                     views.as_ptr(),
                     pointers.len(),
                     flat.versions.as_ptr(),
+                    expected,
                     out.as_mut_ptr(),
+                    &mut intact,
                 )
             })?;
+            if let Some(raw) = &flat.raw {
+                raw.intact
+                    .store(intact != 0, std::sync::atomic::Ordering::Release);
+            }
             return Ok(out.into_iter().map(|b| b != 0).collect());
         }
         // SAFETY: `out` has one byte per pointer; the parameters outlive the call.
@@ -822,16 +1011,35 @@ impl ParamStore for TchStore {
         }
         check(status)?;
         check_len("buffer tensors", self.params.len(), buffer.len())?;
-        Ok(self.buffers.insert(buffer))
+        let spans: Vec<RawSpan> = buffer.iter().map(RawSpan::of).collect();
+        let id = self.buffers.insert(buffer);
+        if let Some(raw) = self.flat.as_mut().and_then(|f| f.raw.as_mut()) {
+            raw.buffers.insert(id, spans);
+        }
+        Ok(id)
     }
 
     fn free_buffer(&mut self, id: BufferId) -> Result<()> {
+        if let Some(raw) = self.flat.as_mut().and_then(|f| f.raw.as_mut()) {
+            raw.buffers.remove(&id);
+        }
         self.buffers.remove(id).map(drop)
     }
 
     fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
         self.check_mask(mask)?;
         Self::check_distinct(dst, src)?;
+        if let Some(raw) = self.raw() {
+            if let (Some(d), Some(s)) = (
+                Self::raw_spans(raw, dst, mask),
+                Self::raw_spans(raw, src, mask),
+            ) {
+                let bump = (dst == Slot::Params).then_some(mask);
+                let lists = [Some(&d[..]), Some(&s[..]), None, None];
+                let null = std::ptr::null_mut();
+                return self.raw_call(ffi::RAW_COPY, d.len(), lists, None, None, null, bump);
+            }
+        }
         let (d, dv) = self.pointers(dst, mask, true)?;
         let (s, sv) = self.pointers(src, mask, false)?;
         // SAFETY: both lists have d.len() entries; the tensors outlive the call.
@@ -845,11 +1053,17 @@ impl ParamStore for TchStore {
         let active: Vec<bool> = (0..mask.len())
             .map(|i| mask[i] && factor[i] != 1.0)
             .collect();
+        let f = Self::masked(factor, &active);
+        if let Some(d) = self
+            .raw()
+            .and_then(|raw| Self::raw_spans(raw, dst, &active))
+        {
+            let bump = (dst == Slot::Params).then_some(&active[..]);
+            let lists = [Some(&d[..]), None, None, None];
+            let null = std::ptr::null_mut();
+            return self.raw_call(ffi::RAW_SCALE, d.len(), lists, Some(&f), None, null, bump);
+        }
         let (d, dv) = self.pointers(dst, &active, true)?;
-        let f: Vec<f64> = (0..mask.len())
-            .filter(|&i| active[i])
-            .map(|i| factor[i])
-            .collect();
         // SAFETY: `f` has d.len() entries; the tensors outlive the call.
         check(unsafe { ffi::amp_tch_scale(d.as_ptr(), dv, f.as_ptr(), d.len()) })
     }
@@ -858,12 +1072,20 @@ impl ParamStore for TchStore {
         self.check_mask(mask)?;
         check_len("axpy coefficients", mask.len(), alpha.len())?;
         Self::check_distinct(dst, src)?;
+        let a = Self::masked(alpha, mask);
+        if let Some(raw) = self.raw() {
+            if let (Some(d), Some(s)) = (
+                Self::raw_spans(raw, dst, mask),
+                Self::raw_spans(raw, src, mask),
+            ) {
+                let bump = (dst == Slot::Params).then_some(mask);
+                let lists = [Some(&d[..]), Some(&s[..]), None, None];
+                let null = std::ptr::null_mut();
+                return self.raw_call(ffi::RAW_AXPY, d.len(), lists, Some(&a), None, null, bump);
+            }
+        }
         let (d, dv) = self.pointers(dst, mask, true)?;
         let (s, sv) = self.pointers(src, mask, false)?;
-        let a: Vec<f64> = (0..mask.len())
-            .filter(|&i| mask[i])
-            .map(|i| alpha[i])
-            .collect();
         // SAFETY: all three lists have d.len() entries; the tensors outlive the call.
         check(unsafe { ffi::amp_tch_axpy(d.as_ptr(), dv, s.as_ptr(), sv, a.as_ptr(), d.len()) })
     }
@@ -884,13 +1106,30 @@ impl ParamStore for TchStore {
         }
         self.check_mask(mask)?;
         check_len("axpy coefficients", mask.len(), alpha.len())?;
+        let a = Self::masked(alpha, mask);
+        if let Some(raw) = self.raw() {
+            if let (Some(d), Some(b), Some(s)) = (
+                Self::raw_spans(raw, dst, mask),
+                Self::raw_spans(raw, base, mask),
+                Self::raw_spans(raw, src, mask),
+            ) {
+                let bump = (dst == Slot::Params).then_some(mask);
+                let lists = [Some(&d[..]), Some(&b[..]), Some(&s[..]), None];
+                let null = std::ptr::null_mut();
+                return self.raw_call(
+                    ffi::RAW_AXPY_FROM,
+                    d.len(),
+                    lists,
+                    Some(&a),
+                    None,
+                    null,
+                    bump,
+                );
+            }
+        }
         let (d, dv) = self.pointers(dst, mask, true)?;
         let (b, bv) = self.pointers(base, mask, false)?;
         let (s, sv) = self.pointers(src, mask, false)?;
-        let a: Vec<f64> = (0..mask.len())
-            .filter(|&i| mask[i])
-            .map(|i| alpha[i])
-            .collect();
         // SAFETY: all four lists have d.len() entries; the tensors outlive the call.
         check(unsafe {
             ffi::amp_tch_axpy_from(
@@ -923,6 +1162,38 @@ impl ParamStore for TchStore {
         check_len("inner learning rates", mask.len(), inner_lr.len())?;
         check_len("maximum norms", mask.len(), epsilon.len())?;
         amp_core::composed::check_perturb_slots(snapshot, delta)?;
+        if let Some(raw) = self.raw() {
+            let spans = |slot: Option<Slot>| slot.map(|slot| Self::raw_spans(raw, slot, mask));
+            if let (Some(t), Some(g), snap, del) = (
+                Self::raw_spans(raw, Slot::Params, mask),
+                Self::raw_spans(raw, Slot::Grads, mask),
+                spans(snapshot),
+                spans(delta),
+            ) {
+                // A snapshot or δ asked for must have spans too.
+                if !t.is_empty() && !matches!(snap, Some(None)) && !matches!(del, Some(None)) {
+                    let (snap, del) = (snap.flatten(), del.flatten());
+                    let values = Tensor::f_empty([t.len() as i64], (self.kind, self.device))
+                        .map_err(tch_error)?;
+                    let lists = [Some(&t[..]), Some(&g[..]), snap.as_deref(), del.as_deref()];
+                    let (z, e) = (Self::masked(inner_lr, mask), Self::masked(epsilon, mask));
+                    let out = values.data_ptr();
+                    self.raw_call(
+                        ffi::RAW_PERTURB,
+                        t.len(),
+                        lists,
+                        Some(&z),
+                        Some(&e),
+                        out,
+                        Some(mask),
+                    )?;
+                    return Ok(TchNorms {
+                        values,
+                        mask: mask.to_vec(),
+                    });
+                }
+            }
+        }
         let (p, _) = self.pointers(Slot::Params, mask, true)?;
         let snap = snapshot
             .map(|slot| self.pointers(slot, mask, true).map(|(v, _)| v))
@@ -971,6 +1242,26 @@ impl ParamStore for TchStore {
 
     fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<TchNorms> {
         self.check_mask(mask)?;
+        if let Some(s) = self.raw().and_then(|raw| Self::raw_spans(raw, src, mask)) {
+            if !s.is_empty() {
+                let values = Tensor::f_empty([s.len() as i64], (self.kind, self.device))
+                    .map_err(tch_error)?;
+                let lists = [None, Some(&s[..]), None, None];
+                self.raw_call(
+                    ffi::RAW_NORMS,
+                    s.len(),
+                    lists,
+                    None,
+                    None,
+                    values.data_ptr(),
+                    None,
+                )?;
+                return Ok(TchNorms {
+                    values,
+                    mask: mask.to_vec(),
+                });
+            }
+        }
         let (s, sv) = self.pointers(src, mask, false)?;
         let values = if s.is_empty() {
             Tensor::f_zeros([0], (self.kind, self.device)).map_err(tch_error)?
@@ -1001,6 +1292,31 @@ impl ParamStore for TchStore {
             return Err(AmpError::backend(format!(
                 "clip_to_norms: no norm was computed for tensor {index}"
             )));
+        }
+        if norms.mask == mask
+            && norms.values.device() == Device::Cpu
+            && norms.values.kind() == self.kind
+            && norms.values.is_contiguous()
+        {
+            if let Some(d) = self.raw().and_then(|raw| Self::raw_spans(raw, dst, mask)) {
+                if d.is_empty() {
+                    return Ok(());
+                }
+                check_len("norms", d.len(), norms.values.numel())?;
+                let limits = Self::masked(max_norm, mask);
+                let bump = (dst == Slot::Params).then_some(mask);
+                let lists = [Some(&d[..]), None, None, None];
+                let values = norms.values.data_ptr();
+                return self.raw_call(
+                    ffi::RAW_CLIP,
+                    d.len(),
+                    lists,
+                    Some(&limits),
+                    None,
+                    values,
+                    bump,
+                );
+            }
         }
         let (d, dv) = self.pointers(dst, mask, true)?;
         if d.is_empty() {
@@ -1063,6 +1379,13 @@ impl ParamStore for TchStore {
 
     fn all_finite(&mut self, src: Slot, mask: &[bool]) -> Result<bool> {
         self.check_mask(mask)?;
+        if let Some(s) = self.raw().and_then(|raw| Self::raw_spans(raw, src, mask)) {
+            let mut out: c_int = 0;
+            let lists = [None, Some(&s[..]), None, None];
+            let flag = (&mut out as *mut c_int).cast();
+            self.raw_call(ffi::RAW_ALL_FINITE, s.len(), lists, None, None, flag, None)?;
+            return Ok(out != 0);
+        }
         let (s, sv) = self.pointers(src, mask, false)?;
         let mut out: c_int = 0;
         // SAFETY: the tensors outlive the call.
@@ -1096,8 +1419,10 @@ impl ParamStore for TchStore {
                 Some(existing) => {
                     tch::no_grad(|| existing.shallow_clone().f_copy_(&source)).map_err(tch_error)
                 }
-                // SAFETY: both tensors outlive the call.
                 None => {
+                    // A gradient of its own: not in the flat layout.
+                    self.distrust_raw();
+                    // SAFETY: both tensors outlive the call.
                     check(unsafe { ffi::amp_tch_set_grad(raw(&self.params[index]), raw(&source)) })
                 }
             },

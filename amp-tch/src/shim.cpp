@@ -49,6 +49,7 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -312,16 +313,21 @@ template <typename T> double sum_of_squares(const T *__restrict__ p, int64_t n) 
 }
 
 // A 1-D CPU tensor of the dtype T holding ‖s[i]‖₂.
-template <typename T> at::Tensor fast_norms(const std::vector<Span> &s,
-                                            at::ScalarType type) {
-  auto out = at::empty({static_cast<int64_t>(s.size())},
-                       at::TensorOptions().dtype(type));
-  T *o = out.mutable_data_ptr<T>();
+// o[i] <- ‖s[i]‖₂ in T.
+template <typename T> void norms_into(const std::vector<Span> &s, T *o) {
   for (size_t i = 0; i < s.size(); ++i) {
     prefetch(s, i + 1, sizeof(T));
     double sum = sum_of_squares<T>(reinterpret_cast<const T *>(s[i].p), s[i].n);
     o[i] = static_cast<T>(std::sqrt(sum));
   }
+}
+
+// A 1-D CPU tensor of the dtype T holding ‖s[i]‖₂.
+template <typename T> at::Tensor fast_norms(const std::vector<Span> &s,
+                                            at::ScalarType type) {
+  auto out = at::empty({static_cast<int64_t>(s.size())},
+                       at::TensorOptions().dtype(type));
+  norms_into<T>(s, out.mutable_data_ptr<T>());
   return out;
 }
 
@@ -404,15 +410,10 @@ void perturb_tensor(T *theta, const T *g, T *snap, T *delta, int64_t n, T z,
 // projection coefficient, then one pass writing θ (and the snapshot, δ).
 // Returns the norms as a 1-D CPU tensor of T.
 template <typename T>
-at::Tensor fast_perturb(const std::vector<Span> &theta,
-                        const std::vector<Span> &g,
-                        const std::vector<Span> *snap,
-                        const std::vector<Span> *delta,
-                        const double *inner_lr, const double *max_norm,
-                        double guard, at::ScalarType type) {
-  auto out = at::empty({static_cast<int64_t>(theta.size())},
-                       at::TensorOptions().dtype(type));
-  T *o = out.mutable_data_ptr<T>();
+void perturb_into(const std::vector<Span> &theta, const std::vector<Span> &g,
+                  const std::vector<Span> *snap,
+                  const std::vector<Span> *delta, const double *inner_lr,
+                  const double *max_norm, double guard, T *o) {
   const T one = static_cast<T>(1);
   const T gd = static_cast<T>(guard);
   for (size_t i = 0; i < theta.size(); ++i) {
@@ -431,6 +432,19 @@ at::Tensor fast_perturb(const std::vector<Span> &theta,
                       delta ? reinterpret_cast<T *>((*delta)[i].p) : nullptr,
                       n, z, c);
   }
+}
+
+template <typename T>
+at::Tensor fast_perturb(const std::vector<Span> &theta,
+                        const std::vector<Span> &g,
+                        const std::vector<Span> *snap,
+                        const std::vector<Span> *delta,
+                        const double *inner_lr, const double *max_norm,
+                        double guard, at::ScalarType type) {
+  auto out = at::empty({static_cast<int64_t>(theta.size())},
+                       at::TensorOptions().dtype(type));
+  perturb_into<T>(theta, g, snap, delta, inner_lr, max_norm, guard,
+                  out.mutable_data_ptr<T>());
   return out;
 }
 
@@ -512,6 +526,64 @@ void aten_axpy(std::vector<at::Tensor> &d, const std::vector<at::Tensor> &s,
     auto scaled = at::_foreach_mul(s, scalars(alpha, n));
     at::_foreach_add_(d, scaled);
   }
+}
+
+// The raw path of flattened CPU stores: the same fast-path loops, over
+// spans (address, element count) that the store computed when it laid the
+// tensors out and checks after every closure call, so that no tensor's
+// metadata is read per operation.
+constexpr int RAW_COPY = 0;
+constexpr int RAW_SCALE = 1;
+constexpr int RAW_AXPY = 2;
+constexpr int RAW_AXPY_FROM = 3;
+constexpr int RAW_NORMS = 4;
+constexpr int RAW_CLIP = 5;
+constexpr int RAW_ALL_FINITE = 6;
+constexpr int RAW_PERTURB = 7;
+
+// `d` is written; `a`, `b`, `e` are read (b and e: perturb's snapshot and
+// δ, written, when present); `c1`, `c2` are per-tensor coefficients; `out`
+// is the norms array (written by norms and perturb, read by clip) or the
+// finiteness flag.
+template <typename T>
+void raw_op(int op, const std::vector<Span> &d, const std::vector<Span> &a,
+            const std::vector<Span> &b, const std::vector<Span> &e,
+            bool has_b, bool has_e, const double *c1, const double *c2,
+            double guard, void *out) {
+  switch (op) {
+  case RAW_COPY:
+    fast_copy<T>(d, a);
+    break;
+  case RAW_SCALE:
+    fast_scale<T>(d, c1);
+    break;
+  case RAW_AXPY:
+    fast_axpy<T>(d, a, c1);
+    break;
+  case RAW_AXPY_FROM:
+    fast_axpy_from<T>(d, a, b, c1);
+    break;
+  case RAW_NORMS:
+    norms_into<T>(a, static_cast<T *>(out));
+    break;
+  case RAW_CLIP:
+    fast_clip<T>(d, static_cast<const T *>(out), c1, guard);
+    break;
+  case RAW_ALL_FINITE:
+    *static_cast<int *>(out) = fast_all_finite<T>(a) ? 1 : 0;
+    break;
+  case RAW_PERTURB:
+    perturb_into<T>(d, a, has_b ? &b : nullptr, has_e ? &e : nullptr, c1, c2,
+                    guard, static_cast<T *>(out));
+    break;
+  default:
+    throw std::invalid_argument("unknown raw operation");
+  }
+}
+
+std::vector<Span> raw_spans(const Span *spans, size_t n) {
+  return spans == nullptr ? std::vector<Span>()
+                          : std::vector<Span>(spans, spans + n);
 }
 
 } // namespace
@@ -855,14 +927,51 @@ char *amp_tch_flat_zero(at::Tensor **params, at::Tensor **views, size_t n,
 // its own).
 char *amp_tch_flat_grad_mask(at::Tensor **params, at::Tensor **views,
                              size_t n, const int64_t *versions,
-                             unsigned char *out) {
+                             const Span *expected, unsigned char *out,
+                             int *intact) {
   return guarded([&] {
+    bool same = true;
     for (size_t i = 0; i < n; ++i) {
-      const at::Tensor &g = params[i]->grad();
+      const at::Tensor &p = *params[i];
+      const at::Tensor &g = p.grad();
       at::Tensor *view = views[i];
       bool own = view != nullptr &&
                  g.unsafeGetTensorImpl() == view->unsafeGetTensorImpl();
       out[i] = g.defined() && (!own || g._version() != versions[i]) ? 1 : 0;
+      // The raw path's spans still describe the tensors: the parameter is
+      // where, and as large as, it was laid out, and a gradient that
+      // arrived lives in its place in the flat allocation.
+      if (expected != nullptr &&
+          (p.numel() != expected[i].n ||
+           (p.numel() > 0 && p.const_data_ptr() != expected[i].p) ||
+           !p.is_contiguous() || (out[i] != 0 && !own))) {
+        same = false;
+      }
+    }
+    *intact = same ? 1 : 0;
+  });
+}
+
+// One operation of the raw path (see `raw_op`) over span lists of n
+// entries (unused ones NULL); `is_double` picks f64 over f32; `bump` holds
+// the nbump tensors whose autograd version the in-place op bumps (the
+// parameters, when they are written).
+char *amp_tch_raw(int op, int is_double, size_t n, const Span *d,
+                  const Span *a, const Span *b, const Span *e,
+                  const double *c1, const double *c2, double guard, void *out,
+                  at::Tensor **bump, size_t nbump) {
+  return guarded([&] {
+    auto ds = raw_spans(d, n), as = raw_spans(a, n), bs = raw_spans(b, n),
+         es = raw_spans(e, n);
+    if (is_double != 0) {
+      raw_op<double>(op, ds, as, bs, es, b != nullptr, e != nullptr, c1, c2,
+                     guard, out);
+    } else {
+      raw_op<float>(op, ds, as, bs, es, b != nullptr, e != nullptr, c1, c2,
+                    guard, out);
+    }
+    for (size_t i = 0; i < nbump; ++i) {
+      bump[i]->unsafeGetTensorImpl()->bump_version();
     }
   });
 }
