@@ -49,7 +49,10 @@ fn train(inner_iter: usize, device: Device) -> Result<(f64, f64, f64), AmpError>
     let (x_test, y_test) = dataset(2048, device);
     let vs = nn::VarStore::new(device);
     let net = model(&vs);
-    let store = TchStore::from_var_store(&vs)?;
+    let mut store = TchStore::from_var_store(&vs)?;
+    // Parameters and gradients each in one allocation: the optimiser's
+    // batched operations then walk contiguous memory (same results).
+    store.flatten()?;
     let config = AmpConfig::default()
         .lr(0.05)
         .epsilon(0.5)

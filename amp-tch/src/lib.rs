@@ -457,6 +457,54 @@ impl RawSpan {
     }
 }
 
+/// Span lists (and per-tensor coefficients) of an elementwise operation with
+/// empty tensors dropped and runs of neighbours merged: tensor `i + 1`
+/// joins tensor `i` when, in every list, it starts where `i` ends and its
+/// coefficient has the same bits.
+#[allow(clippy::type_complexity)]
+fn coalesce(
+    lists: [Option<&[RawSpan]>; 4],
+    coefficients: Option<&[f64]>,
+    elem: usize,
+) -> ([Option<Vec<RawSpan>>; 4], Option<Vec<f64>>) {
+    let mut out: [Option<Vec<RawSpan>>; 4] = lists.map(|l| l.map(|_| Vec::new()));
+    let mut merged_coefficients = coefficients.map(|_| Vec::new());
+    let n = lists.iter().flatten().map(|l| l.len()).next().unwrap_or(0);
+    for i in 0..n {
+        let empty = lists.iter().flatten().any(|l| l[i].n == 0);
+        if empty {
+            continue;
+        }
+        let c = coefficients.map(|c| c[i]);
+        let joins = out.iter().zip(&lists).all(|(o, l)| match (o, l) {
+            (Some(o), Some(l)) => o
+                .last()
+                .is_some_and(|last| last.addr + last.n as usize * elem == l[i].addr),
+            _ => true,
+        }) && out.iter().flatten().all(|o| !o.is_empty())
+            && match (&merged_coefficients, c) {
+                (Some(m), Some(c)) => m
+                    .last()
+                    .is_some_and(|&last: &f64| last.to_bits() == c.to_bits()),
+                _ => true,
+            };
+        for (o, l) in out.iter_mut().zip(&lists) {
+            if let (Some(o), Some(l)) = (o.as_mut(), l) {
+                match o.last_mut() {
+                    Some(last) if joins => last.n += l[i].n,
+                    _ => o.push(l[i]),
+                }
+            }
+        }
+        if let (Some(m), Some(c)) = (merged_coefficients.as_mut(), c) {
+            if !joins {
+                m.push(c);
+            }
+        }
+    }
+    (out, merged_coefficients)
+}
+
 /// The flat layout's spans, for operations that skip reading every
 /// tensor's metadata. They are trusted only while `intact`: set when the
 /// layout is made and by every [`ParamStore::grad_mask`] that finds the
@@ -853,6 +901,26 @@ impl TchStore {
                     .collect()
             })
             .unwrap_or_default();
+        // Elementwise operations run over neighbouring tensors that lie
+        // back to back in every list (and share their coefficient) as one
+        // loop: with the flat layout, usually all of them.
+        let elementwise = matches!(
+            op,
+            ffi::RAW_COPY
+                | ffi::RAW_SCALE
+                | ffi::RAW_AXPY
+                | ffi::RAW_AXPY_FROM
+                | ffi::RAW_ALL_FINITE
+        );
+        let merged;
+        let (n, lists, c1) = if elementwise {
+            merged = coalesce(lists, c1, self.dtype.size_in_bytes());
+            let (lists, c1) = (&merged.0, merged.1.as_deref());
+            let n = lists.iter().flatten().map(Vec::len).next().unwrap_or(0);
+            (n, [0, 1, 2, 3].map(|k| lists[k].as_deref()), c1)
+        } else {
+            (n, lists, c1)
+        };
         let list = |l: Option<&[RawSpan]>| l.map_or(std::ptr::null(), <[RawSpan]>::as_ptr);
         let coefficients = |c: Option<&[f64]>| c.map_or(std::ptr::null(), <[f64]>::as_ptr);
         // SAFETY: every list given has n entries, every coefficient slice n
