@@ -70,15 +70,13 @@
 //! | `norms` | `_foreach_norm` + `stack` |
 //! | `clip_to_norms` | a few ops on the stacked norms + `_foreach_mul_` (tensor list) |
 //! | `all_finite` | `_foreach_norm(∞)` + `stack` + `isfinite().all()`, one read (CPU: `aminmax` per tensor + `stack` instead) |
+//! | `axpy_from` | `_foreach_copy_` + the `axpy` calls |
+//! | `perturb_from_grads` | the unfused sequence of [`amp_core::composed`] |
 //! | `zero_grads`, `grad_mask` | no kernel: references dropped or inspected |
 //! | `alloc_buffer` | one `zeros` allocation, viewed per tensor |
 //!
-//! Why a shim rather than one flat parameter buffer with views: gradients are
-//! allocated by autograd, one tensor per parameter, and the parameters of a
-//! `VarStore` are allocated by tch; flattening would mean copying gradients
-//! into a flat buffer on every pass (two extra passes over memory) or
-//! re-pointing the model's storage. The foreach operators work on the tensors
-//! where they are, and on CUDA they run as fused multi-tensor launches.
+//! The foreach operators work on the tensors where autograd and the model
+//! put them, and on CUDA they run as fused multi-tensor launches.
 //! One caveat: `clip_to_norms` multiplies each tensor by its own coefficient,
 //! a 0-d device tensor; ATen's CUDA fast path does not cover that broadcast,
 //! so on CUDA it is one small launch per tensor — still without any host
@@ -93,19 +91,34 @@
 //! infinity norm runs far below memory speed. So when every tensor that a
 //! batched operation touches (destination and source, masked-in) is a dense,
 //! contiguous `f32` or `f64` CPU tensor — parameters, autograd gradients and
-//! buffers normally are — the shim runs `copy`, `scale`, `axpy`, `norms`,
-//! `clip_to_norms` and `all_finite` as plain loops over the tensors' memory
-//! (compiled with `-O3 -ffp-contract=off`), with the reference store's
-//! arithmetic: `d + a·s` as a separate multiply and add, norms accumulated in
-//! `f64` over 8 partial sums exactly as `amp-ndarray` sums them, the clip
-//! coefficient `min(1, max / (n + 1e-12))` in the tensors' dtype (a NaN
-//! quotient counts as 1, as Rust's `min` has it), and a branch-free finite
-//! check over blocks. On that path the results are the reference store's bit
-//! for bit. [`TchNorms`] then holds a CPU tensor, as it does on the ATen
-//! path; written tensors get their autograd version counter bumped, as an
-//! in-place ATen operation would. Anything else — CUDA, half precision,
-//! strided tensors — takes the ATen path unchanged.
+//! buffers normally are — the shim runs every operation as plain loops over
+//! the tensors' memory (compiled with `-O3 -ffp-contract=off`), with the
+//! reference store's arithmetic: `d + a·s` as a separate multiply and add,
+//! norms accumulated in `f64` over 8 partial sums exactly as `amp-ndarray`
+//! sums them, the clip coefficient `min(1, max / (n + 1e-12))` in the
+//! tensors' dtype (a NaN quotient counts as 1, as Rust's `min` has it), and a
+//! branch-free finite check over blocks. `perturb_from_grads` is fused there:
+//! per tensor one read of the gradient for its norm, then one pass that
+//! writes the snapshot and θ + δ; `axpy_from` is one pass. On that path the
+//! results are the reference store's bit for bit. [`TchNorms`] then holds a
+//! CPU tensor, as it does on the ATen path; written parameters get their
+//! autograd version counter bumped, as an in-place ATen operation would.
+//! Anything else — CUDA, half precision, strided tensors — takes the ATen
+//! path unchanged.
 //!
+//! ## Flat layout
+//! Autograd allocates every gradient on its own and frees it at the next
+//! reset, and a model's parameters are as many separate allocations: with a
+//! thousand small tensors, the batched operations spend their time on
+//! scattered memory and on reading each tensor's metadata.
+//! [`TchStore::flatten`] moves the parameters into one allocation (the
+//! model's variables become views of it, values unchanged) and the gradients
+//! into another, which `zero_grads` then zeroes with one `memset` and
+//! `backward()` accumulates into in place. On the CPU the store also keeps
+//! the tensors' addresses and sizes, checks them after every closure call
+//! (in `grad_mask`), and runs the operations over them directly, merging
+//! tensors that lie back to back into one loop. Results are the same bit for
+//! bit (the conformance suite runs on flattened stores too).
 //! ## Numerics
 //! The store's [`ParamStore::Scalar`] is `f64` whatever the tensors' dtype:
 //! coefficients go to libtorch as `f64` scalars, and libtorch rounds them to
@@ -615,7 +628,10 @@ impl TchStore {
     /// accumulation is seen through each gradient's version counter).
     ///
     /// Call it once, before training; calling it again does nothing. On
-    /// error the store and the tensors are unchanged.
+    /// error the store and the tensors are unchanged. Should a parameter be
+    /// given new storage afterwards (`set_data`), the store notices at the
+    /// next [`ParamStore::grad_mask`] and works on the tensors where they
+    /// are, as without the flat layout.
     ///
     /// ```
     /// use amp_core::{ParamStore, Slot};

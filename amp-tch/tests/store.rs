@@ -372,3 +372,41 @@ fn set_grad_copies_and_checks() {
     assert_eq!(data(&s, Slot::Grads, 1), vec![4.0, 5.0, 6.0]);
     assert_eq!(s.grad_mask().unwrap(), vec![false, true, false]);
 }
+
+/// After `flatten`, a parameter given new storage behind the store's back is
+/// still trained correctly: the same steps as on a store that was never
+/// flattened, bit for bit.
+#[test]
+fn flat_store_survives_new_parameter_storage() {
+    use amp_core::{Amp, AmpConfig, SgdConfig};
+    let run = |flat: bool| {
+        let a = Tensor::from_slice(&[1.0f32, -2.0, 0.5]).set_requires_grad(true);
+        let b = Tensor::from_slice(&[3.0f32, 4.0]).set_requires_grad(true);
+        let mut store = TchStore::from_tensors(vec![a.shallow_clone(), b.shallow_clone()]).unwrap();
+        if flat {
+            store.flatten().unwrap();
+        }
+        let config = AmpConfig::default().lr(0.1).epsilon(0.3).inner_iter(1);
+        let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9)).unwrap();
+        let step = |amp: &mut Amp<TchStore>| {
+            amp.step(|_s, _p| {
+                let loss = (&a * &a).sum(Kind::Float) + (&b * &b * &b).sum(Kind::Float);
+                loss.backward();
+                Ok::<_, AmpError>(((), loss.double_value(&[])))
+            })
+            .unwrap();
+        };
+        step(&mut amp);
+        // New storage for `a` (same values), as `a.data = …` would give.
+        let fresh = tch::no_grad(|| a.detach().copy());
+        let mut handle = a.shallow_clone();
+        handle.set_data(&fresh);
+        for _ in 0..3 {
+            step(&mut amp);
+        }
+        (0..2)
+            .map(|i| data(amp.store(), Slot::Params, i))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run(true), run(false));
+}
