@@ -11,10 +11,13 @@ use crate::store::{check_len, BufferId, ParamStore, Scalar, Slot, PROJECTION_GUA
 /// How the weights are brought back from θ + δ to θ after the inner loop.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum RestoreMode {
-    /// Keep a snapshot of θ and copy it back: bit-exact. Holds one
+    /// Keep a snapshot of θ and step from it: bit-exact. Holds one
     /// parameter-sized buffer between steps (the snapshot) when
-    /// `inner_iter = 1`, where δ lives in the gradient storage, and two
-    /// (snapshot and δ) when `inner_iter ≥ 2`.
+    /// `inner_iter = 1`, where δ is never stored (the store's
+    /// [`ParamStore::perturb_from_grads`] forms θ + δ directly), and two
+    /// (snapshot and δ) when `inner_iter ≥ 2`. The base optimiser reads θ
+    /// from the snapshot ([`BaseOptimizer::step_from`]), so that restoring
+    /// costs no pass of its own with [`Sgd`].
     #[default]
     Copy,
     /// Subtract δ, as the reference implementation does: θ + δ − δ, which can
@@ -254,6 +257,12 @@ impl<O> StepReport<O> {
 /// 5. base-optimiser step at θ with g = ∇L(θ + δ_K)
 /// ```
 ///
+/// With [`RestoreMode::Copy`], steps 4 and 5 are one: the base optimiser
+/// reads θ from the snapshot and writes its result over θ + δ
+/// ([`BaseOptimizer::step_from`]); the first pass of step 3 and the snapshot
+/// are one store operation ([`ParamStore::perturb_from_grads`]). Both give
+/// exactly what the separate steps give.
+///
 /// `K = 0` is plain ERM: one base step with the clean gradient. `ε = 0` gives
 /// δ = 0 and so the clean gradient, at the cost of K extra passes.
 ///
@@ -321,7 +330,8 @@ pub struct Amp<S: ParamStore, O: BaseOptimizer<S> = Sgd> {
     neg_ones: Vec<S::Scalar>,
     /// Snapshot of θ for [`RestoreMode::Copy`].
     snapshot: Option<BufferId>,
-    /// δ, when it cannot live in the gradient storage.
+    /// δ, when it must be kept across inner iterations or for
+    /// subtract-restore.
     delta: Option<BufferId>,
     steps: u64,
     skipped_steps: u64,

@@ -188,8 +188,8 @@ fn amp_weight_decay_is_applied_at_restored_theta() {
     let mut amp = Amp::sgd(store(&[&[3.0, -4.0]]), config, SgdConfig::default()).unwrap();
     amp.step(quadratic(&a, &calls)).unwrap();
     assert_close(params(&amp, 0), &[2.64, -3.52]);
-    // K = 1 with copy-restore holds one buffer (the snapshot); δ lives in
-    // the gradient storage.
+    // K = 1 with copy-restore holds one buffer (the snapshot); δ is never
+    // stored.
     assert_eq!(amp.amp_buffers_held(), 1);
 }
 

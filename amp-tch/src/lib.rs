@@ -961,6 +961,39 @@ impl TchStore {
         })
     }
 
+    /// Runs `op` on the raw path when it is open and every slot has spans
+    /// there: the lists are `[dst, srcs…]` (`dst` written, its parameters'
+    /// versions bumped when it is [`Slot::Params`]; `srcs` read). `None`
+    /// when the general path must run instead.
+    #[allow(clippy::too_many_arguments)]
+    fn try_raw(
+        &self,
+        op: c_int,
+        dst: Option<Slot>,
+        srcs: &[Slot],
+        mask: &[bool],
+        c1: Option<&[f64]>,
+        c2: Option<&[f64]>,
+        out: *mut std::ffi::c_void,
+    ) -> Option<Result<()>> {
+        let raw = self.raw()?;
+        let d = match dst {
+            Some(slot) => Some(Self::raw_spans(raw, slot, mask)?),
+            None => None,
+        };
+        let s = srcs
+            .iter()
+            .map(|&slot| Self::raw_spans(raw, slot, mask))
+            .collect::<Option<Vec<_>>>()?;
+        let mut lists: [Option<&[RawSpan]>; 4] = [d.as_deref(), None, None, None];
+        for (list, spans) in lists[1..].iter_mut().zip(&s) {
+            *list = Some(spans);
+        }
+        let n = mask.iter().filter(|&&m| m).count();
+        let bump = (dst == Some(Slot::Params)).then_some(mask);
+        Some(self.raw_call(op, n, lists, c1, c2, out, bump))
+    }
+
     /// Coefficients of the masked-in tensors.
     fn masked(values: &[f64], mask: &[bool]) -> Vec<f64> {
         (0..mask.len())
@@ -1113,16 +1146,9 @@ impl ParamStore for TchStore {
     fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
         self.check_mask(mask)?;
         Self::check_distinct(dst, src)?;
-        if let Some(raw) = self.raw() {
-            if let (Some(d), Some(s)) = (
-                Self::raw_spans(raw, dst, mask),
-                Self::raw_spans(raw, src, mask),
-            ) {
-                let bump = (dst == Slot::Params).then_some(mask);
-                let lists = [Some(&d[..]), Some(&s[..]), None, None];
-                let null = std::ptr::null_mut();
-                return self.raw_call(ffi::RAW_COPY, d.len(), lists, None, None, null, bump);
-            }
+        let null = std::ptr::null_mut();
+        if let Some(done) = self.try_raw(ffi::RAW_COPY, Some(dst), &[src], mask, None, None, null) {
+            return done;
         }
         let (d, dv) = self.pointers(dst, mask, true)?;
         let (s, sv) = self.pointers(src, mask, false)?;
@@ -1138,14 +1164,18 @@ impl ParamStore for TchStore {
             .map(|i| mask[i] && factor[i] != 1.0)
             .collect();
         let f = Self::masked(factor, &active);
-        if let Some(d) = self
-            .raw()
-            .and_then(|raw| Self::raw_spans(raw, dst, &active))
-        {
-            let bump = (dst == Slot::Params).then_some(&active[..]);
-            let lists = [Some(&d[..]), None, None, None];
-            let null = std::ptr::null_mut();
-            return self.raw_call(ffi::RAW_SCALE, d.len(), lists, Some(&f), None, null, bump);
+        let null = std::ptr::null_mut();
+        let raw = self.try_raw(
+            ffi::RAW_SCALE,
+            Some(dst),
+            &[],
+            &active,
+            Some(&f),
+            None,
+            null,
+        );
+        if let Some(done) = raw {
+            return done;
         }
         let (d, dv) = self.pointers(dst, &active, true)?;
         // SAFETY: `f` has d.len() entries; the tensors outlive the call.
@@ -1157,16 +1187,10 @@ impl ParamStore for TchStore {
         check_len("axpy coefficients", mask.len(), alpha.len())?;
         Self::check_distinct(dst, src)?;
         let a = Self::masked(alpha, mask);
-        if let Some(raw) = self.raw() {
-            if let (Some(d), Some(s)) = (
-                Self::raw_spans(raw, dst, mask),
-                Self::raw_spans(raw, src, mask),
-            ) {
-                let bump = (dst == Slot::Params).then_some(mask);
-                let lists = [Some(&d[..]), Some(&s[..]), None, None];
-                let null = std::ptr::null_mut();
-                return self.raw_call(ffi::RAW_AXPY, d.len(), lists, Some(&a), None, null, bump);
-            }
+        let null = std::ptr::null_mut();
+        let raw = self.try_raw(ffi::RAW_AXPY, Some(dst), &[src], mask, Some(&a), None, null);
+        if let Some(done) = raw {
+            return done;
         }
         let (d, dv) = self.pointers(dst, mask, true)?;
         let (s, sv) = self.pointers(src, mask, false)?;
@@ -1191,25 +1215,19 @@ impl ParamStore for TchStore {
         self.check_mask(mask)?;
         check_len("axpy coefficients", mask.len(), alpha.len())?;
         let a = Self::masked(alpha, mask);
-        if let Some(raw) = self.raw() {
-            if let (Some(d), Some(b), Some(s)) = (
-                Self::raw_spans(raw, dst, mask),
-                Self::raw_spans(raw, base, mask),
-                Self::raw_spans(raw, src, mask),
-            ) {
-                let bump = (dst == Slot::Params).then_some(mask);
-                let lists = [Some(&d[..]), Some(&b[..]), Some(&s[..]), None];
-                let null = std::ptr::null_mut();
-                return self.raw_call(
-                    ffi::RAW_AXPY_FROM,
-                    d.len(),
-                    lists,
-                    Some(&a),
-                    None,
-                    null,
-                    bump,
-                );
-            }
+        let null = std::ptr::null_mut();
+        let lists = [base, src];
+        let raw = self.try_raw(
+            ffi::RAW_AXPY_FROM,
+            Some(dst),
+            &lists,
+            mask,
+            Some(&a),
+            None,
+            null,
+        );
+        if let Some(done) = raw {
+            return done;
         }
         let (d, dv) = self.pointers(dst, mask, true)?;
         let (b, bv) = self.pointers(base, mask, false)?;
@@ -1463,12 +1481,11 @@ impl ParamStore for TchStore {
 
     fn all_finite(&mut self, src: Slot, mask: &[bool]) -> Result<bool> {
         self.check_mask(mask)?;
-        if let Some(s) = self.raw().and_then(|raw| Self::raw_spans(raw, src, mask)) {
-            let mut out: c_int = 0;
-            let lists = [None, Some(&s[..]), None, None];
-            let flag = (&mut out as *mut c_int).cast();
-            self.raw_call(ffi::RAW_ALL_FINITE, s.len(), lists, None, None, flag, None)?;
-            return Ok(out != 0);
+        let mut out: c_int = 0;
+        let flag = (&mut out as *mut c_int).cast();
+        if let Some(done) = self.try_raw(ffi::RAW_ALL_FINITE, None, &[src], mask, None, None, flag)
+        {
+            return done.map(|()| out != 0);
         }
         let (s, sv) = self.pointers(src, mask, false)?;
         let mut out: c_int = 0;
