@@ -11,7 +11,8 @@
 //! ([`TchStore::from_host`]). Gradients are libtorch's own: the closure runs
 //! `loss.backward()` and autograd leaves them in each tensor's `.grad()`; the
 //! store undefines them before every closure call (PyTorch's
-//! `zero_grad(set_to_none=True)`), so a tensor that the loss does not reach
+//! `zero_grad(set_to_none=True)`; with the [flat layout](#flat-layout) it
+//! zeroes them in place instead), so a tensor that the loss does not reach
 //! has no gradient and is neither perturbed nor stepped.
 //!
 //! Train a small MLP with AMP (SGD with Nesterov momentum as the base
