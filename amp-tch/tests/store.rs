@@ -410,3 +410,18 @@ fn flat_store_survives_new_parameter_storage() {
     };
     assert_eq!(run(true), run(false));
 }
+
+/// A store can move to another thread (a training loop on a worker), with
+/// or without the flat layout.
+#[test]
+fn store_is_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let mut s = small(DType::F32, Device::Cpu);
+    assert_send(&s);
+    s.flatten().unwrap();
+    let handle = std::thread::spawn(move || {
+        s.zero_grads().unwrap();
+        s.grad_mask().unwrap()
+    });
+    assert_eq!(handle.join().unwrap(), vec![false; 3]);
+}
