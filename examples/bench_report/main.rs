@@ -48,10 +48,10 @@ mod mlp_tch;
 
 use std::fmt::Write as _;
 
-use amp::BoxError;
+use amp::{BoxError, ParamStore};
 use clap::Parser;
 
-use crate::fixtures::{metered_step, opt_trainer, OptFixture, Steps};
+use crate::fixtures::{metered_step, opt_trainer, OptFixture, Steps, TrainerPair};
 use crate::measure::{block_len, interleave, median, range, warm_up, CopyFloor, PairResult, Plan};
 use crate::metered::{Meter, OPS};
 use crate::mlp::{MlpSpec, Problem, SPECS};
@@ -79,6 +79,9 @@ struct Args {
 
 type MlpPair = (Box<dyn Steps>, Box<dyn Steps>);
 
+/// Builds the ERM and AMP trainers of an MLP.
+type MlpBuilder = Box<dyn Fn(&Problem) -> Result<MlpPair, BoxError>>;
+
 /// Builds the optimizer-only fixture for given tensor sizes and repeats.
 type OptBuilder = fn(&[usize], usize) -> Result<Box<dyn Steps>, BoxError>;
 
@@ -89,9 +92,25 @@ type CountTimes = (Vec<f64>, Vec<Vec<f64>>);
 /// One backend as the report drives it.
 struct Backend {
     name: &'static str,
-    mlp: fn(&Problem) -> Result<MlpPair, BoxError>,
+    mlp: MlpBuilder,
     opt: OptBuilder,
     meter: fn(&[usize], usize, usize) -> Result<Meter, BoxError>,
+}
+
+/// The entry of the backend whose optimizer-only fixture is `F` and whose
+/// MLP trainers `trainers` builds.
+fn backend<F: OptFixture, S: ParamStore + 'static>(
+    trainers: fn(&Problem) -> Result<TrainerPair<S>, BoxError>,
+) -> Backend {
+    Backend {
+        name: F::NAME,
+        mlp: Box::new(move |p| {
+            let (erm, amp) = trainers(p)?;
+            Ok((Box::new(erm), Box::new(amp)))
+        }),
+        opt: opt_boxed::<F>,
+        meter: metered_step::<F>,
+    }
 }
 
 fn opt_boxed<F: OptFixture>(
@@ -101,49 +120,19 @@ fn opt_boxed<F: OptFixture>(
     Ok(Box::new(opt_trainer::<F>(sizes, inner_iter)?))
 }
 
+// One push per compiled-in backend.
+#[allow(clippy::vec_init_then_push)]
 fn backends() -> Vec<Backend> {
     #[allow(unused_mut)]
     let mut list = Vec::new();
     #[cfg(feature = "ndarray")]
-    list.push(Backend {
-        name: fixtures::nd::Nd::NAME,
-        mlp: |p| {
-            let (a, b) = mlp_ndarray::trainers(p)?;
-            Ok((Box::new(a), Box::new(b)))
-        },
-        opt: opt_boxed::<fixtures::nd::Nd>,
-        meter: metered_step::<fixtures::nd::Nd>,
-    });
+    list.push(backend::<fixtures::nd::Nd, _>(mlp_ndarray::trainers));
     #[cfg(feature = "candle")]
-    list.push(Backend {
-        name: fixtures::cdl::Candle::NAME,
-        mlp: |p| {
-            let (a, b) = mlp_candle::trainers(p)?;
-            Ok((Box::new(a), Box::new(b)))
-        },
-        opt: opt_boxed::<fixtures::cdl::Candle>,
-        meter: metered_step::<fixtures::cdl::Candle>,
-    });
+    list.push(backend::<fixtures::cdl::Candle, _>(mlp_candle::trainers));
     #[cfg(feature = "tch")]
-    list.push(Backend {
-        name: fixtures::tc::Tch::NAME,
-        mlp: |p| {
-            let (a, b) = mlp_tch::trainers(p)?;
-            Ok((Box::new(a), Box::new(b)))
-        },
-        opt: opt_boxed::<fixtures::tc::Tch>,
-        meter: metered_step::<fixtures::tc::Tch>,
-    });
+    list.push(backend::<fixtures::tc::Tch, _>(mlp_tch::trainers));
     #[cfg(feature = "tch")]
-    list.push(Backend {
-        name: fixtures::tc::TchFlat::NAME,
-        mlp: |p| {
-            let (a, b) = mlp_tch::flat_trainers(p)?;
-            Ok((Box::new(a), Box::new(b)))
-        },
-        opt: opt_boxed::<fixtures::tc::TchFlat>,
-        meter: metered_step::<fixtures::tc::TchFlat>,
-    });
+    list.push(backend::<fixtures::tc::TchFlat, _>(mlp_tch::flat_trainers));
     list
 }
 
