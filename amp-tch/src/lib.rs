@@ -535,6 +535,16 @@ struct RawLayout {
     intact: std::sync::atomic::AtomicBool,
 }
 
+impl Flat {
+    /// The shim's pointers of `views` (NULL where a parameter has none).
+    fn view_pointers(&self) -> Vec<*mut C_tensor> {
+        self.views
+            .iter()
+            .map(|v| v.as_ref().map_or(std::ptr::null_mut(), raw))
+            .collect()
+    }
+}
+
 impl TchStore {
     /// A store over `tensors` (normally leaves that require grad; tensors
     /// that never get a gradient are simply never stepped).
@@ -1050,11 +1060,7 @@ impl ParamStore for TchStore {
         let (pointers, _) = self.pointers(Slot::Params, &vec![true; self.params.len()], true)?;
         self.distrust_raw();
         if let Some(flat) = self.flat.as_mut() {
-            let views: Vec<*mut C_tensor> = flat
-                .views
-                .iter()
-                .map(|v| v.as_ref().map_or(std::ptr::null_mut(), raw))
-                .collect();
+            let views = flat.view_pointers();
             // SAFETY: every list has one entry per parameter; the tensors
             // outlive the call.
             return check(unsafe {
@@ -1075,11 +1081,7 @@ impl ParamStore for TchStore {
         let (pointers, _) = self.pointers(Slot::Params, &vec![true; self.params.len()], false)?;
         let mut out = vec![0u8; pointers.len()];
         if let Some(flat) = &self.flat {
-            let views: Vec<*mut C_tensor> = flat
-                .views
-                .iter()
-                .map(|v| v.as_ref().map_or(std::ptr::null_mut(), raw))
-                .collect();
+            let views = flat.view_pointers();
             let expected = flat
                 .raw
                 .as_ref()
@@ -1304,13 +1306,7 @@ impl ParamStore for TchStore {
         let del = delta
             .map(|slot| self.pointers(slot, mask, true).map(|(v, _)| v))
             .transpose()?;
-        let pick = |values: &[f64]| -> Vec<f64> {
-            (0..mask.len())
-                .filter(|&i| mask[i])
-                .map(|i| values[i])
-                .collect()
-        };
-        let (z, e) = (pick(inner_lr), pick(epsilon));
+        let (z, e) = (Self::masked(inner_lr, mask), Self::masked(epsilon, mask));
         let mut out: *mut C_tensor = std::ptr::null_mut();
         let mut handled: c_int = 0;
         if !p.is_empty() {
@@ -1396,6 +1392,7 @@ impl ParamStore for TchStore {
                 "clip_to_norms: no norm was computed for tensor {index}"
             )));
         }
+        let limits = Self::masked(max_norm, mask);
         if norms.mask == mask
             && norms.values.device() == Device::Cpu
             && norms.values.kind() == self.kind
@@ -1406,7 +1403,6 @@ impl ParamStore for TchStore {
                     return Ok(());
                 }
                 check_len("norms", d.len(), norms.values.numel())?;
-                let limits = Self::masked(max_norm, mask);
                 let bump = (dst == Slot::Params).then_some(mask);
                 let lists = [Some(&d[..]), None, None, None];
                 let values = norms.values.data_ptr();
@@ -1444,10 +1440,6 @@ impl ParamStore for TchStore {
                 .map_err(tch_error)?;
             norms.values.f_index_select(0, &index).map_err(tch_error)?
         };
-        let limits: Vec<f64> = (0..mask.len())
-            .filter(|&i| mask[i])
-            .map(|i| max_norm[i])
-            .collect();
         // SAFETY: `limits` and `values` have d.len() entries; the tensors
         // outlive the call.
         check(unsafe {
