@@ -1,240 +1,109 @@
 //! [`Amp`]: the adversarial-model-perturbation step, written once over
 //! [`ParamStore`] and [`BaseOptimizer`].
 
-use num_traits::{One, Zero};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
-use crate::error::{AmpError, Pass, Result};
-use crate::grad_fn::GradFn;
-use crate::optimizer::{BaseOptimizer, OptimizerState, Sgd, SgdConfig, StepContext};
+use num_traits::One;
+
+use crate::config::{check_hyper_in, AmpConfig, NonFinitePolicy, ParamGroup, RestoreMode};
+use crate::error::{AmpError, Result};
+use crate::grad_fn::{GradFn, Pass};
+use crate::optimizer::{BaseOptimizer, Sgd, SgdConfig, StepContext};
+use crate::report::StepReport;
+use crate::state::{AmpState, BaseState, GroupState, StateOptions};
 use crate::store::{check_len, BufferId, ParamStore, Scalar, Slot, PROJECTION_GUARD};
 
-/// How the weights are brought back from θ + δ to θ after the inner loop.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum RestoreMode {
-    /// Keep a snapshot of θ and step from it: bit-exact. Holds one
-    /// parameter-sized buffer between steps (the snapshot) when
-    /// `inner_iter = 1`, where δ is never stored (the store's
-    /// [`ParamStore::perturb_from_grads`] forms θ + δ directly), and two
-    /// (snapshot and δ) when `inner_iter ≥ 2`. The base optimiser reads θ
-    /// from the snapshot ([`BaseOptimizer::step_from`]), so that restoring
-    /// costs no pass of its own with [`Sgd`].
-    #[default]
-    Copy,
-    /// Subtract δ, as the reference implementation does: θ + δ − δ, which can
-    /// differ from θ by a few ulps. Holds one parameter-sized buffer (δ).
-    Subtract,
+/// How a step perturbs the weights and brings θ back, decided from the
+/// configuration when the optimiser is built (its buffers with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// `inner_iter = 0`: one base step with the clean gradient.
+    Erm,
+    /// Copy-restore with one inner iteration: the snapshot is taken and
+    /// θ + δ formed by one fused store operation; δ is never stored.
+    FusedCopy { snapshot: BufferId },
+    /// Copy-restore with several inner iterations: δ is kept across them.
+    Copy { snapshot: BufferId, delta: BufferId },
+    /// Subtract-restore: θ + δ − δ.
+    Subtract { delta: BufferId },
 }
 
-/// What a step does when the loss or a gradient is NaN or infinite.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum NonFinitePolicy {
-    /// Return [`AmpError::NonFiniteLoss`] or [`AmpError::NonFiniteGradient`].
-    #[default]
-    Error,
-    /// Skip the step (weights and optimiser state untouched), count it in
-    /// [`Amp::skipped_steps`], and report it in [`StepReport::skipped`], as
-    /// loss scalers do.
-    Skip,
-}
-
-/// Hyper-parameters of one parameter group; `None` falls back to the value of
-/// [`AmpConfig`].
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ParamGroup {
-    /// Indices (into the store) of the tensors of this group.
-    pub tensors: Vec<usize>,
-    /// Outer learning rate of the group.
-    pub lr: Option<f64>,
-    /// Radius ε of the group's perturbation ball, per tensor.
-    pub epsilon: Option<f64>,
-    /// Inner (ascent) learning rate ζ of the group.
-    pub inner_lr: Option<f64>,
-    /// Weight decay of the group.
-    pub weight_decay: Option<f64>,
-}
-
-impl ParamGroup {
-    /// A group of the given tensors with every hyper-parameter inherited.
-    pub fn new(tensors: impl IntoIterator<Item = usize>) -> Self {
-        ParamGroup {
-            tensors: tensors.into_iter().collect(),
-            ..ParamGroup::default()
+impl Mode {
+    fn build<S: ParamStore>(store: &mut S, config: &AmpConfig) -> Result<Self> {
+        if config.inner_iter == 0 {
+            return Ok(Mode::Erm);
         }
-    }
-
-    /// Sets the group's learning rate.
-    pub fn lr(mut self, lr: f64) -> Self {
-        self.lr = Some(lr);
-        self
-    }
-
-    /// Sets the group's ε.
-    pub fn epsilon(mut self, epsilon: f64) -> Self {
-        self.epsilon = Some(epsilon);
-        self
-    }
-
-    /// Sets the group's ζ.
-    pub fn inner_lr(mut self, inner_lr: f64) -> Self {
-        self.inner_lr = Some(inner_lr);
-        self
-    }
-
-    /// Sets the group's weight decay.
-    pub fn weight_decay(mut self, weight_decay: f64) -> Self {
-        self.weight_decay = Some(weight_decay);
-        self
-    }
-}
-
-/// Configuration of [`Amp`], validated once when the optimiser is built.
-///
-/// Fields are public; the same-named methods set them in builder style.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AmpConfig {
-    /// Outer learning rate, ≥ 0. Default `0.1` (the paper's CIFAR recipe).
-    pub lr: f64,
-    /// Radius ε of each tensor's perturbation ball, ≥ 0. Default `0.5`
-    /// (the paper's CIFAR recipe). `0` reproduces plain base-optimiser steps.
-    pub epsilon: f64,
-    /// Inner (ascent) learning rate ζ, ≥ 0. Default `1`.
-    pub inner_lr: f64,
-    /// Number of inner ascent iterations K; the closure is called K + 1 times
-    /// per step. Default `1`. `0` means no perturbation (plain ERM).
-    pub inner_iter: usize,
-    /// Weight decay applied by the base optimiser at θ, ≥ 0. Default `0`
-    /// (the paper uses `1e-4`).
-    pub weight_decay: f64,
-    /// How θ is restored after the inner loop. Default [`RestoreMode::Copy`].
-    pub restore: RestoreMode,
-    /// What to do with a NaN or infinite loss or gradient. Default
-    /// [`NonFinitePolicy::Error`].
-    pub non_finite: NonFinitePolicy,
-    /// Parameter groups. Empty (the default) means one group holding every
-    /// tensor; otherwise every tensor must be in exactly one group.
-    pub groups: Vec<ParamGroup>,
-}
-
-impl Default for AmpConfig {
-    fn default() -> Self {
-        AmpConfig {
-            lr: 0.1,
-            epsilon: 0.5,
-            inner_lr: 1.0,
-            inner_iter: 1,
-            weight_decay: 0.0,
-            restore: RestoreMode::Copy,
-            non_finite: NonFinitePolicy::Error,
-            groups: Vec::new(),
-        }
-    }
-}
-
-macro_rules! setter {
-    ($(#[$doc:meta] $name:ident: $ty:ty),* $(,)?) => {$(
-        #[$doc]
-        pub fn $name(mut self, $name: $ty) -> Self {
-            self.$name = $name;
-            self
-        }
-    )*};
-}
-
-impl AmpConfig {
-    setter! {
-        /// Sets [`AmpConfig::lr`].
-        lr: f64,
-        /// Sets [`AmpConfig::epsilon`].
-        epsilon: f64,
-        /// Sets [`AmpConfig::inner_lr`].
-        inner_lr: f64,
-        /// Sets [`AmpConfig::inner_iter`].
-        inner_iter: usize,
-        /// Sets [`AmpConfig::weight_decay`].
-        weight_decay: f64,
-        /// Sets [`AmpConfig::restore`].
-        restore: RestoreMode,
-        /// Sets [`AmpConfig::non_finite`].
-        non_finite: NonFinitePolicy,
-    }
-
-    /// Adds a parameter group.
-    pub fn group(mut self, group: ParamGroup) -> Self {
-        self.groups.push(group);
-        self
-    }
-
-    /// Checks every field on its own (group membership is checked against
-    /// the store when [`Amp`] is built). The error names the field.
-    pub fn validate(&self) -> Result<()> {
-        check_hyper("lr", self.lr)?;
-        check_hyper("epsilon", self.epsilon)?;
-        check_hyper("inner_lr", self.inner_lr)?;
-        check_hyper("weight_decay", self.weight_decay)?;
-        for group in &self.groups {
-            for (field, value) in [
-                ("groups.lr", group.lr),
-                ("groups.epsilon", group.epsilon),
-                ("groups.inner_lr", group.inner_lr),
-                ("groups.weight_decay", group.weight_decay),
-            ] {
-                if let Some(value) = value {
-                    check_hyper(field, value)?;
+        match (config.restore, config.inner_iter) {
+            (RestoreMode::Copy, 1) => Ok(Mode::FusedCopy {
+                snapshot: store.alloc_buffer()?,
+            }),
+            (RestoreMode::Copy, _) => {
+                let snapshot = store.alloc_buffer()?;
+                match store.alloc_buffer() {
+                    Ok(delta) => Ok(Mode::Copy { snapshot, delta }),
+                    Err(error) => {
+                        let _ = store.free_buffer(snapshot);
+                        Err(error)
+                    }
                 }
             }
+            (RestoreMode::Subtract, _) => Ok(Mode::Subtract {
+                delta: store.alloc_buffer()?,
+            }),
         }
-        Ok(())
+    }
+
+    fn buffers(self) -> Vec<BufferId> {
+        match self {
+            Mode::Erm => vec![],
+            Mode::FusedCopy { snapshot } => vec![snapshot],
+            Mode::Copy { snapshot, delta } => vec![snapshot, delta],
+            Mode::Subtract { delta } => vec![delta],
+        }
+    }
+
+    fn snapshot(self) -> Option<Slot> {
+        match self {
+            Mode::FusedCopy { snapshot } | Mode::Copy { snapshot, .. } => {
+                Some(Slot::Buffer(snapshot))
+            }
+            Mode::Erm | Mode::Subtract { .. } => None,
+        }
+    }
+
+    /// δ when it is kept in a buffer of its own.
+    fn delta(self) -> Option<Slot> {
+        match self {
+            Mode::Copy { delta, .. } | Mode::Subtract { delta } => Some(Slot::Buffer(delta)),
+            Mode::Erm | Mode::FusedCopy { .. } => None,
+        }
     }
 }
 
-fn check_hyper(field: &'static str, value: f64) -> Result<()> {
-    if value.is_finite() && value >= 0.0 {
-        Ok(())
-    } else {
-        Err(AmpError::config(
-            field,
-            format!("must be finite and non-negative, got {value}"),
-        ))
-    }
+/// How far a step has come, kept outside the code that may fail or panic so
+/// that θ can be brought back afterwards.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The tensors the step works on (those with a clean gradient).
+    active: Vec<bool>,
+    /// `true` while the parameters may hold something other than θ that
+    /// the mode can undo: θ + δ, or (copy modes) a base update in progress.
+    moved: bool,
 }
 
-/// A parameter group as resolved against the store.
-#[derive(Clone, Debug, PartialEq)]
-struct Group {
-    tensors: Vec<usize>,
-    lr: f64,
-    epsilon: f64,
-    inner_lr: f64,
-    weight_decay: f64,
+/// A failed step: the error, and the report when the clean pass got that
+/// far (a skipped step returns it).
+struct Failure<O> {
+    error: AmpError,
+    report: Option<StepReport<O>>,
 }
 
-/// What a successful step returns: the clean pass's results and diagnostics.
-#[derive(Debug)]
-pub struct StepReport<O> {
-    /// The outputs of the clean pass, as the closure returned them.
-    pub output: O,
-    /// The loss of the clean pass, L(θ).
-    pub loss: f64,
-    /// The loss of each perturbed pass, L(θ + δₖ) for k = 1..K.
-    pub perturbed_losses: Vec<f64>,
-    /// Per tensor, ‖δ_K‖₂ after the last projection (0 for tensors without a
-    /// gradient, and all 0 when `inner_iter = 0`). Computed on the host from
-    /// the norms the projection used.
-    pub perturbation_norms: Vec<f64>,
-    /// How many tensors the last projection shrank (‖δ‖ > ε).
-    pub clipped: usize,
-    /// How many times the closure was called.
-    pub closure_calls: usize,
-    /// `Some(reason)` when the step was skipped under
-    /// [`NonFinitePolicy::Skip`]; the weights and state are then untouched.
-    pub skipped: Option<AmpError>,
-}
-
-impl<O> StepReport<O> {
-    /// The loss at the last perturbed point, L(θ + δ_K); `None` when
-    /// `inner_iter = 0` or the step was skipped before it.
-    pub fn perturbed_loss(&self) -> Option<f64> {
-        self.perturbed_losses.last().copied()
+impl<O> From<AmpError> for Failure<O> {
+    fn from(error: AmpError) -> Self {
+        Failure {
+            error,
+            report: None,
+        }
     }
 }
 
@@ -266,8 +135,22 @@ impl<O> StepReport<O> {
 /// `K = 0` is plain ERM: one base step with the clean gradient. `ε = 0` gives
 /// δ = 0 and so the clean gradient, at the cost of K extra passes.
 ///
-/// Any error leaves the weights and the optimiser state as they were before
-/// the step (bit-exact with [`RestoreMode::Copy`]).
+/// However a step ends — an error, a non-finite loss or gradient, a panic
+/// in the closure at any pass or in a store operation — the weights and the
+/// optimiser state are what they were before it: bit-exact with
+/// [`RestoreMode::Copy`], within a few ulps with [`RestoreMode::Subtract`].
+/// A panic is caught, θ is brought back, and the panic resumes. (Inside the
+/// base optimiser's own update, θ comes back from the snapshot in copy mode;
+/// with subtract-restore or `inner_iter = 0` there is no copy of θ to bring
+/// back, so a panic there leaves the update part-way.)
+///
+/// Hyper-parameters are validated against the store's scalar type (an `lr`
+/// that overflows `f32` is refused). The weights a successful step writes
+/// are not checked for finiteness: that would cost a pass over the
+/// parameters per step, and with finite, validated hyper-parameters and
+/// finite gradients only a product beyond the dtype's range (say a weight
+/// decay of 1e300) can overflow; the next step's clean pass then reports
+/// the non-finite loss or gradient under [`NonFinitePolicy`].
 ///
 /// ```
 /// use amp_core::{Amp, AmpConfig, SgdConfig};
@@ -320,7 +203,8 @@ pub struct Amp<S: ParamStore, O: BaseOptimizer<S> = Sgd> {
     store: S,
     base: O,
     config: AmpConfig,
-    groups: Vec<Group>,
+    mode: Mode,
+    groups: Vec<GroupState>,
     /// Per-tensor hyper-parameters in the store's scalar type.
     lr: Vec<S::Scalar>,
     epsilon: Vec<S::Scalar>,
@@ -328,11 +212,6 @@ pub struct Amp<S: ParamStore, O: BaseOptimizer<S> = Sgd> {
     weight_decay: Vec<S::Scalar>,
     ones: Vec<S::Scalar>,
     neg_ones: Vec<S::Scalar>,
-    /// Snapshot of θ for [`RestoreMode::Copy`].
-    snapshot: Option<BufferId>,
-    /// δ, when it must be kept across inner iterations or for
-    /// subtract-restore.
-    delta: Option<BufferId>,
     steps: u64,
     skipped_steps: u64,
 }
@@ -345,19 +224,26 @@ impl<S: ParamStore> Amp<S, Sgd> {
 }
 
 impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
-    /// Builds the optimiser, validating the configuration against the store.
-    pub fn new(store: S, config: AmpConfig, base: O) -> Result<Self> {
-        config.validate()?;
+    /// Builds the optimiser, validating the configuration against the store
+    /// (every hyper-parameter must also be finite in the store's scalar
+    /// type), and allocates the buffers its [`RestoreMode`] needs.
+    pub fn new(mut store: S, config: AmpConfig, base: O) -> Result<Self> {
+        config.validate_for::<S::Scalar>()?;
         base.validate()?;
         let n = store.num_tensors();
         if n == 0 {
             return Err(AmpError::EmptyStore);
         }
         let groups = resolve_groups(&config, n)?;
+        let mode = Mode::build(&mut store, &config)?;
+        for buffer in mode.buffers() {
+            store.pin_buffer(buffer, true)?;
+        }
         let mut amp = Amp {
             store,
             base,
             config,
+            mode,
             groups,
             lr: Vec::new(),
             epsilon: Vec::new(),
@@ -365,8 +251,6 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             weight_decay: Vec::new(),
             ones: vec![S::Scalar::one(); n],
             neg_ones: vec![-S::Scalar::one(); n],
-            snapshot: None,
-            delta: None,
             steps: 0,
             skipped_steps: 0,
         };
@@ -376,8 +260,8 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
 
     fn refresh_per_tensor(&mut self) {
         let n = self.store.num_tensors();
-        let spread = |get: fn(&Group) -> f64| {
-            let mut out = vec![S::Scalar::zero(); n];
+        let spread = |get: fn(&GroupState) -> f64| {
+            let mut out = vec![S::Scalar::from_f64_rounded(0.0); n];
             for group in &self.groups {
                 for &i in &group.tensors {
                     out[i] = S::Scalar::from_f64_rounded(get(group));
@@ -408,7 +292,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
 
     /// The configuration the optimiser was built with (group learning rates
     /// changed by [`Amp::set_lr`] are not reflected here; see
-    /// [`Amp::group_lr`]).
+    /// [`Amp::groups`]).
     pub fn config(&self) -> &AmpConfig {
         &self.config
     }
@@ -416,13 +300,58 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
     /// Frees the buffers AMP holds and gives back the store and the base
     /// optimiser.
     pub fn into_parts(mut self) -> Result<(S, O)> {
-        for buffer in [self.snapshot.take(), self.delta.take()]
-            .into_iter()
-            .flatten()
-        {
+        for buffer in self.mode.buffers() {
+            self.store.pin_buffer(buffer, false)?;
             self.store.free_buffer(buffer)?;
         }
         Ok((self.store, self.base))
+    }
+
+    /// The parameter groups as resolved against the store (every `None` of a
+    /// [`ParamGroup`] replaced by the value of [`AmpConfig`]), with their
+    /// current learning rates.
+    ///
+    /// ```
+    /// use amp_core::{Amp, AmpConfig, ParamGroup, SgdConfig};
+    /// # use amp_core::{BufferId, DType, HostTensor, ParamStore, Result, Slot};
+    /// # // A store of scalar tensors, enough for the example.
+    /// # struct Scalars(Vec<f64>);
+    /// # impl ParamStore for Scalars {
+    /// #     type Scalar = f64; type Norms = Vec<f64>;
+    /// #     fn num_tensors(&self) -> usize { self.0.len() }
+    /// #     fn shape(&self, _: usize) -> Result<Vec<usize>> { Ok(vec![]) }
+    /// #     fn dtype(&self) -> DType { DType::F64 }
+    /// #     fn zero_grads(&mut self) -> Result<()> { Ok(()) }
+    /// #     fn grad_mask(&self) -> Result<Vec<bool>> { Ok(vec![false; self.0.len()]) }
+    /// #     fn alloc_buffer(&mut self) -> Result<BufferId> { Ok(BufferId::new(0)) }
+    /// #     fn free_buffer(&mut self, _: BufferId) -> Result<()> { Ok(()) }
+    /// #     fn copy(&mut self, _: Slot, _: Slot, _: &[bool]) -> Result<()> { Ok(()) }
+    /// #     fn scale(&mut self, _: Slot, _: &[f64], _: &[bool]) -> Result<()> { Ok(()) }
+    /// #     fn axpy(&mut self, _: Slot, _: &[f64], _: Slot, _: &[bool]) -> Result<()> { Ok(()) }
+    /// #     fn norms(&mut self, _: Slot, m: &[bool]) -> Result<Vec<f64>> { Ok(vec![0.0; m.len()]) }
+    /// #     fn clip_to_norms(&mut self, _: Slot, _: &Vec<f64>, _: &[f64], _: &[bool]) -> Result<()> { Ok(()) }
+    /// #     fn norms_to_host(&self, n: &Vec<f64>) -> Result<Vec<f64>> { Ok(n.clone()) }
+    /// #     fn all_finite(&mut self, _: Slot, _: &[bool]) -> Result<bool> { Ok(true) }
+    /// #     fn read(&self, _: Slot, i: usize) -> Result<HostTensor> { HostTensor::new(vec![], DType::F64, vec![self.0[i]]) }
+    /// #     fn write(&mut self, _: Slot, i: usize, v: &HostTensor) -> Result<()> { self.0[i] = v.data[0]; Ok(()) }
+    /// # }
+    /// # let store = Scalars(vec![1.0, 2.0, 3.0]);
+    /// // `store` holds three tensors; the biases (tensor 2) get a smaller ε.
+    /// let config = AmpConfig::default()
+    ///     .epsilon(0.5)
+    ///     .group(ParamGroup::new([0, 1]))
+    ///     .group(ParamGroup::new([2]).epsilon(0.05).weight_decay(1e-4));
+    /// let amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9))?;
+    /// let groups = amp.groups();
+    /// assert_eq!(groups[1].tensors, [2]);
+    /// assert_eq!(groups[0].epsilon, 0.5); // inherited from the config
+    /// assert_eq!(groups[1].epsilon, 0.05);
+    /// assert_eq!(groups[1].inner_lr, 1.0);
+    /// assert_eq!(groups[1].weight_decay, 1e-4);
+    /// # Ok::<(), amp_core::AmpError>(())
+    /// ```
+    pub fn groups(&self) -> &[GroupState] {
+        &self.groups
     }
 
     /// Number of parameter groups.
@@ -439,8 +368,9 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
     }
 
     /// Sets the learning rate of every group (what an LR schedule calls).
+    /// It must be finite and non-negative in the store's scalar type.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        check_hyper("lr", lr)?;
+        check_hyper_in::<S::Scalar>("lr", lr)?;
         for group in &mut self.groups {
             group.lr = lr;
         }
@@ -450,7 +380,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
 
     /// Sets the learning rate of one group.
     pub fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
-        check_hyper("lr", lr)?;
+        check_hyper_in::<S::Scalar>("lr", lr)?;
         let g = self
             .groups
             .get_mut(group)
@@ -473,33 +403,72 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
     /// Parameter-sized buffers held between steps: AMP's own (snapshot, δ)
     /// plus the base optimiser's (momentum).
     pub fn buffers_held(&self) -> usize {
-        usize::from(self.snapshot.is_some())
-            + usize::from(self.delta.is_some())
-            + self.base.buffers_held()
+        self.amp_buffers_held() + self.base.buffers_held()
     }
 
-    /// Parameter-sized buffers held by AMP itself, beyond the base optimiser.
+    /// Parameter-sized buffers held by AMP itself, beyond the base optimiser:
+    /// 0 at `inner_iter = 0`, 1 with copy-restore at `inner_iter = 1` and
+    /// with subtract-restore, 2 with copy-restore at `inner_iter ≥ 2`.
     pub fn amp_buffers_held(&self) -> usize {
-        usize::from(self.snapshot.is_some()) + usize::from(self.delta.is_some())
+        self.mode.buffers().len()
     }
 
-    /// Copies the base optimiser's state to the host.
-    pub fn base_state(&self) -> Result<OptimizerState> {
-        self.base.save_state(&self.store)
+    /// The optimiser's whole state besides the weights: configuration,
+    /// groups with their current learning rates, counters, and the base
+    /// optimiser's kind, settings and buffers (copied to the host).
+    pub fn state(&self) -> Result<AmpState> {
+        Ok(AmpState {
+            config: self.config.clone(),
+            groups: self.groups.clone(),
+            steps: self.steps,
+            skipped_steps: self.skipped_steps,
+            base: BaseState {
+                kind: self.base.kind().to_string(),
+                settings: self
+                    .base
+                    .settings()
+                    .into_iter()
+                    .map(|(name, value)| (name.to_string(), value))
+                    .collect(),
+                state: self.base.save_state(&self.store)?,
+            },
+        })
     }
 
-    /// Restores the step counters and the base optimiser's state (used by
-    /// checkpoint loading; on error nothing changes).
-    pub fn load_base_state(
-        &mut self,
-        state: &OptimizerState,
-        steps: u64,
-        skipped_steps: u64,
-    ) -> Result<()> {
-        self.base.load_state(&mut self.store, state)?;
-        self.steps = steps;
-        self.skipped_steps = skipped_steps;
+    /// Restores a state from [`Amp::state`] with the default (strict)
+    /// [`StateOptions`]. Everything is validated before anything changes;
+    /// on error nothing has.
+    pub fn load_state(&mut self, state: &AmpState) -> Result<()> {
+        self.load_state_with(state, &StateOptions::default())
+    }
+
+    /// [`Amp::load_state`] with explicit [`StateOptions`].
+    ///
+    /// Refused with [`AmpError::InvalidState`] (nothing changed): groups
+    /// holding other tensors; a learning rate that is negative, non-finite
+    /// or overflows the store's scalar type; a base optimiser of another
+    /// kind; any non-finite value in the base optimiser's buffers or values
+    /// (or one that overflows the store's scalar type); and, unless
+    /// [`StateOptions::keep_hyperparameters`], another ε, ζ, weight decay,
+    /// `inner_iter`, `restore` or base-optimiser setting. The base optimiser
+    /// refuses what does not fit it (another buffer name, another shape).
+    pub fn load_state_with(&mut self, state: &AmpState, options: &StateOptions) -> Result<()> {
+        self.validate_state(state, options)?;
+        self.base.load_state(&mut self.store, &state.base.state)?;
+        for (group, saved) in self.groups.iter_mut().zip(&state.groups) {
+            group.lr = saved.lr;
+        }
+        self.refresh_per_tensor();
+        self.steps = state.steps;
+        self.skipped_steps = state.skipped_steps;
         Ok(())
+    }
+
+    /// Checks a state as [`Amp::load_state_with`] does, without loading it
+    /// (the base optimiser's own checks, such as buffer shapes, run only on
+    /// load).
+    pub fn validate_state(&self, state: &AmpState, options: &StateOptions) -> Result<()> {
+        crate::state_check::check(self, state, options)
     }
 
     /// One AMP step with a closure `|store, pass| -> Result<(output, loss), E>`.
@@ -514,7 +483,73 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
 
     /// One AMP step with any [`GradFn`].
     pub fn step_with<G: GradFn<S>>(&mut self, grad_fn: &mut G) -> Result<StepReport<G::Output>> {
+        // Either counter may be the one this step increments.
+        if self.steps == u64::MAX {
+            return Err(AmpError::CounterOverflow("steps"));
+        }
+        if self.skipped_steps == u64::MAX {
+            return Err(AmpError::CounterOverflow("skipped_steps"));
+        }
+        let mut progress = Progress::default();
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.run(grad_fn, &mut progress)));
+        let failure = match outcome {
+            Ok(Ok(report)) => {
+                self.steps += 1;
+                return Ok(report);
+            }
+            Ok(Err(failure)) => failure,
+            Err(panic) => {
+                // θ back before the panic goes on; a second panic while
+                // restoring must not abort the process.
+                let _ = catch_unwind(AssertUnwindSafe(|| self.restore(&progress)));
+                resume_unwind(panic);
+            }
+        };
+        // A failure to restore is reported over the error that caused it:
+        // the weights are then not θ and the caller must know.
+        self.restore(&progress)?;
+        match (failure.error, failure.report) {
+            (
+                error @ (AmpError::NonFiniteLoss { .. } | AmpError::NonFiniteGradient { .. }),
+                Some(mut report),
+            ) if self.config.non_finite == NonFinitePolicy::Skip => {
+                self.skipped_steps += 1;
+                report.skipped = Some(error);
+                Ok(report)
+            }
+            (error, _) => Err(error),
+        }
+    }
+
+    /// Brings θ back after a failed or panicked step, as far as the mode
+    /// allows (see [`Amp`]).
+    fn restore(&mut self, progress: &Progress) -> Result<()> {
+        if !progress.moved {
+            return Ok(());
+        }
+        match self.mode {
+            Mode::FusedCopy { snapshot } | Mode::Copy { snapshot, .. } => {
+                self.store
+                    .copy(Slot::Params, Slot::Buffer(snapshot), &progress.active)
+            }
+            Mode::Subtract { delta } => self.store.axpy(
+                Slot::Params,
+                &self.neg_ones,
+                Slot::Buffer(delta),
+                &progress.active,
+            ),
+            Mode::Erm => Ok(()),
+        }
+    }
+
+    /// The step proper; it leaves restoring θ to [`Amp::step_with`].
+    fn run<G: GradFn<S>>(
+        &mut self,
+        grad_fn: &mut G,
+        progress: &mut Progress,
+    ) -> std::result::Result<StepReport<G::Output>, Failure<G::Output>> {
         self.store.zero_grads()?;
+        self.store.prepare_pass(Pass::Clean)?;
         let (output, loss) = grad_fn
             .evaluate(&mut self.store, Pass::Clean)
             .map_err(|source| AmpError::Closure {
@@ -530,62 +565,61 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             closure_calls: 1,
             skipped: None,
         };
-        match self.finish_step(grad_fn, &mut report) {
-            Ok(()) => {
-                self.steps += 1;
-                Ok(report)
-            }
-            Err(error @ (AmpError::NonFiniteLoss { .. } | AmpError::NonFiniteGradient { .. }))
-                if self.config.non_finite == NonFinitePolicy::Skip =>
-            {
-                self.skipped_steps += 1;
-                report.skipped = Some(error);
-                Ok(report)
-            }
-            Err(error) => Err(error),
+        match self.finish(grad_fn, progress, &mut report) {
+            Ok(()) => Ok(report),
+            Err(error) => Err(Failure {
+                error,
+                report: Some(report),
+            }),
         }
     }
 
-    /// Everything after the clean closure call. On error, θ and the base
-    /// optimiser's state are as before the step.
-    fn finish_step<G: GradFn<S>>(
+    /// Everything after the clean closure call.
+    fn finish<G: GradFn<S>>(
         &mut self,
         grad_fn: &mut G,
+        progress: &mut Progress,
         report: &mut StepReport<G::Output>,
     ) -> Result<()> {
         check_loss(Pass::Clean, report.loss)?;
         let active = self.store.grad_mask()?;
-        check_len("gradient mask", self.store.num_tensors(), active.len())?;
+        if active.len() != self.store.num_tensors() {
+            return Err(AmpError::contract(format!(
+                "grad_mask returned {} entries for {} tensors",
+                active.len(),
+                self.store.num_tensors()
+            )));
+        }
         if !active.iter().any(|&a| a) {
             return Err(AmpError::NoGradient);
         }
         self.check_gradients(Pass::Clean, &active)?;
+        progress.active = active.clone();
 
-        // With copy-restore, θ is restored by the base step itself, which
-        // reads θ from the snapshot (no separate copy back).
-        let restore_from = if self.config.inner_iter > 0 {
-            self.perturb(grad_fn, &active, report)?
-        } else {
-            None
-        };
-
+        if self.mode != Mode::Erm {
+            self.inner_loop(grad_fn, &active, progress, report)?;
+        }
         let ctx = StepContext {
             lr: &self.lr,
             weight_decay: &self.weight_decay,
             mask: &active,
             step: self.steps,
         };
-        match restore_from {
-            None => self.base.step(&mut self.store, &ctx),
-            Some(snapshot) => {
-                let stepped = self.base.step_from(&mut self.store, &ctx, snapshot);
-                if stepped.is_err() {
-                    // θ + δ (or a partial update) is in the parameters: put
-                    // θ back; a failure to do so is reported over the first.
-                    self.store.copy(Slot::Params, snapshot, &active)?;
-                }
-                stepped
+        match self.mode {
+            // With copy-restore the base step reads θ from the snapshot and
+            // writes over θ + δ: restoring costs no pass of its own, and on
+            // failure θ comes back from the snapshot (`progress.moved`).
+            Mode::FusedCopy { snapshot } | Mode::Copy { snapshot, .. } => {
+                self.base
+                    .step_from(&mut self.store, &ctx, Slot::Buffer(snapshot))
             }
+            Mode::Subtract { delta } => {
+                self.store
+                    .axpy(Slot::Params, &self.neg_ones, Slot::Buffer(delta), &active)?;
+                progress.moved = false;
+                self.base.step(&mut self.store, &ctx)
+            }
+            Mode::Erm => self.base.step(&mut self.store, &ctx),
         }
     }
 
@@ -606,83 +640,16 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         }
     }
 
-    fn buffer(store: &mut S, held: &mut Option<BufferId>) -> Result<BufferId> {
-        match *held {
-            Some(id) => Ok(id),
-            None => {
-                let id = store.alloc_buffer()?;
-                *held = Some(id);
-                Ok(id)
-            }
-        }
-    }
-
-    /// Steps 2–4: the inner loop. On success with copy-restore, θ + δ is left
-    /// in the parameters and the snapshot to restore from is returned (the
-    /// base step reads θ from it); otherwise θ is restored here.
-    fn perturb<G: GradFn<S>>(
-        &mut self,
-        grad_fn: &mut G,
-        active: &[bool],
-        report: &mut StepReport<G::Output>,
-    ) -> Result<Option<Slot>> {
-        let inner_iter = self.config.inner_iter;
-        let copy_restore = self.config.restore == RestoreMode::Copy;
-        // With copy-restore and one inner iteration δ = clip(ζ·g) is only
-        // needed until the weights have moved, so it is never stored: no δ
-        // buffer.
-        let delta = if copy_restore && inner_iter == 1 {
-            None
-        } else {
-            Some(Slot::Buffer(Self::buffer(
-                &mut self.store,
-                &mut self.delta,
-            )?))
-        };
-        let snapshot = if copy_restore {
-            Some(Slot::Buffer(Self::buffer(
-                &mut self.store,
-                &mut self.snapshot,
-            )?))
-        } else {
-            None
-        };
-
-        let mut moved = false;
-        let result = self.inner_loop(grad_fn, active, delta, snapshot, &mut moved, report);
-        match (result, snapshot) {
-            (Ok(()), Some(snapshot)) if moved => Ok(Some(snapshot)),
-            (result, _) => {
-                if moved {
-                    let restored = match (snapshot, delta) {
-                        (Some(snapshot), _) => self.store.copy(Slot::Params, snapshot, active),
-                        (None, Some(delta)) => {
-                            self.store.axpy(Slot::Params, &self.neg_ones, delta, active)
-                        }
-                        (None, None) => Err(AmpError::backend(
-                            "nothing to restore θ from (no snapshot and no δ)",
-                        )),
-                    };
-                    // A failure to restore is reported over the error that
-                    // caused it: the weights are then not θ and the caller
-                    // must know.
-                    restored?;
-                }
-                result.map(|()| None)
-            }
-        }
-    }
-
+    /// Steps 2–3: the inner loop. On success θ + δ_K is in the parameters.
     fn inner_loop<G: GradFn<S>>(
         &mut self,
         grad_fn: &mut G,
         active: &[bool],
-        delta: Option<Slot>,
-        snapshot: Option<Slot>,
-        moved: &mut bool,
+        progress: &mut Progress,
         report: &mut StepReport<G::Output>,
     ) -> Result<()> {
         let inner_iter = self.config.inner_iter;
+        let (snapshot, delta) = (self.mode.snapshot(), self.mode.delta());
         let mut last_norms = None;
         for k in 1..=inner_iter {
             let pass = Pass::Perturbed { k, of: inner_iter };
@@ -696,16 +663,18 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
                     &self.epsilon,
                     active,
                 )?;
-                *moved = true;
+                progress.moved = true;
                 last_norms = Some(norms);
             } else {
                 let Some(delta) = delta else {
-                    return Err(AmpError::backend("δ buffer missing for inner_iter > 1"));
+                    // `Mode::build` gives every mode with K ≥ 2 a δ buffer.
+                    return Err(AmpError::contract("no δ buffer for inner_iter ≥ 2"));
                 };
                 if snapshot.is_none() {
                     // Subtract mode: step back from θ + δ_{k−1} before δ changes.
                     self.store
                         .axpy(Slot::Params, &self.neg_ones, delta, active)?;
+                    progress.moved = false;
                 }
                 // Ascent δ ← δ + ζ·g, then the projection onto each tensor's
                 // ε-ball.
@@ -719,10 +688,12 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
                     self.store.copy(Slot::Params, snapshot, active)?;
                 }
                 self.store.axpy(Slot::Params, &self.ones, delta, active)?;
+                progress.moved = true;
                 last_norms = Some(norms);
             }
 
             self.store.zero_grads()?;
+            self.store.prepare_pass(pass)?;
             report.closure_calls += 1;
             let (_, loss) = grad_fn
                 .evaluate(&mut self.store, pass)
@@ -759,8 +730,8 @@ fn check_loss(pass: Pass, value: f64) -> Result<()> {
     }
 }
 
-fn resolve_groups(config: &AmpConfig, n: usize) -> Result<Vec<Group>> {
-    let inherit = |tensors: Vec<usize>, g: Option<&ParamGroup>| Group {
+fn resolve_groups(config: &AmpConfig, n: usize) -> Result<Vec<GroupState>> {
+    let inherit = |tensors: Vec<usize>, g: Option<&ParamGroup>| GroupState {
         tensors,
         lr: g.and_then(|g| g.lr).unwrap_or(config.lr),
         epsilon: g.and_then(|g| g.epsilon).unwrap_or(config.epsilon),
@@ -807,80 +778,4 @@ fn resolve_groups(config: &AmpConfig, n: usize) -> Result<Vec<Group>> {
         .iter()
         .map(|g| inherit(g.tensors.clone(), Some(g)))
         .collect())
-}
-
-/// Read access to the parameter groups as resolved against the store (every
-/// `None` of a [`ParamGroup`] replaced by the value of [`AmpConfig`]), for
-/// checkpoints and logging. A checkpoint records each group's tensors and
-/// hyper-parameters and checks them when it is loaded.
-impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
-    fn resolved_group(&self, group: usize) -> Result<&Group> {
-        self.groups
-            .get(group)
-            .ok_or_else(|| AmpError::config("groups", format!("there is no group {group}")))
-    }
-
-    /// The store indices of the tensors of group `group`, in the order the
-    /// group was given (all tensors, in order, for the implicit single group).
-    ///
-    /// ```
-    /// use amp_core::{Amp, AmpConfig, ParamGroup, SgdConfig};
-    /// # use amp_core::{BufferId, DType, HostTensor, ParamStore, Result, Slot};
-    /// # // A store of scalar tensors, enough for the example.
-    /// # struct Scalars(Vec<f64>);
-    /// # impl ParamStore for Scalars {
-    /// #     type Scalar = f64; type Norms = Vec<f64>;
-    /// #     fn num_tensors(&self) -> usize { self.0.len() }
-    /// #     fn shape(&self, _: usize) -> Result<Vec<usize>> { Ok(vec![]) }
-    /// #     fn dtype(&self) -> DType { DType::F64 }
-    /// #     fn zero_grads(&mut self) -> Result<()> { Ok(()) }
-    /// #     fn grad_mask(&self) -> Result<Vec<bool>> { Ok(vec![false; self.0.len()]) }
-    /// #     fn alloc_buffer(&mut self) -> Result<BufferId> { Ok(BufferId::new(0)) }
-    /// #     fn free_buffer(&mut self, _: BufferId) -> Result<()> { Ok(()) }
-    /// #     fn copy(&mut self, _: Slot, _: Slot, _: &[bool]) -> Result<()> { Ok(()) }
-    /// #     fn scale(&mut self, _: Slot, _: &[f64], _: &[bool]) -> Result<()> { Ok(()) }
-    /// #     fn axpy(&mut self, _: Slot, _: &[f64], _: Slot, _: &[bool]) -> Result<()> { Ok(()) }
-    /// #     fn norms(&mut self, _: Slot, m: &[bool]) -> Result<Vec<f64>> { Ok(vec![0.0; m.len()]) }
-    /// #     fn clip_to_norms(&mut self, _: Slot, _: &Vec<f64>, _: &[f64], _: &[bool]) -> Result<()> { Ok(()) }
-    /// #     fn norms_to_host(&self, n: &Vec<f64>) -> Result<Vec<f64>> { Ok(n.clone()) }
-    /// #     fn all_finite(&mut self, _: Slot, _: &[bool]) -> Result<bool> { Ok(true) }
-    /// #     fn read(&self, _: Slot, i: usize) -> Result<HostTensor> { HostTensor::new(vec![], DType::F64, vec![self.0[i]]) }
-    /// #     fn write(&mut self, _: Slot, i: usize, v: &HostTensor) -> Result<()> { self.0[i] = v.data[0]; Ok(()) }
-    /// # }
-    /// # let store = Scalars(vec![1.0, 2.0, 3.0]);
-    /// // `store` holds three tensors; the biases (tensor 2) get a smaller ε.
-    /// let config = AmpConfig::default()
-    ///     .epsilon(0.5)
-    ///     .group(ParamGroup::new([0, 1]))
-    ///     .group(ParamGroup::new([2]).epsilon(0.05).weight_decay(1e-4));
-    /// let amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9))?;
-    /// assert_eq!(amp.group_tensors(1)?, &[2]);
-    /// assert_eq!(amp.group_epsilon(0)?, 0.5); // inherited from the config
-    /// assert_eq!(amp.group_epsilon(1)?, 0.05);
-    /// assert_eq!(amp.group_inner_lr(1)?, 1.0);
-    /// assert_eq!(amp.group_weight_decay(1)?, 1e-4);
-    /// assert!(amp.group_epsilon(2).is_err());
-    /// # Ok::<(), amp_core::AmpError>(())
-    /// ```
-    pub fn group_tensors(&self, group: usize) -> Result<&[usize]> {
-        self.resolved_group(group).map(|g| g.tensors.as_slice())
-    }
-
-    /// The radius ε of group `group`'s perturbation balls (see
-    /// [`Amp::group_tensors`] for an example).
-    pub fn group_epsilon(&self, group: usize) -> Result<f64> {
-        self.resolved_group(group).map(|g| g.epsilon)
-    }
-
-    /// The inner (ascent) learning rate ζ of group `group` (see
-    /// [`Amp::group_tensors`] for an example).
-    pub fn group_inner_lr(&self, group: usize) -> Result<f64> {
-        self.resolved_group(group).map(|g| g.inner_lr)
-    }
-
-    /// The weight decay of group `group` (see [`Amp::group_tensors`] for an
-    /// example).
-    pub fn group_weight_decay(&self, group: usize) -> Result<f64> {
-        self.resolved_group(group).map(|g| g.weight_decay)
-    }
 }

@@ -1,6 +1,6 @@
 //! The one error type of the crate and the description of which pass failed.
 
-use std::fmt;
+use crate::grad_fn::Pass;
 
 /// A boxed error from a closure or a backend.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -8,52 +8,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Result alias used throughout the crate.
 pub type Result<T, E = AmpError> = std::result::Result<T, E>;
 
-/// Which closure call of a step is being served.
-///
-/// A step at `inner_iter = K` calls the closure `K + 1` times: once at the
-/// clean weights θ and once at each perturbed point θ + δₖ. A model can use
-/// this, for example, to freeze BatchNorm running statistics on perturbed
-/// passes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Pass {
-    /// The first call, at the unperturbed weights θ. Its outputs and loss are
-    /// what the step returns.
-    Clean,
-    /// Inner iteration `k` (1-based) of `of`, at θ + δₖ.
-    Perturbed {
-        /// The inner iteration, from 1 to `of`.
-        k: usize,
-        /// The number of inner iterations of the step (`inner_iter`).
-        of: usize,
-    },
-}
-
-impl Pass {
-    /// `true` for the clean pass.
-    pub fn is_clean(&self) -> bool {
-        matches!(self, Pass::Clean)
-    }
-
-    /// `true` for any perturbed pass.
-    pub fn is_perturbed(&self) -> bool {
-        !self.is_clean()
-    }
-}
-
-impl fmt::Display for Pass {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Pass::Clean => write!(f, "clean pass"),
-            Pass::Perturbed { k, of } => write!(f, "perturbed pass {k} of {of}"),
-        }
-    }
-}
-
 /// Everything that can go wrong in this crate and in the backends built on it.
 ///
 /// Whenever [`Amp::step`](crate::Amp::step) returns an error, the weights and
-/// the optimiser state are what they were before the step (bit-exact with
-/// [`RestoreMode::Copy`](crate::RestoreMode::Copy)).
+/// the optimiser state are what they were before the step: bit-exact with
+/// [`RestoreMode::Copy`](crate::RestoreMode::Copy), within a few ulps with
+/// [`RestoreMode::Subtract`](crate::RestoreMode::Subtract).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AmpError {
@@ -119,6 +79,10 @@ pub enum AmpError {
     /// A buffer handle does not name a live buffer of this store.
     #[error("unknown or freed buffer {0}")]
     UnknownBuffer(usize),
+    /// A buffer is pinned by the optimiser that holds it and cannot be
+    /// freed.
+    #[error("buffer {0} is held by an optimiser and cannot be freed")]
+    BufferInUse(usize),
     /// The closure reported a loss that is NaN or infinite.
     #[error("non-finite loss {value} in the {pass}")]
     NonFiniteLoss {
@@ -153,6 +117,19 @@ pub enum AmpError {
         #[source]
         source: BoxError,
     },
+    /// A store broke the [`ParamStore`](crate::ParamStore) contract: a mask
+    /// or norms vector of the wrong length, a missing buffer it had handed
+    /// out, the same slot given as source and destination.
+    #[error("store contract violated: {0}")]
+    StoreContract(String),
+    /// An optimiser state handed to [`Amp::load_state`](crate::Amp::load_state)
+    /// (directly or from a checkpoint) does not fit the optimiser, or holds
+    /// values no step could start from.
+    #[error("invalid optimiser state: {0}")]
+    InvalidState(String),
+    /// A step counter would pass `u64::MAX`; the step was not taken.
+    #[error("the {0} counter is at u64::MAX: no further step can be counted")]
+    CounterOverflow(&'static str),
     /// A checkpoint could not be read, written or applied.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
@@ -165,6 +142,16 @@ impl AmpError {
     /// Wraps any error of a tensor library as [`AmpError::Backend`].
     pub fn backend<E: Into<BoxError>>(error: E) -> Self {
         AmpError::Backend(error.into())
+    }
+
+    /// Builds an [`AmpError::StoreContract`].
+    pub fn contract(reason: impl Into<String>) -> Self {
+        AmpError::StoreContract(reason.into())
+    }
+
+    /// Builds an [`AmpError::InvalidState`].
+    pub fn state(reason: impl Into<String>) -> Self {
+        AmpError::InvalidState(reason.into())
     }
 
     /// Builds an [`AmpError::InvalidConfig`].

@@ -1,6 +1,8 @@
 //! The [`GradFn`] trait: the closure that runs forward and backward.
 
-use crate::error::{BoxError, Pass};
+use std::fmt;
+
+use crate::error::BoxError;
 use crate::store::ParamStore;
 
 /// Runs the model forward and backward at the store's current weights and
@@ -32,5 +34,46 @@ where
 
     fn evaluate(&mut self, store: &mut S, pass: Pass) -> Result<(O, f64), BoxError> {
         self(store, pass).map_err(Into::into)
+    }
+}
+
+/// Which closure call of a step is being served.
+///
+/// A step at `inner_iter = K` calls the closure `K + 1` times: once at the
+/// clean weights θ and once at each perturbed point θ + δₖ. A model can use
+/// this, for example, to freeze BatchNorm running statistics on perturbed
+/// passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Pass {
+    /// The first call, at the unperturbed weights θ. Its outputs and loss are
+    /// what the step returns.
+    Clean,
+    /// Inner iteration `k` (1-based) of `of`, at θ + δₖ.
+    Perturbed {
+        /// The inner iteration, from 1 to `of`.
+        k: usize,
+        /// The number of inner iterations of the step (`inner_iter`).
+        of: usize,
+    },
+}
+
+impl Pass {
+    /// `true` for the clean pass.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, Pass::Clean)
+    }
+
+    /// `true` for any perturbed pass.
+    pub fn is_perturbed(&self) -> bool {
+        !self.is_clean()
+    }
+}
+
+impl fmt::Display for Pass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pass::Clean => write!(f, "clean pass"),
+            Pass::Perturbed { k, of } => write!(f, "perturbed pass {k} of {of}"),
+        }
     }
 }

@@ -41,17 +41,24 @@
 
 mod amp;
 pub mod composed;
+mod config;
 mod error;
 mod grad_fn;
 mod optimizer;
+mod report;
 pub mod schedule;
+mod state;
+mod state_check;
 mod store;
 
-pub use crate::amp::{Amp, AmpConfig, NonFinitePolicy, ParamGroup, RestoreMode, StepReport};
-pub use crate::error::{AmpError, BoxError, Pass, Result};
-pub use crate::grad_fn::GradFn;
+pub use crate::amp::Amp;
+pub use crate::config::{AmpConfig, NonFinitePolicy, ParamGroup, RestoreMode};
+pub use crate::error::{AmpError, BoxError, Result};
+pub use crate::grad_fn::{GradFn, Pass};
 pub use crate::optimizer::{BaseOptimizer, OptimizerState, Sgd, SgdConfig, StepContext};
+pub use crate::report::StepReport;
 pub use crate::schedule::{Cosine, LrSchedule, MultiStep};
+pub use crate::state::{AmpState, BaseState, GroupState, StateOptions};
 pub use crate::store::{
     check_index, check_len, check_shape, BufferId, Buffers, DType, HostTensor, ParamStore, Scalar,
     Slot, PROJECTION_GUARD,

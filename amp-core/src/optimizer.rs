@@ -27,6 +27,7 @@ pub struct StepContext<'a, T> {
 /// parameter: `None` where the state was never initialised); `scalars` are
 /// named host-side numbers.
 #[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct OptimizerState {
     /// Named per-parameter tensors, such as momentum buffers.
     pub buffers: Vec<(String, Vec<Option<HostTensor>>)>,
@@ -70,6 +71,21 @@ pub trait BaseOptimizer<S: ParamStore> {
         Ok(())
     }
 
+    /// A short name of the optimiser, recorded in
+    /// [`AmpState`](crate::AmpState) and checkpoints (`"sgd"` for [`Sgd`]).
+    /// A state of another kind is refused on load. The default is
+    /// `"custom"`.
+    fn kind(&self) -> &'static str {
+        "custom"
+    }
+
+    /// The settings that change what a step computes, by name (booleans as
+    /// 0 or 1): recorded in [`AmpState`](crate::AmpState), compared on load.
+    /// The default is none.
+    fn settings(&self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
+
     /// Updates the weights in [`Slot::Params`] from the gradients in
     /// [`Slot::Grads`].
     fn step(&mut self, store: &mut S, ctx: &StepContext<'_, S::Scalar>) -> Result<()>;
@@ -99,7 +115,10 @@ pub trait BaseOptimizer<S: ParamStore> {
     /// Copies the optimiser's state to the host, for a checkpoint.
     fn save_state(&self, store: &S) -> Result<OptimizerState>;
 
-    /// Replaces the optimiser's state with `state`. On error nothing changes.
+    /// Replaces the optimiser's state with `state`. On error nothing changes
+    /// (validate everything before writing anything). Every value in `state`
+    /// has been checked to be finite and every tensor to have its
+    /// parameter's shape before this is called.
     fn load_state(&mut self, store: &mut S, state: &OptimizerState) -> Result<()>;
 
     /// Number of parameter-sized buffers the optimiser holds between steps.
@@ -149,6 +168,24 @@ impl SgdConfig {
         }
     }
 
+    /// Sets [`SgdConfig::momentum`].
+    pub fn with_momentum(mut self, momentum: f64) -> Self {
+        self.momentum = momentum;
+        self
+    }
+
+    /// Sets [`SgdConfig::dampening`].
+    pub fn dampening(mut self, dampening: f64) -> Self {
+        self.dampening = dampening;
+        self
+    }
+
+    /// Sets [`SgdConfig::nesterov`].
+    pub fn with_nesterov(mut self, nesterov: bool) -> Self {
+        self.nesterov = nesterov;
+        self
+    }
+
     /// Checks every field; the error names the field and the reason.
     pub fn validate(&self) -> Result<()> {
         if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
@@ -189,7 +226,10 @@ impl SgdConfig {
 /// ```
 /// The momentum buffer is one parameter-sized buffer, allocated on the first
 /// step that needs it.
-#[derive(Clone, Debug)]
+///
+/// `Sgd` is not `Clone`: it holds a handle to a buffer of one store, and two
+/// optimisers must not step the same momentum.
+#[derive(Debug)]
 pub struct Sgd {
     config: SgdConfig,
     momentum_buffer: Option<BufferId>,
@@ -235,6 +275,13 @@ impl Sgd {
         crate::store::check_len("step mask", n, ctx.mask.len())?;
         crate::store::check_len("learning rates", n, ctx.lr.len())?;
         crate::store::check_len("weight decays", n, ctx.weight_decay.len())?;
+        if self.momentum_buffer.is_some() && self.initialized.len() != n {
+            return Err(AmpError::state(format!(
+                "this SGD holds momentum for {} tensors but the store has {n}: \
+                 it was used with another store",
+                self.initialized.len()
+            )));
+        }
         let zero = S::Scalar::zero();
 
         // d = g + weight_decay · θ, in place in the gradient slot; tensors whose
@@ -251,6 +298,7 @@ impl Sgd {
                 Some(buffer) => buffer,
                 None => {
                     let buffer = store.alloc_buffer()?;
+                    store.pin_buffer(buffer, true)?;
                     self.momentum_buffer = Some(buffer);
                     self.initialized = vec![false; n];
                     buffer
@@ -296,6 +344,18 @@ impl<S: ParamStore> BaseOptimizer<S> for Sgd {
         self.config.validate()
     }
 
+    fn kind(&self) -> &'static str {
+        "sgd"
+    }
+
+    fn settings(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("momentum", self.config.momentum),
+            ("dampening", self.config.dampening),
+            ("nesterov", f64::from(u8::from(self.config.nesterov))),
+        ]
+    }
+
     fn step(&mut self, store: &mut S, ctx: &StepContext<'_, S::Scalar>) -> Result<()> {
         self.update(store, ctx, Slot::Params)
     }
@@ -330,55 +390,60 @@ impl<S: ParamStore> BaseOptimizer<S> for Sgd {
         let n = store.num_tensors();
         let mut tensors = None;
         for (name, value) in &state.buffers {
-            if name != MOMENTUM_BUFFER {
-                return Err(AmpError::Checkpoint(format!(
-                    "SGD has no state buffer named {name:?}"
+            if name != MOMENTUM_BUFFER || tensors.is_some() {
+                return Err(AmpError::state(format!(
+                    "SGD has no (further) state buffer named {name:?}"
                 )));
             }
             tensors = Some(value);
         }
         if let Some((name, _)) = state.scalars.first() {
-            return Err(AmpError::Checkpoint(format!(
+            return Err(AmpError::state(format!(
                 "SGD has no state value named {name:?}"
             )));
         }
         let Some(tensors) = tensors else {
             // No momentum state saved: start afresh.
-            if let Some(buffer) = self.momentum_buffer.take() {
+            if let Some(buffer) = self.momentum_buffer {
+                store.pin_buffer(buffer, false)?;
                 store.free_buffer(buffer)?;
+                self.momentum_buffer = None;
             }
             self.initialized.clear();
             return Ok(());
         };
         if self.config.momentum == 0.0 {
-            return Err(AmpError::Checkpoint(
-                "the checkpoint holds momentum buffers but this SGD has momentum 0".into(),
+            return Err(AmpError::state(
+                "the state holds momentum buffers but this SGD has momentum 0",
             ));
         }
         crate::store::check_len("momentum buffers", n, tensors.len())?;
-        // Validate everything before writing anything.
         for (i, t) in tensors.iter().enumerate() {
             if let Some(t) = t {
-                let shape = store.shape(i)?;
-                if t.shape != shape {
-                    return Err(AmpError::ShapeMismatch {
-                        index: i,
-                        expected: shape,
-                        found: t.shape.clone(),
-                    });
-                }
+                crate::store::check_shape(i, &store.shape(i)?, &t.shape)?;
             }
         }
-        let buffer = match self.momentum_buffer {
-            Some(buffer) => buffer,
-            None => store.alloc_buffer()?,
-        };
-        for (i, t) in tensors.iter().enumerate() {
-            if let Some(t) = t {
-                store.write(Slot::Buffer(buffer), i, t)?;
-            }
+        // Written into a fresh buffer, which replaces the old one only once
+        // every tensor is in: a failure part-way leaves the old state whole.
+        let fresh = store.alloc_buffer()?;
+        let written = tensors
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, t)| match t {
+                Some(t) => store.write(Slot::Buffer(fresh), i, t),
+                None => Ok(()),
+            })
+            .and_then(|()| store.pin_buffer(fresh, true));
+        if let Err(error) = written {
+            let _ = store.free_buffer(fresh);
+            return Err(error);
         }
-        self.momentum_buffer = Some(buffer);
+        if let Some(old) = self.momentum_buffer.replace(fresh) {
+            // The new state is in place; an old buffer that cannot be freed
+            // is leaked rather than failing a load that has succeeded.
+            let _ = store.pin_buffer(old, false);
+            let _ = store.free_buffer(old);
+        }
         self.initialized = tensors.iter().map(Option::is_some).collect();
         Ok(())
     }

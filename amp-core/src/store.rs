@@ -6,6 +6,7 @@ use std::fmt::Debug;
 use num_traits::Float;
 
 use crate::error::{AmpError, Result};
+use crate::grad_fn::Pass;
 
 /// The small-epsilon guard of the projection, `‖δ‖₂ + 1e-12`, as in the
 /// reference implementation.
@@ -48,6 +49,8 @@ pub enum Slot {
 
 /// The element type of a tensor as stored on the backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 #[non_exhaustive]
 pub enum DType {
     /// IEEE half precision.
@@ -104,6 +107,7 @@ impl std::fmt::Display for DType {
 /// value exactly, so a round trip through `HostTensor` is bit-exact for every
 /// [`DType`] (NaN payloads aside).
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct HostTensor {
     /// The shape; empty for a 0-d scalar.
     pub shape: Vec<usize>,
@@ -308,6 +312,28 @@ pub trait ParamStore {
         crate::composed::perturb_from_grads(self, snapshot, delta, inner_lr, epsilon, mask)
     }
 
+    /// Pins (`true`) or unpins a buffer: a pinned buffer cannot be freed
+    /// ([`ParamStore::free_buffer`] returns [`AmpError::BufferInUse`]).
+    /// [`Amp`](crate::Amp) and [`Sgd`](crate::Sgd) pin the buffers they hold
+    /// between steps, so that a closure that frees buffers of its own cannot
+    /// free theirs. Stores built on [`Buffers`] forward to
+    /// [`Buffers::set_pinned`]; the default does nothing (no protection).
+    fn pin_buffer(&mut self, id: BufferId, pinned: bool) -> Result<()> {
+        let _ = (id, pinned);
+        Ok(())
+    }
+
+    /// Called by [`Amp`](crate::Amp) before every closure call, after
+    /// [`zero_grads`](ParamStore::zero_grads), told which pass follows. A
+    /// store over a framework whose model owns immutable weights (a
+    /// functional framework) rebuilds the model from the store's weights
+    /// here, so that the closure sees θ on the clean pass and θ + δₖ on
+    /// perturbed pass k. The default does nothing.
+    fn prepare_pass(&mut self, pass: Pass) -> Result<()> {
+        let _ = pass;
+        Ok(())
+    }
+
     /// Total number of elements over all parameters.
     fn total_numel(&self) -> Result<usize> {
         (0..self.num_tensors()).try_fold(0usize, |acc, i| {
@@ -393,14 +419,24 @@ pub fn check_shape(index: usize, expected: &[usize], found: &[usize]) -> Result<
 ///
 /// Freed slots are reused, so ids stay small over long runs, and a freed or
 /// unknown id is an [`AmpError::UnknownBuffer`], never a panic.
+///
+/// A buffer can be pinned ([`Buffers::set_pinned`]): then
+/// [`Buffers::remove`] refuses it with [`AmpError::BufferInUse`]. `Amp` and
+/// [`Sgd`](crate::Sgd) pin the buffers they hold (through
+/// [`ParamStore::pin_buffer`]), so that a closure freeing them by mistake
+/// gets an error instead of destroying the snapshot of θ or the momentum.
 #[derive(Clone, Debug)]
 pub struct Buffers<B> {
     slots: Vec<Option<B>>,
+    pinned: Vec<bool>,
 }
 
 impl<B> Default for Buffers<B> {
     fn default() -> Self {
-        Buffers { slots: Vec::new() }
+        Buffers {
+            slots: Vec::new(),
+            pinned: Vec::new(),
+        }
     }
 }
 
@@ -410,23 +446,37 @@ impl<B> Buffers<B> {
         Self::default()
     }
 
-    /// Stores a buffer and returns its id.
+    /// Stores a buffer (not pinned) and returns its id.
     pub fn insert(&mut self, buffer: B) -> BufferId {
         if let Some(i) = self.slots.iter().position(Option::is_none) {
             self.slots[i] = Some(buffer);
+            self.pinned[i] = false;
             BufferId::new(i)
         } else {
             self.slots.push(Some(buffer));
+            self.pinned.push(false);
             BufferId::new(self.slots.len() - 1)
         }
     }
 
-    /// Removes a buffer and gives it back.
+    /// Removes a buffer and gives it back; a pinned one is refused with
+    /// [`AmpError::BufferInUse`] and stays.
     pub fn remove(&mut self, id: BufferId) -> Result<B> {
+        self.get(id)?;
+        if self.pinned[id.index()] {
+            return Err(AmpError::BufferInUse(id.index()));
+        }
         self.slots
             .get_mut(id.index())
             .and_then(Option::take)
             .ok_or(AmpError::UnknownBuffer(id.index()))
+    }
+
+    /// Pins or unpins a live buffer (see [`Buffers`]).
+    pub fn set_pinned(&mut self, id: BufferId, pinned: bool) -> Result<()> {
+        self.get(id)?;
+        self.pinned[id.index()] = pinned;
+        Ok(())
     }
 
     /// The buffer behind `id`.
