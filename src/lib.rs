@@ -22,7 +22,7 @@
 //!
 //! // Minimise ½‖θ‖², whose gradient is θ.
 //! let store = NdStore::from_arrays([array![3.0f64, -4.0].into_dyn()]);
-//! let mut amp = Amp::sgd(store, AmpConfig::default().lr(0.1), SgdConfig::nesterov(0.9))?;
+//! let mut amp = Amp::sgd(store, AmpConfig::new(0.1, 0.5), SgdConfig::nesterov(0.9))?;
 //! for _ in 0..100 {
 //!     amp.step(|s: &mut NdStore<f64>, _pass| {
 //!         let theta = s.params()[0].clone();
@@ -38,7 +38,9 @@
 
 pub use amp_core::*;
 
-pub mod checkpoint;
+/// Checkpoints of the weights and the whole optimiser state, for any store:
+/// the `amp-checkpoint` crate.
+pub use amp_checkpoint as checkpoint;
 
 /// The backend adapters compiled in, one module per cargo feature.
 pub mod backend {
