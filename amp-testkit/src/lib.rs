@@ -18,6 +18,7 @@
 //! - [`strategies`]: proptest generators of cases.
 #![warn(missing_docs)]
 
+pub mod faulty;
 pub mod properties;
 pub mod reference;
 pub mod strategies;
@@ -107,6 +108,9 @@ impl Objective {
                     "injected failure on call {call}"
                 )));
             }
+            if fault == Fault::Panic(call) {
+                std::panic::panic_any(InjectedPanic(call));
+            }
             let theta = read_slot(store, Slot::Params)?;
             let (mut loss, grads) = self.evaluate(&host_values(&theta));
             for (i, g) in grads.into_iter().enumerate() {
@@ -139,6 +143,29 @@ pub enum Fault {
     /// The closure writes a NaN into the first element of a gradient on call
     /// `n` (when some gradient has an element).
     NanGradient(usize),
+    /// The closure panics on call `n` (with an [`InjectedPanic`] payload).
+    Panic(usize),
+}
+
+/// The payload of a panic injected by the conformance kit ([`Fault::Panic`],
+/// [`faulty::FaultyStore`]); the panic hook of [`quiet_injected_panics`]
+/// does not print it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InjectedPanic(pub usize);
+
+/// Installs (once) a panic hook that stays silent for [`InjectedPanic`]
+/// payloads and hands every other panic to the previous hook, so that the
+/// properties that inject panics do not flood the test output.
+pub fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<InjectedPanic>().is_none() {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// A multi-step AMP run on an analytic objective.
@@ -552,7 +579,8 @@ macro_rules! conformance_suite {
                 closure_calls,
                 base_step_uses_perturbed_gradient,
                 fused_ops_match_composed,
-                failure_leaves_state
+                failure_leaves_state,
+                store_panic_leaves_state
             );
         }
     };

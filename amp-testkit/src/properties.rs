@@ -6,6 +6,7 @@ use std::cell::{Cell, RefCell};
 
 use amp_core::{Amp, AmpError, DType, HostTensor, ParamStore, Pass, RestoreMode, Slot};
 
+use crate::faulty::FaultyStore;
 use crate::{
     compare_outcomes, host_values, momentum, read_slot, reference, run_case, Case, Fault,
     NdFactory, StoreFactory, Tolerance,
@@ -295,21 +296,25 @@ pub fn base_step_uses_perturbed_gradient<F: StoreFactory>(
     )
 }
 
-/// A failure at any closure call of a step — an error, a NaN loss, a NaN
-/// gradient — returns the matching error and leaves weights and momentum as
-/// they were: bit for bit with copy-restore, within rounding with
-/// subtract-restore. The optimiser then keeps working.
+/// A failure injected at every closure call of a step — an error, a NaN
+/// loss, a NaN gradient, a panic — ends the step with the matching error
+/// (or lets the panic through) and leaves weights and momentum as they were:
+/// bit for bit with copy-restore, within rounding with subtract-restore. The
+/// optimiser then keeps working. Every step runs under `catch_unwind`, so a
+/// panic where none was injected is reported as a failure of the property.
 pub fn failure_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
+    crate::quiet_injected_panics();
     let per_step = case.config.inner_iter + 1;
     // Fail in the last step, after the earlier ones built momentum.
     let warmup = case.steps.saturating_sub(1);
     for n in 1..=per_step {
-        for fault_kind in 0..3 {
+        for fault_kind in 0..4 {
             let call = warmup * per_step + n;
             let fault = match fault_kind {
                 0 => Fault::Error(call),
                 1 => Fault::NanLoss(call),
-                _ => Fault::NanGradient(call),
+                2 => Fault::NanGradient(call),
+                _ => Fault::Panic(call),
             };
             let has_element = case
                 .init
@@ -323,20 +328,24 @@ pub fn failure_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype: DT
             let mut amp = Amp::sgd(store, case.config.clone(), case.sgd).map_err(fail("build"))?;
             let calls = Cell::new(0);
             for _ in 0..warmup {
-                amp.step(case.objective.grad_fn(&calls, fault))
+                guarded(|| amp.step(case.objective.grad_fn(&calls, fault)))
                     .map_err(fail("warm-up step"))?;
             }
             let before = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
             let momentum_before = momentum(&amp).map_err(fail("momentum"))?;
-            let result = amp.step(case.objective.grad_fn(&calls, fault));
+            let result = guarded(|| amp.step(case.objective.grad_fn(&calls, fault)));
             let expected_kind = matches!(
                 (&result, fault),
-                (Err(AmpError::Closure { .. }), Fault::Error(_))
-                    | (Err(AmpError::NonFiniteLoss { .. }), Fault::NanLoss(_))
+                (Err(Ended::Error(AmpError::Closure { .. })), Fault::Error(_))
                     | (
-                        Err(AmpError::NonFiniteGradient { .. }),
+                        Err(Ended::Error(AmpError::NonFiniteLoss { .. })),
+                        Fault::NanLoss(_)
+                    )
+                    | (
+                        Err(Ended::Error(AmpError::NonFiniteGradient { .. })),
                         Fault::NanGradient(_)
                     )
+                    | (Err(Ended::Panic), Fault::Panic(_))
             );
             if !expected_kind {
                 return Err(format!("{fault:?}: step returned {:?}", result.map(|_| ())));
@@ -346,24 +355,121 @@ pub fn failure_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype: DT
             if momentum_after != momentum_before {
                 return Err(format!("{fault:?}: momentum changed"));
             }
-            let u = unit_roundoff(dtype);
-            let eps = epsilons(case);
-            for (i, (a, b)) in after.iter().zip(&before).enumerate() {
-                for (x, y) in a.data.iter().zip(&b.data) {
-                    let ok = match case.config.restore {
-                        RestoreMode::Copy => x.to_bits() == y.to_bits(),
-                        RestoreMode::Subtract => {
-                            (x - y).abs() <= 4.0 * (per_step as f64 + 1.0) * u * (y.abs() + eps[i])
-                        }
-                    };
-                    if !ok {
-                        return Err(format!("{fault:?}: tensor {i} changed: {x:e} vs {y:e}"));
-                    }
-                }
-            }
+            unchanged(case, dtype, &before, &after).map_err(|e| format!("{fault:?}: {e}"))?;
             // The next step succeeds and closes the gap to the oracle's step.
-            amp.step(case.objective.grad_fn(&calls, Fault::None))
+            guarded(|| amp.step(case.objective.grad_fn(&calls, Fault::None)))
                 .map_err(fail("step after failure"))?;
+        }
+    }
+    Ok(())
+}
+
+/// How a step guarded by [`guarded`] ended, when it did not succeed.
+#[derive(Debug)]
+enum Ended {
+    Error(AmpError),
+    Panic,
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Error(error) => write!(f, "{error}"),
+            Ended::Panic => write!(f, "panicked"),
+        }
+    }
+}
+
+/// Runs `step` under `catch_unwind`.
+fn guarded<T>(step: impl FnOnce() -> amp_core::Result<T>) -> Result<T, Ended> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(Ended::Error(error)),
+        Err(_) => Err(Ended::Panic),
+    }
+}
+
+/// θ after a failed step against θ before it: bit for bit with
+/// copy-restore, within rounding with subtract-restore.
+fn unchanged(case: &Case, dtype: DType, before: &[HostTensor], after: &[HostTensor]) -> Check {
+    let per_step = case.config.inner_iter + 1;
+    let u = unit_roundoff(dtype);
+    let eps = epsilons(case);
+    for (i, (a, b)) in after.iter().zip(before).enumerate() {
+        for (x, y) in a.data.iter().zip(&b.data) {
+            let ok = match case.config.restore {
+                RestoreMode::Copy => x.to_bits() == y.to_bits(),
+                RestoreMode::Subtract => {
+                    (x - y).abs() <= 4.0 * (per_step as f64 + 1.0) * u * (y.abs() + eps[i])
+                }
+            };
+            if !ok {
+                return Err(format!("tensor {i} changed: {x:e} vs {y:e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A panic or an error inside any store operation of a step (copy-restore,
+/// K ≥ 1) — each operation in turn — leaves θ bit for bit as it was, and the
+/// momentum as it was unless an operation that completed before the fault
+/// had written the momentum buffer (SGD updates it in place; see [`Amp`]'s
+/// docs). The optimiser then keeps working.
+pub fn store_panic_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
+    if case.config.restore != RestoreMode::Copy || case.config.inner_iter == 0 {
+        return Ok(());
+    }
+    crate::quiet_injected_panics();
+    let warmup = case.steps.saturating_sub(1);
+    let build = || -> Result<(Amp<FaultyStore<F::Store>>, Cell<usize>), String> {
+        let store = FaultyStore::new(factory.make(&case.init, dtype).map_err(fail("make"))?);
+        let mut amp = Amp::sgd(store, case.config.clone(), case.sgd).map_err(fail("build"))?;
+        let calls = Cell::new(0);
+        for _ in 0..warmup {
+            amp.step(case.objective.grad_fn(&calls, Fault::None))
+                .map_err(fail("warm-up step"))?;
+        }
+        Ok((amp, calls))
+    };
+    // How many store operations the last step makes.
+    let (mut amp, calls) = build()?;
+    amp.store().count();
+    amp.step(case.objective.grad_fn(&calls, Fault::None))
+        .map_err(fail("counted step"))?;
+    let operations = amp.store().seen();
+    for n in 0..operations {
+        for panics in [true, false] {
+            let at = format!(
+                "{} in operation {n} of {operations}",
+                if panics { "panic" } else { "error" }
+            );
+            let (mut amp, calls) = build()?;
+            let before = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
+            let momentum_before = momentum(&amp).map_err(fail("momentum"))?;
+            let momentum_slot = amp.base().momentum_buffer().map(Slot::Buffer);
+            if panics {
+                amp.store().arm(n);
+            } else {
+                amp.store().arm_error(n);
+            }
+            let result = guarded(|| amp.step(case.objective.grad_fn(&calls, Fault::None)));
+            let expected = match &result {
+                Err(Ended::Panic) => panics,
+                Err(Ended::Error(_)) => !panics,
+                Ok(_) => false,
+            };
+            if !expected {
+                return Err(format!("{at}: the step returned {:?}", result.map(|_| ())));
+            }
+            let after = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
+            unchanged(case, dtype, &before, &after).map_err(|e| format!("{at}: {e}"))?;
+            let written = momentum_slot.is_some_and(|slot| amp.store().wrote(slot));
+            if !written && momentum(&amp).map_err(fail("momentum"))? != momentum_before {
+                return Err(format!("{at}: momentum changed"));
+            }
+            amp.step(case.objective.grad_fn(&calls, Fault::None))
+                .map_err(fail("step after the fault"))?;
         }
     }
     Ok(())
@@ -472,7 +578,8 @@ pub fn all<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
     closure_calls(factory, case, dtype)?;
     base_step_uses_perturbed_gradient(factory, case, dtype)?;
     fused_ops_match_composed(factory, case, dtype)?;
-    failure_leaves_state(factory, case, dtype)
+    failure_leaves_state(factory, case, dtype)?;
+    store_panic_leaves_state(factory, case, dtype)
 }
 
 /// The store's gradients as the host sees them (for tests of backends).
