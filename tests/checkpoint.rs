@@ -160,7 +160,7 @@ fn bits(tensor: &HostTensor) -> Vec<u64> {
 
 fn fingerprint<S: ParamStore>(amp: &Amp<S>) -> Fingerprint {
     let store = amp.store();
-    let state: OptimizerState = amp.base_state().expect("state reads");
+    let state: OptimizerState = amp.state().expect("state reads").base.state;
     Fingerprint {
         params: (0..store.num_tensors())
             .map(|i| bits(&store.read(Slot::Params, i).expect("param reads")))
@@ -296,7 +296,7 @@ fn edit_metadata(bytes: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8>
         checkpoint::METADATA_KEY.to_string(),
         meta.to_string(),
     )]));
-    safetensors::serialize(file.tensors(), &metadata).expect("serialise")
+    safetensors::serialize(file.tensors(), metadata).expect("serialise")
 }
 
 fn mismatches_are_refused<S: ParamStore>(make: &dyn Fn(&[HostTensor]) -> S) {
@@ -304,6 +304,7 @@ fn mismatches_are_refused<S: ParamStore>(make: &dyn Fn(&[HostTensor]) -> S) {
     let (_, bytes) = trained(make, 4);
     let strict = LoadOptions::default();
     let is_checkpoint = |e: &AmpError| matches!(e, AmpError::Checkpoint(_));
+    let is_invalid_state = |e: &AmpError| matches!(e, AmpError::InvalidState(_));
 
     // Another number of tensors.
     let mut fewer = Amp::sgd(
@@ -358,7 +359,7 @@ fn mismatches_are_refused<S: ParamStore>(make: &dyn Fn(&[HostTensor]) -> S) {
         train_step(&mut other, 0).expect("step");
         let before = fingerprint(&other);
         let error = checkpoint::from_bytes(&mut other, &bytes).expect_err(what);
-        assert!(is_checkpoint(&error), "{what}: {error}");
+        assert!(is_invalid_state(&error), "{what}: {error}");
         assert_eq!(fingerprint(&other), before, "{what}");
     }
     // … unless asked to keep the optimiser's own hyper-parameters.
@@ -374,7 +375,7 @@ fn mismatches_are_refused<S: ParamStore>(make: &dyn Fn(&[HostTensor]) -> S) {
         &LoadOptions::default().keep_hyperparameters(true),
     )
     .expect("keeps its ε");
-    assert_eq!(other.group_epsilon(0).expect("group"), 0.31);
+    assert_eq!(other.groups()[0].epsilon, 0.31);
     assert_eq!(other.steps(), 4);
 
     // Non-finite policy does not matter.
@@ -392,35 +393,35 @@ fn mismatches_are_refused<S: ParamStore>(make: &dyn Fn(&[HostTensor]) -> S) {
     let mut plain =
         Amp::sgd(make(&init(4)), SETUPS[0].config(), SgdConfig::default()).expect("valid");
     train_step(&mut plain, 0).expect("step");
-    refused(&mut plain, &bytes, &strict, is_checkpoint);
+    refused(&mut plain, &bytes, &strict, is_invalid_state);
 
     // Another format version, and metadata that does not parse.
     let mut amp = SETUPS[0].build(make(&init(4)));
-    let newer = edit_metadata(&bytes, |m| m["format_version"] = 2.into());
+    let newer = edit_metadata(&bytes, |m| m["format_version"] = 3.into());
     refused(
         &mut amp,
         &newer,
         &strict,
-        |e| matches!(e, AmpError::Checkpoint(m) if m.contains("format version 2")),
+        |e| matches!(e, AmpError::Checkpoint(m) if m.contains("format version 3")),
     );
     let no_version = edit_metadata(&bytes, |m| {
         m.as_object_mut().expect("object").remove("format_version");
     });
     refused(&mut amp, &no_version, &strict, is_checkpoint);
-    let bad_lr = edit_metadata(&bytes, |m| m["groups"][0]["lr"] = "-1.0".into());
-    refused(&mut amp, &bad_lr, &strict, is_checkpoint);
+    let bad_lr = edit_metadata(&bytes, |m| m["groups"][0]["lr"] = (-1.0).into());
+    refused(&mut amp, &bad_lr, &strict, is_invalid_state);
     let not_a_number = edit_metadata(&bytes, |m| m["groups"][0]["lr"] = "fast".into());
     refused(&mut amp, &not_a_number, &strict, is_checkpoint);
     let missing_state = edit_metadata(&bytes, |m| {
-        m["optimizer"]["buffers"][0]["present"][2] = true.into()
+        m["base"]["buffers"][0]["present"][2] = true.into()
     });
     refused(&mut amp, &missing_state, &strict, is_checkpoint);
     let extra_tensor = edit_metadata(&bytes, |m| {
-        m["optimizer"]["buffers"][0]["present"][0] = false.into()
+        m["base"]["buffers"][0]["present"][0] = false.into()
     });
     refused(&mut amp, &extra_tensor, &strict, is_checkpoint);
     let short_list = edit_metadata(&bytes, |m| {
-        m["optimizer"]["buffers"][0]["present"] = serde_json::json!([true]);
+        m["base"]["buffers"][0]["present"] = serde_json::json!([true]);
     });
     refused(&mut amp, &short_list, &strict, |e| {
         matches!(e, AmpError::CountMismatch { .. })
@@ -433,7 +434,7 @@ fn mismatches_are_refused<S: ParamStore>(make: &dyn Fn(&[HostTensor]) -> S) {
         safetensors::SafeTensors::deserialize(&bytes)
             .expect("valid")
             .tensors(),
-        &None,
+        None,
     )
     .expect("serialise");
     refused(&mut amp, &foreign, &strict, is_checkpoint);
@@ -633,7 +634,7 @@ fn tensors_are_stored_in_their_own_dtype_with_momentum() {
         (&f64_bytes, safetensors::Dtype::F64),
     ] {
         let file = safetensors::SafeTensors::deserialize(bytes).expect("valid safetensors");
-        let mut names: Vec<_> = file.names().into_iter().cloned().collect();
+        let mut names: Vec<_> = file.names().into_iter().map(str::to_string).collect();
         names.sort();
         // Tensor 2 has had gradients since step 5, so it has momentum too.
         assert_eq!(
@@ -656,11 +657,20 @@ fn tensors_are_stored_in_their_own_dtype_with_momentum() {
     let info = checkpoint::inspect(&f32_bytes).expect("inspect");
     assert_eq!(info.format_version, checkpoint::FORMAT_VERSION);
     assert_eq!(info.dtype, DType::F32);
-    assert_eq!(info.steps, 7);
-    assert_eq!(info.skipped_steps, 0);
-    assert_eq!(info.config, SETUPS[0].config());
-    assert_eq!(info.group_lr, vec![0.05, 0.1]);
-    assert_eq!(info.optimizer_buffers, vec!["momentum_buffer".to_string()]);
+    assert_eq!(info.state.steps, 7);
+    assert_eq!(info.state.skipped_steps, 0);
+    assert_eq!(info.config(), &SETUPS[0].config());
+    let lrs: Vec<f64> = info.groups().iter().map(|g| g.lr).collect();
+    assert_eq!(lrs, vec![0.05, 0.1]);
+    let buffers: Vec<&str> = info
+        .state
+        .base
+        .state
+        .buffers
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(buffers, vec!["momentum_buffer"]);
     assert_eq!(
         info.shapes,
         SHAPES.iter().map(|s| s.to_vec()).collect::<Vec<_>>()

@@ -140,7 +140,7 @@ struct Fingerprint {
 
 fn fingerprint<S: ParamStore>(amp: &Amp<S>) -> Fingerprint {
     let bits = |t: &HostTensor| t.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let state = amp.base_state().expect("state reads");
+    let state = amp.state().expect("state reads").base.state;
     let momentum = state
         .buffers
         .iter()

@@ -337,6 +337,17 @@ impl CandleStore {
                 )));
             }
         }
+        // The same var twice would be perturbed and stepped twice: ε
+        // exceeded, the step doubled.
+        let mut seen = std::collections::HashMap::new();
+        for (index, var) in vars.iter().enumerate() {
+            if let Some(first) = seen.insert(var.id(), index) {
+                return Err(AmpError::config(
+                    "vars",
+                    format!("tensors {first} and {index} are the same var"),
+                ));
+            }
+        }
         let n = vars.len();
         Ok(CandleStore {
             vars,
@@ -649,6 +660,10 @@ impl ParamStore for CandleStore {
 
     fn free_buffer(&mut self, id: BufferId) -> Result<()> {
         self.buffers.remove(id).map(drop)
+    }
+
+    fn pin_buffer(&mut self, id: BufferId, pinned: bool) -> Result<()> {
+        self.buffers.set_pinned(id, pinned)
     }
 
     fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {

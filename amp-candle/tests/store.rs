@@ -349,7 +349,7 @@ fn a_failed_step_leaves_weights_and_state_as_they_were() {
         let weights: Vec<_> = (0..amp.store().num_tensors())
             .map(|i| amp.store().read(Slot::Params, i).unwrap())
             .collect();
-        (weights, amp.base_state().unwrap())
+        (weights, amp.state().unwrap().base.state)
     };
     let before = snapshot(&amp);
     // A non-finite gradient on the second perturbed pass.
@@ -394,4 +394,23 @@ fn device_selection_never_panics() {
             }
         }
     }
+}
+
+#[test]
+fn the_same_var_twice_is_refused() {
+    // Twice the same var would be perturbed twice (‖δ‖ = 2ε) and stepped
+    // twice.
+    let v = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+    let other = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+    let error = CandleStore::from_vars(vec![v.clone(), other.clone(), v.clone()]).unwrap_err();
+    assert!(
+        matches!(&error, AmpError::InvalidConfig { field: "vars", reason } if reason.contains("0 and 2")),
+        "{error}"
+    );
+    assert_eq!(
+        CandleStore::from_vars(vec![v, other])
+            .unwrap()
+            .num_tensors(),
+        2
+    );
 }

@@ -54,6 +54,10 @@
 //! ```
 #![warn(missing_docs)]
 
+/// The `ndarray` crate this backend's public signatures use, so that users
+/// need not match its version by hand.
+pub use ndarray;
+
 use amp_core::{
     check_len, check_shape, AmpError, BufferId, Buffers, DType, HostTensor, ParamStore, Result,
     Scalar, Slot, PROJECTION_GUARD,
@@ -149,8 +153,28 @@ impl<T: Element> NdStore<T> {
 
     /// The gradient of tensor `index`, to accumulate into. It reads as zeros
     /// on its first access after the store's gradients were cleared, and
-    /// counts as a gradient from then on.
-    pub fn grad_mut(&mut self, index: usize) -> Result<&mut ArrayD<T>> {
+    /// counts as a gradient from then on. It is a view, so its shape is the
+    /// parameter's and stays so (to replace a gradient whole, use
+    /// [`NdStore::set_grad`], which checks the shape).
+    ///
+    /// ```
+    /// use amp_ndarray::NdStore;
+    ///
+    /// let mut store = NdStore::from_arrays([ndarray::arr1(&[1.0f32, 2.0])]);
+    /// store.grad_mut(0)?.fill(0.5);
+    /// assert_eq!(store.grad(0).unwrap().as_slice().unwrap(), &[0.5, 0.5]);
+    /// # Ok::<(), amp_core::AmpError>(())
+    /// ```
+    ///
+    /// A gradient of another shape cannot be put in through it:
+    ///
+    /// ```compile_fail
+    /// use amp_ndarray::NdStore;
+    ///
+    /// let mut store = NdStore::from_arrays([ndarray::arr1(&[1.0f32, 2.0])]);
+    /// *store.grad_mut(0).unwrap() = ndarray::ArrayD::zeros(ndarray::IxDyn(&[3]));
+    /// ```
+    pub fn grad_mut(&mut self, index: usize) -> Result<ndarray::ArrayViewMutD<'_, T>> {
         let len = self.params.len();
         let has = self
             .has_grad
@@ -160,7 +184,7 @@ impl<T: Element> NdStore<T> {
             self.grads[index].fill(T::zero());
             *has = true;
         }
-        Ok(&mut self.grads[index])
+        Ok(self.grads[index].view_mut())
     }
 
     fn check_index(&self, index: usize) -> Result<()> {
@@ -305,6 +329,10 @@ impl<T: Element> ParamStore for NdStore<T> {
 
     fn free_buffer(&mut self, id: BufferId) -> Result<()> {
         self.buffers.remove(id).map(drop)
+    }
+
+    fn pin_buffer(&mut self, id: BufferId, pinned: bool) -> Result<()> {
+        self.buffers.set_pinned(id, pinned)
     }
 
     fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {

@@ -213,6 +213,11 @@ impl<S: ParamStore> ParamStore for FaultyStore<S> {
             .perturb_from_grads(snapshot, delta, inner_lr, epsilon, mask)
     }
 
+    fn pin_buffer(&mut self, id: BufferId, pinned: bool) -> Result<()> {
+        self.tick(&[])?;
+        self.inner.pin_buffer(id, pinned)
+    }
+
     fn prepare_pass(&mut self, pass: Pass) -> Result<()> {
         self.tick(&[])?;
         self.inner.prepare_pass(pass)

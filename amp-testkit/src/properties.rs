@@ -411,6 +411,17 @@ fn unchanged(case: &Case, dtype: DType, before: &[HostTensor], after: &[HostTens
     Ok(())
 }
 
+/// The momentum an optimiser holds; a buffer allocated but not yet
+/// written for any tensor holds none.
+fn held_momentum<S: ParamStore>(amp: &Amp<S>) -> Result<Vec<Option<HostTensor>>, String> {
+    let held = momentum(amp).map_err(fail("momentum"))?;
+    Ok(if held.iter().all(Option::is_none) {
+        Vec::new()
+    } else {
+        held
+    })
+}
+
 /// A panic or an error inside any store operation of a step (copy-restore,
 /// K ≥ 1) — each operation in turn — leaves θ bit for bit as it was, and the
 /// momentum as it was unless an operation that completed before the fault
@@ -446,8 +457,7 @@ pub fn store_panic_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype
             );
             let (mut amp, calls) = build()?;
             let before = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
-            let momentum_before = momentum(&amp).map_err(fail("momentum"))?;
-            let momentum_slot = amp.base().momentum_buffer().map(Slot::Buffer);
+            let momentum_before = held_momentum(&amp)?;
             if panics {
                 amp.store().arm(n);
             } else {
@@ -464,8 +474,10 @@ pub fn store_panic_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype
             }
             let after = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
             unchanged(case, dtype, &before, &after).map_err(|e| format!("{at}: {e}"))?;
+            // Read after the step: the first step allocates the buffer.
+            let momentum_slot = amp.base().momentum_buffer().map(Slot::Buffer);
             let written = momentum_slot.is_some_and(|slot| amp.store().wrote(slot));
-            if !written && momentum(&amp).map_err(fail("momentum"))? != momentum_before {
+            if !written && held_momentum(&amp)? != momentum_before {
                 return Err(format!("{at}: momentum changed"));
             }
             amp.step(case.objective.grad_fn(&calls, Fault::None))

@@ -77,12 +77,12 @@ fn closure(problem: &Problem) -> Result<Closure<NdStore<f32>>, BoxError> {
                 None
             };
             {
-                let gw = store.grad_mut(2 * l)?;
+                let mut gw = store.grad_mut(2 * l)?;
                 let mut gw = gw.view_mut().into_dimensionality::<Ix2>()?;
                 general_mat_mul(1.0, &dz.t(), &acts[l], 0.0, &mut gw);
             }
             {
-                let gb = store.grad_mut(2 * l + 1)?;
+                let mut gb = store.grad_mut(2 * l + 1)?;
                 gb.assign(&dz.sum_axis(Axis(0)).into_dyn());
             }
             if let Some(dh) = dh {

@@ -228,7 +228,10 @@ pub fn run_against_oracle(
             assert!(e <= 1.0, "{what} step {step} tensor {i}: {c:?} vs {o:?}");
             worst = worst.max(e);
         }
-        let (sc, so) = (amp_c.base_state().unwrap(), amp_o.base_state().unwrap());
+        let (sc, so) = (
+            amp_c.state().unwrap().base.state,
+            amp_o.state().unwrap().base.state,
+        );
         assert_eq!(
             sc.buffers.len(),
             so.buffers.len(),
