@@ -55,7 +55,7 @@ impl TensorOps for DenseOps {
     fn to_host(&self, t: &Dense) -> Result<Vec<f64>> {
         Ok(t.data.clone())
     }
-    fn from_host(&self, data: &[f64], like: &Dense) -> Result<Dense> {
+    fn tensor_like(&self, data: &[f64], like: &Dense) -> Result<Dense> {
         Ok(Dense {
             shape: like.shape.clone(),
             data: data.to_vec(),

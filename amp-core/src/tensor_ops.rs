@@ -24,7 +24,7 @@ use crate::store::{DType, Scalar};
 /// `tensor.clone().mul_scalar(factor)`.
 ///
 /// Shapes are checked by the store before an operation is called: `axpy`
-/// receives two tensors of one shape, `from_host` a slice of `like`'s
+/// receives two tensors of one shape, `tensor_like` a slice of `like`'s
 /// element count.
 pub trait TensorOps {
     /// The framework's tensor type.
@@ -68,15 +68,15 @@ pub trait TensorOps {
 
     /// A tensor of `like`'s shape, dtype and device holding `data` (row-major,
     /// as many values as `like` has elements), each rounded to the dtype.
-    fn from_host(&self, data: &[f64], like: &Self::Tensor) -> Result<Self::Tensor>;
+    fn tensor_like(&self, data: &[f64], like: &Self::Tensor) -> Result<Self::Tensor>;
 
     /// A zero-filled tensor of `like`'s shape, dtype and device.
     ///
-    /// The default goes through [`from_host`](TensorOps::from_host); it runs
+    /// The default goes through [`tensor_like`](TensorOps::tensor_like); it runs
     /// when a buffer is allocated, not on every step.
     fn zeros_like(&self, like: &Self::Tensor) -> Result<Self::Tensor> {
         let numel = self.shape(like).iter().product();
-        self.from_host(&vec![0.0; numel], like)
+        self.tensor_like(&vec![0.0; numel], like)
     }
 
     /// `true` when every element is finite.

@@ -59,7 +59,7 @@ use crate::tensor_ops::TensorOps;
 ///         Ok(t.iter().map(|x| x * x).sum())
 ///     }
 ///     fn to_host(&self, t: &Vec<f64>) -> Result<Vec<f64>> { Ok(t.clone()) }
-///     fn from_host(&self, data: &[f64], _like: &Vec<f64>) -> Result<Vec<f64>> {
+///     fn tensor_like(&self, data: &[f64], _like: &Vec<f64>) -> Result<Vec<f64>> {
 ///         Ok(data.to_vec())
 ///     }
 /// }
@@ -377,7 +377,10 @@ impl<O: TensorOps> ParamStore for TensorStore<O> {
             value.data.len(),
         )?;
         self.check_slot(slot)?;
-        let tensor = self.ops.from_host(&value.data, &self.params[index])?;
+        let tensor = self.ops.tensor_like(&value.data, &self.params[index])?;
+        // A tensor of the wrong shape would surface much later, in an
+        // operation of the author's framework; catch it here.
+        check_shape(index, &shape, &self.ops.shape(&tensor))?;
         self.put(slot, index, tensor)
     }
 }

@@ -63,7 +63,7 @@ impl<T: Scalar> TensorOps for DenseOps<T> {
     fn to_host(&self, t: &Dense<T>) -> Result<Vec<f64>> {
         Ok(t.data.iter().map(|x| x.widen()).collect())
     }
-    fn from_host(&self, data: &[f64], like: &Dense<T>) -> Result<Dense<T>> {
+    fn tensor_like(&self, data: &[f64], like: &Dense<T>) -> Result<Dense<T>> {
         Ok(Dense {
             shape: like.shape.clone(),
             data: data.iter().map(|&x| T::from_f64_rounded(x)).collect(),
