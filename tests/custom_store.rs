@@ -1,7 +1,8 @@
-//! A framework author's view: `ParamStore` implemented for a tensor type that
-//! lives outside every crate of the workspace (plain `Vec<Vec<f64>>` here),
-//! trained with AMP, and checked with the same conformance suite as the
-//! shipped backends.
+//! A framework author's view, batched tier: `ParamStore` implemented for a
+//! tensor type that lives outside every crate of the workspace (plain
+//! `Vec<Vec<f64>>` here), trained with AMP, and checked with the same
+//! conformance suite as the shipped backends. `tests/custom_tensor.rs` shows
+//! the per-tensor tier (`TensorOps` and `TensorStore`).
 
 use amp_core::{
     check_len, Amp, AmpConfig, AmpError, BufferId, DType, HostTensor, ParamStore, Pass, Result,

@@ -16,8 +16,11 @@
 //! - [`BaseOptimizer`]: the outer optimiser; [`Sgd`] has PyTorch's semantics.
 //!
 //! Backends: `amp-ndarray` (CPU reference and test oracle), `amp-tch`
-//! (libtorch), `amp-candle` (candle). To use your own tensor type, implement
-//! [`ParamStore`] for it.
+//! (libtorch), `amp-candle` (candle). To use your own tensor type, either
+//! implement [`TensorOps`] — a few operations on one tensor — and wrap the
+//! parameters in a [`TensorStore`], which implements [`ParamStore`] for you;
+//! or implement [`ParamStore`] directly, to run each operation over all
+//! tensors at once with the framework's multi-tensor kernels.
 //!
 //! ```
 //! use amp_core::{AmpConfig, ParamGroup, RestoreMode, SgdConfig};
@@ -50,6 +53,8 @@ pub mod schedule;
 mod state;
 mod state_check;
 mod store;
+mod tensor_ops;
+mod tensor_store;
 
 pub use crate::amp::Amp;
 pub use crate::config::{AmpConfig, NonFinitePolicy, ParamGroup, RestoreMode};
@@ -63,3 +68,5 @@ pub use crate::store::{
     check_index, check_len, check_shape, BufferId, Buffers, DType, HostTensor, ParamStore, Scalar,
     Slot, PROJECTION_GUARD,
 };
+pub use crate::tensor_ops::TensorOps;
+pub use crate::tensor_store::TensorStore;

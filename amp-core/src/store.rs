@@ -184,7 +184,10 @@ impl<T: Float + Debug + Send + Sync + 'static> Scalar for T {}
 /// Implement the required methods over your tensor type; the provided ones
 /// have defaults. The workspace's `tests/custom_store.rs` implements the trait
 /// for plain `Vec<Vec<f64>>` outside every crate of the workspace and trains
-/// with it; `amp-ndarray` is the reference implementation.
+/// with it; `amp-ndarray` is the reference implementation. Without
+/// multi-tensor kernels to batch with, implement the per-tensor
+/// [`TensorOps`](crate::TensorOps) instead and use
+/// [`TensorStore`](crate::TensorStore), which implements this trait.
 pub trait ParamStore {
     /// The scalar type of hyper-parameters and coefficients, `f32` or `f64`
     /// (a half-precision store computes in `f32`).
