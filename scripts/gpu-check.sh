@@ -111,16 +111,11 @@ log "libtorch: $LIBTORCH_LIB (torch $torch_version)"
 # runs its binary without LD_LIBRARY_PATH is left out: the bundle is made to
 # run with the library path set here.
 SUITES=(
-  "tch-unit|amp-tch|90|$BIN/amp-tch--lib"
   "tch-store|amp-tch|90|$BIN/amp-tch--store"
   "tch-autograd|amp-tch|120|$BIN/amp-tch--autograd"
   "tch-oracle|amp-tch|120|$BIN/amp-tch--oracle"
-  "tch-fast-path|amp-tch|90|$BIN/amp-tch--fast_path"
   "tch-link|amp-tch|60|$BIN/amp-tch--link --exact tiny_tch_op"
-  "candle-unit|amp-candle|90|$BIN/amp-candle--lib"
   "candle-store|amp-candle|90|$BIN/amp-candle--store"
-  "candle-autograd|amp-candle|120|$BIN/amp-candle--autograd"
-  "candle-oracle|amp-candle|120|$BIN/amp-candle--oracle"
   "candle-cuda|amp-candle|150|$BIN/amp-candle--cuda"
   "gpu-vs-cpu-tch|.|240|$BIN/amp--tch tch_cuda"
   "gpu-vs-cpu-candle|.|240|$BIN/amp--candle candle_cuda"
