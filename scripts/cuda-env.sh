@@ -10,9 +10,10 @@
 #    nvvm, unversioned lib*.so), exported as CUDA_ROOT/CUDA_PATH/CUDA_HOME,
 #    with its bin on PATH, CUDA_COMPUTE_CAP (default 90: Hopper) and
 #    CUDAFORGE_THREADS (default 2) set;
-#  - `cuda_stub_libcuda RLIB...` writes $CUDA/lib/stubs/libcuda.so{,.1}: a
+#  - `cuda_stub_libcuda FILE...` writes $CUDA/lib/stubs/libcuda.so{,.1}: a
 #    stand-in for the driver library exporting every driver-API symbol
-#    (cu[A-Z]*) the given rlibs leave undefined, each returning
+#    (cu[A-Z]*) that the given rlibs leave undefined or the given Rust
+#    sources declare (`fn cu...`: cudarc's driver bindings), each returning
 #    CUDA_ERROR_NO_DEVICE (100). No wheel ships libcuda, which comes with the
 #    driver; the stub is for the link, and a binary run against it behaves
 #    like a machine whose driver sees no GPU. It never goes into a binary:
@@ -91,9 +92,13 @@ cuda_env_setup() {
 
 cuda_stub_libcuda() {
   local symbols count stub_c sym
-  (($#)) || { _cuda_log "error: no cudarc or candle rlib to read symbols from"; return 1; }
-  symbols=$(for rlib in "$@"; do nm -u "$rlib" 2>/dev/null || true; done \
-    | awk '{print $NF}' | grep -E '^cu[A-Z][A-Za-z0-9_]*$' | sort -u)
+  (($#)) || { _cuda_log "error: no rlib or source to read driver symbols from"; return 1; }
+  symbols=$(for file in "$@"; do
+      case $file in
+        *.rlib) nm -u "$file" 2>/dev/null || true ;;
+        *) grep -ohE '\bfn cu[A-Z][A-Za-z0-9_]*' "$file" || true ;;
+      esac
+    done | awk '{print $NF}' | grep -E '^cu[A-Z][A-Za-z0-9_]*$' | sort -u)
   count=$(printf '%s\n' "$symbols" | grep -c . || true)
   ((count > 0)) || { _cuda_log "error: found no driver symbols to stub"; return 1; }
   stub_c=$CUDA/lib/stubs/libcuda-stub.c

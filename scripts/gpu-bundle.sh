@@ -9,8 +9,9 @@
 #  1. The CUDA 13.0 toolchain from PyPI and a CUDA root of links to it
 #     (scripts/cuda-env.sh); libtorch from the project virtualenv's torch
 #     wheel (AMP_VENV, default .venv; scripts/test.sh creates it).
-#  2. Builds the libraries (`--features tch,cuda`), then a stub libcuda for
-#     the link (the driver's own libcuda.so.1 is loaded at run time).
+#  2. Writes a stub libcuda for the link, exporting every driver function
+#     that cudarc's bindings declare (the driver's own libcuda.so.1 is loaded
+#     at run time).
 #  3. Builds, in one cargo invocation with debug info stripped, the test
 #     binaries with CUDA tests: amp-tch's store, autograd, oracle and link
 #     tests, amp-candle's (`cuda` feature) cuda and store tests, the facade's
@@ -53,17 +54,18 @@ fi
 export VIRTUAL_ENV=$VENV_TORCH PATH="$VENV_TORCH/bin:$PATH" LIBTORCH_USE_PYTORCH=1
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=debuginfo
-TARGET=$CARGO_TARGET_DIR
 PACKAGES=(-p amp -p amp-tch -p amp-candle)
 FEATURES=amp/tch,amp/cuda,amp-candle/cuda
 
-# 2. Libraries, then the stub driver from the symbols they leave undefined.
-log "cargo build --release (libraries, features tch,cuda)"
-cargo build --release --locked "${PACKAGES[@]}" --features "$FEATURES" --lib
-shopt -s nullglob
-rlibs=("$TARGET"/release/deps/lib{cudarc,candle_core,candle_nn,amp_candle}-*.rlib)
-shopt -u nullglob
-cuda_stub_libcuda "${rlibs[@]}" || die "cannot make the stub libcuda"
+# 2. The stub driver, from the driver bindings of the cudarc that
+# Cargo.lock pins (read before anything is built, so that the whole build is
+# one cargo invocation with one feature resolution).
+cudarc=$(cargo metadata --locked --format-version 1 --all-features | python3 -c '
+import json, os, sys
+found = [p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc"]
+print(os.path.dirname(found[0]) if found else "")') || die "cargo metadata failed"
+[[ -n $cudarc && -f $cudarc/src/driver/sys/mod.rs ]] || die "cudarc's driver bindings not found"
+cuda_stub_libcuda "$cudarc"/src/driver/sys/*.rs || die "cannot make the stub libcuda"
 STUBS=$CUDA/lib/stubs
 
 # 3. Test binaries and examples, one invocation; the JSON messages name the
