@@ -270,6 +270,10 @@ impl<O: TensorOps> ParamStore for TensorStore<O> {
         self.buffers.remove(id).map(drop)
     }
 
+    fn pin_buffer(&mut self, id: BufferId, pinned: bool) -> Result<()> {
+        self.buffers.set_pinned(id, pinned)
+    }
+
     fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
         self.check_mask(mask)?;
         check_distinct("copy", dst, src)?;
