@@ -153,10 +153,13 @@ fn non_finite_optimiser_state_is_refused() {
     }
 }
 
+/// An edit of a checkpoint's JSON metadata.
+type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+
 #[test]
 fn metadata_that_contradicts_the_file_is_refused_by_load_and_inspect_alike() {
     let bytes = checkpoint::to_bytes(&trained(1)).expect("save");
-    let edits: [(&str, Box<dyn Fn(&mut serde_json::Value)>); 4] = [
+    let edits: [(&str, Edit); 4] = [
         ("dtype", Box::new(|m| m["dtype"] = serde_json::json!("f64"))),
         (
             "non_finite",

@@ -95,7 +95,7 @@ struct Progress {
 /// far (a skipped step returns it).
 struct Failure<O> {
     error: AmpError,
-    report: Option<StepReport<O>>,
+    report: Option<Box<StepReport<O>>>,
 }
 
 impl<O> From<AmpError> for Failure<O> {
@@ -515,7 +515,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             ) if self.config.non_finite == NonFinitePolicy::Skip => {
                 self.skipped_steps += 1;
                 report.skipped = Some(error);
-                Ok(report)
+                Ok(*report)
             }
             (error, _) => Err(error),
         }
@@ -569,7 +569,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             Ok(()) => Ok(report),
             Err(error) => Err(Failure {
                 error,
-                report: Some(report),
+                report: Some(Box::new(report)),
             }),
         }
     }

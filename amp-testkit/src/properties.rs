@@ -411,6 +411,10 @@ fn unchanged(case: &Case, dtype: DType, before: &[HostTensor], after: &[HostTens
     Ok(())
 }
 
+/// An optimiser over a [`FaultyStore`], warmed up, with its closure-call
+/// counter.
+type Armed<S> = (Amp<FaultyStore<S>>, Cell<usize>);
+
 /// The momentum an optimiser holds; a buffer allocated but not yet
 /// written for any tensor holds none.
 fn held_momentum<S: ParamStore>(amp: &Amp<S>) -> Result<Vec<Option<HostTensor>>, String> {
@@ -433,7 +437,7 @@ pub fn store_panic_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype
     }
     crate::quiet_injected_panics();
     let warmup = case.steps.saturating_sub(1);
-    let build = || -> Result<(Amp<FaultyStore<F::Store>>, Cell<usize>), String> {
+    let build = || -> Result<Armed<F::Store>, String> {
         let store = FaultyStore::new(factory.make(&case.init, dtype).map_err(fail("make"))?);
         let mut amp = Amp::sgd(store, case.config.clone(), case.sgd).map_err(fail("build"))?;
         let calls = Cell::new(0);
