@@ -744,8 +744,16 @@ fn resolve_groups(config: &AmpConfig, n: usize) -> Result<Vec<GroupState>> {
         return Ok(vec![inherit((0..n).collect(), None)]);
     }
     let mut owner = vec![None; n];
+    let mut rest = None;
     for (g, group) in config.groups.iter().enumerate() {
-        if group.tensors.is_empty() {
+        if group.rest {
+            if let Some(other) = rest.replace(g) {
+                return Err(AmpError::config(
+                    "groups",
+                    format!("groups {other} and {g} are both the rest"),
+                ));
+            }
+        } else if group.tensors.is_empty() {
             return Err(AmpError::config(
                 "groups",
                 format!("group {g} holds no tensor"),
@@ -767,15 +775,31 @@ fn resolve_groups(config: &AmpConfig, n: usize) -> Result<Vec<GroupState>> {
             *slot = Some(g);
         }
     }
-    if let Some(i) = owner.iter().position(Option::is_none) {
-        return Err(AmpError::config(
-            "groups",
-            format!("tensor {i} is in no group"),
-        ));
+    let unlisted: Vec<usize> = (0..n).filter(|&i| owner[i].is_none()).collect();
+    match (rest, unlisted.first()) {
+        (None, Some(i)) => {
+            return Err(AmpError::config(
+                "groups",
+                format!("tensor {i} is in no group"),
+            ))
+        }
+        (Some(g), None) if config.groups[g].tensors.is_empty() => {
+            return Err(AmpError::config(
+                "groups",
+                format!("group {g} is the rest, but every tensor is in another group"),
+            ))
+        }
+        _ => {}
     }
     Ok(config
         .groups
         .iter()
-        .map(|g| inherit(g.tensors.clone(), Some(g)))
+        .map(|g| {
+            let mut tensors = g.tensors.clone();
+            if g.rest {
+                tensors.extend(&unlisted);
+            }
+            inherit(tensors, Some(g))
+        })
         .collect())
 }

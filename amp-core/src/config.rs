@@ -84,6 +84,10 @@ impl NonFinitePolicy {
 pub struct ParamGroup {
     /// Indices (into the store) of the tensors of this group.
     pub tensors: Vec<usize>,
+    /// `true`: the group also holds every tensor that no other group lists
+    /// (see [`ParamGroup::rest`]).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub rest: bool,
     /// Outer learning rate of the group.
     pub lr: Option<f64>,
     /// Radius ε of the group's perturbation ball, per tensor.
@@ -99,6 +103,25 @@ impl ParamGroup {
     pub fn new(tensors: impl IntoIterator<Item = usize>) -> Self {
         ParamGroup {
             tensors: tensors.into_iter().collect(),
+            ..ParamGroup::default()
+        }
+    }
+
+    /// A group of every tensor that no other group lists, in store order:
+    /// for example, biases in a group of their own and "everything else" in
+    /// this one. At most one group may be the rest.
+    ///
+    /// ```
+    /// use amp_core::{AmpConfig, ParamGroup};
+    ///
+    /// let config = AmpConfig::new(0.1, 0.5)
+    ///     .group(ParamGroup::new([1, 3]).weight_decay(0.0))
+    ///     .group(ParamGroup::rest().weight_decay(1e-4));
+    /// assert!(config.validate().is_ok());
+    /// ```
+    pub fn rest() -> Self {
+        ParamGroup {
+            rest: true,
             ..ParamGroup::default()
         }
     }

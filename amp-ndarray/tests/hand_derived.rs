@@ -445,3 +445,54 @@ fn store_rejects_bad_masks_buffers_and_aliasing() {
         Err(AmpError::IndexOutOfRange { index: 5, len: 1 })
     ));
 }
+
+#[test]
+fn a_rest_group_takes_every_unlisted_tensor() {
+    // Three tensors; tensor 1 in a group with lr 0, the rest (0 and 2) at
+    // lr 0.5. K = 0, a = 1: θ ← θ − lr·θ, so 0 and 2 halve and 1 stays.
+    let a = vec![vec![1.0], vec![1.0], vec![1.0]];
+    let calls = Cell::new(0);
+    let config = AmpConfig::new(0.5, 0.5)
+        .inner_iter(0)
+        .group(ParamGroup::new([1]).lr(0.0))
+        .group(ParamGroup::rest());
+    let mut amp = Amp::sgd(
+        store(&[&[2.0], &[2.0], &[2.0]]),
+        config,
+        SgdConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(amp.groups()[1].tensors, [0, 2]);
+    amp.step(quadratic(&a, &calls)).unwrap();
+    assert_close(params(&amp, 0), &[1.0]);
+    assert_close(params(&amp, 1), &[2.0]);
+    assert_close(params(&amp, 2), &[1.0]);
+
+    // Two rests, and a rest with nothing left, are configuration errors.
+    for config in [
+        AmpConfig::new(0.1, 0.5)
+            .group(ParamGroup::rest())
+            .group(ParamGroup::rest()),
+        AmpConfig::new(0.1, 0.5)
+            .group(ParamGroup::new([0, 1, 2]))
+            .group(ParamGroup::rest()),
+    ] {
+        let error = Amp::sgd(
+            store(&[&[1.0], &[1.0], &[1.0]]),
+            config,
+            SgdConfig::default(),
+        )
+        .err()
+        .expect("refused");
+        assert!(
+            matches!(
+                error,
+                AmpError::InvalidConfig {
+                    field: "groups",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+}

@@ -39,8 +39,14 @@ impl PerTensor {
             inner_lr: vec![config.inner_lr; n],
             weight_decay: vec![config.weight_decay; n],
         };
+        let listed: Vec<usize> = config
+            .groups
+            .iter()
+            .flat_map(|g| g.tensors.clone())
+            .collect();
         for group in &config.groups {
-            for &i in &group.tensors {
+            let rest = (0..n).filter(|i| group.rest && !listed.contains(i));
+            for i in group.tensors.iter().copied().chain(rest) {
                 out.lr[i] = group.lr.unwrap_or(config.lr);
                 out.epsilon[i] = group.epsilon.unwrap_or(config.epsilon);
                 out.inner_lr[i] = group.inner_lr.unwrap_or(config.inner_lr);

@@ -150,12 +150,19 @@ pub fn case(max_tensors: usize, max_steps: usize) -> impl Strategy<Value = Case>
                     for (i, &second) in membership[..n].iter().enumerate() {
                         members[usize::from(second)].push(i);
                     }
-                    for (tensors, (lr, eps, zeta, wd)) in members.into_iter().zip([g0, g1]) {
+                    // With both groups in use, the second is sometimes given
+                    // as "the rest" instead of by its tensors.
+                    let rest = members.iter().all(|m| !m.is_empty()) && members[1].len() % 2 == 1;
+                    for (g, (tensors, (lr, eps, zeta, wd))) in
+                        members.into_iter().zip([g0, g1]).enumerate()
+                    {
                         if tensors.is_empty() {
                             continue;
                         }
+                        let rest = rest && g == 1;
                         config.groups.push(ParamGroup {
-                            tensors,
+                            tensors: if rest { Vec::new() } else { tensors },
+                            rest,
                             lr,
                             epsilon: eps,
                             inner_lr: zeta,
