@@ -72,9 +72,7 @@ fn init(dtype: DType) -> Vec<HostTensor> {
 fn soak<S: ParamStore>(name: &str, make: impl FnOnce() -> Result<S>, steps: u64) -> Result<()> {
     let start = rss_kib();
     let clock = Instant::now();
-    let config = AmpConfig::default()
-        .lr(0.01)
-        .epsilon(0.5)
+    let config = AmpConfig::new(0.01, 0.5)
         .weight_decay(1e-4)
         .non_finite(NonFinitePolicy::Skip);
     let mut amp = Amp::sgd(make()?, config, SgdConfig::nesterov(0.9))?;

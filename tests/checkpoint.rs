@@ -88,9 +88,7 @@ const SETUPS: [Setup; 4] = [
 
 impl Setup {
     fn config(&self) -> AmpConfig {
-        AmpConfig::default()
-            .lr(0.1)
-            .epsilon(0.3)
+        AmpConfig::new(0.1, 0.3)
             .weight_decay(1e-4)
             .inner_iter(self.inner_iter)
             .restore(self.restore)
@@ -309,7 +307,7 @@ fn mismatches_are_refused<S: ParamStore>(make: &dyn Fn(&[HostTensor]) -> S) {
     // Another number of tensors.
     let mut fewer = Amp::sgd(
         make(&init(4)[..3]),
-        AmpConfig::default().group(ParamGroup::new([0, 1, 2])),
+        AmpConfig::new(0.1, 0.5).group(ParamGroup::new([0, 1, 2])),
         SETUPS[0].sgd,
     )
     .expect("valid");
@@ -891,7 +889,7 @@ fn half_precision_tensors_are_stored_as_f16_and_bf16() {
     ] {
         let amp = Amp::sgd(
             HostStore::new(dtype, &values),
-            AmpConfig::default(),
+            AmpConfig::new(0.1, 0.5),
             SgdConfig::default(),
         )
         .expect("valid");
@@ -913,7 +911,7 @@ fn half_precision_tensors_are_stored_as_f16_and_bf16() {
         // Round trip into the same dtype.
         let mut back = Amp::sgd(
             HostStore::new(dtype, &[(vec![2, 2], vec![0.0; 4]), (vec![], vec![0.0])]),
-            AmpConfig::default(),
+            AmpConfig::new(0.1, 0.5),
             SgdConfig::default(),
         )
         .expect("valid");
@@ -928,7 +926,7 @@ fn half_precision_tensors_are_stored_as_f16_and_bf16() {
                 ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 2])),
                 ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[])),
             ]),
-            AmpConfig::default(),
+            AmpConfig::new(0.1, 0.5),
             SgdConfig::default(),
         )
         .expect("valid");
@@ -947,7 +945,7 @@ fn half_precision_tensors_are_stored_as_f16_and_bf16() {
         };
         let mut half = Amp::sgd(
             HostStore::new(other, &values),
-            AmpConfig::default(),
+            AmpConfig::new(0.1, 0.5),
             SgdConfig::default(),
         )
         .expect("valid");
@@ -956,7 +954,7 @@ fn half_precision_tensors_are_stored_as_f16_and_bf16() {
         let wide_bytes = checkpoint::to_bytes(&wide).expect("to_bytes");
         let mut half = Amp::sgd(
             HostStore::new(dtype, &values),
-            AmpConfig::default(),
+            AmpConfig::new(0.1, 0.5),
             SgdConfig::default(),
         )
         .expect("valid");

@@ -222,7 +222,7 @@ fn trains_a_least_squares_fit_with_amp() {
     // Fit y = 2x − 1 with weight and bias in separate tensors.
     let xs: Vec<f64> = (0..20).map(|i| i as f64 / 10.0 - 1.0).collect();
     let store = VecStore::new(vec![vec![1], vec![]], vec![vec![0.0], vec![0.0]]);
-    let config = AmpConfig::default().lr(0.1).epsilon(0.05);
+    let config = AmpConfig::new(0.1, 0.05);
     let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9)).unwrap();
     let mut loss = f64::INFINITY;
     for _ in 0..200 {

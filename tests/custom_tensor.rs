@@ -103,7 +103,7 @@ fn trains_a_least_squares_fit_with_amp() {
         data: vec![0.0],
     };
     let store = TensorStore::new(DenseOps, vec![weight, bias]);
-    let config = AmpConfig::default().lr(0.1).epsilon(0.05);
+    let config = AmpConfig::new(0.1, 0.05);
     let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9)).unwrap();
     let mut loss = f64::INFINITY;
     for _ in 0..200 {
@@ -158,7 +158,7 @@ fn agrees_with_the_ndarray_oracle_bit_for_bit_on_a_fixed_case() {
             coupling: 0.5,
             frozen: vec![false, false, false],
         },
-        config: AmpConfig::default().lr(0.05).epsilon(0.3).inner_iter(2),
+        config: AmpConfig::new(0.05, 0.3).inner_iter(2),
         sgd: SgdConfig::nesterov(0.9),
         steps: 5,
     };
@@ -188,12 +188,7 @@ fn checkpoints_resume_bit_for_bit() {
             })
             .collect();
         let store = TensorStore::new(DenseOps, tensors);
-        Amp::sgd(
-            store,
-            AmpConfig::default().lr(0.05),
-            SgdConfig::nesterov(0.9),
-        )
-        .unwrap()
+        Amp::sgd(store, AmpConfig::new(0.05, 0.5), SgdConfig::nesterov(0.9)).unwrap()
     };
     let calls = std::cell::Cell::new(0);
     let mut amp = build(&init);

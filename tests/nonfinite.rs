@@ -79,9 +79,7 @@ fn faults() -> Vec<Fault> {
 }
 
 fn build<S: ParamStore>(store: S, policy: NonFinitePolicy, restore: RestoreMode) -> Amp<S> {
-    let config = AmpConfig::default()
-        .lr(0.1)
-        .epsilon(0.2)
+    let config = AmpConfig::new(0.1, 0.2)
         .weight_decay(1e-3)
         .inner_iter(INNER_ITER)
         .restore(restore)

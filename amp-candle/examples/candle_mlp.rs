@@ -67,9 +67,7 @@ fn main() -> Result<(), BoxError> {
     // AMP over nesterov SGD, the paper's recipe scaled to a toy problem.
     let store = CandleStore::from_varmap(&varmap)?;
     println!("parameters: {:?}", store.names().unwrap_or_default());
-    let config = AmpConfig::default()
-        .lr(0.05)
-        .epsilon(0.1)
+    let config = AmpConfig::new(0.05, 0.1)
         .inner_lr(1.0)
         .inner_iter(1)
         .weight_decay(1e-4);

@@ -52,7 +52,7 @@
 //!     let w: Vec<f32> = (0..var.elem_count()).map(|_| 0.5 * uniform()).collect();
 //!     var.set(&Tensor::from_vec(w, var.shape(), &device)?)?;
 //! }
-//! let config = AmpConfig::default().lr(0.1).epsilon(0.1).inner_iter(1);
+//! let config = AmpConfig::new(0.1, 0.1).inner_iter(1);
 //! let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9))?;
 //! let mut first = None;
 //! let mut last = 0.0;

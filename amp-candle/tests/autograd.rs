@@ -68,9 +68,7 @@ fn linear_regression_autograd_matches_oracle() {
             for (i, t) in initial.iter().enumerate() {
                 store.write(Slot::Params, i, t).unwrap();
             }
-            let config = AmpConfig::default()
-                .lr(0.2)
-                .epsilon(0.05)
+            let config = AmpConfig::new(0.2, 0.05)
                 .inner_iter(inner_iter)
                 .weight_decay(1e-3)
                 .restore(restore);
@@ -152,12 +150,7 @@ fn backward_captures_the_grads_of_the_stores_vars() {
         assert_eq!(*d, 2.0 * s);
     }
 
-    let mut amp = Amp::sgd(
-        store,
-        AmpConfig::default().lr(0.1),
-        SgdConfig::momentum(0.9),
-    )
-    .unwrap();
+    let mut amp = Amp::sgd(store, AmpConfig::new(0.1, 0.5), SgdConfig::momentum(0.9)).unwrap();
     for _ in 0..3 {
         amp.step(|s: &mut CandleStore, _| {
             let loss = model.forward(&x)?.sqr()?.mean_all()?;

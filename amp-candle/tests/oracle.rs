@@ -60,9 +60,7 @@ fn bf16_matches_oracle() {
 /// Per-group ε, ζ, learning rate and weight decay reach the right tensors.
 #[test]
 fn parameter_groups_match_oracle() {
-    let config = AmpConfig::default()
-        .lr(0.1)
-        .epsilon(0.05)
+    let config = AmpConfig::new(0.1, 0.05)
         .inner_iter(2)
         .restore(RestoreMode::Subtract)
         .group(ParamGroup::new([0, 2, 4]).epsilon(0.5).inner_lr(0.3))

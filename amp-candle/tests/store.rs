@@ -243,7 +243,7 @@ fn construction_checks_dtypes() {
     // An empty store builds, and AMP refuses it with a typed error.
     let empty = CandleStore::from_vars(Vec::new()).unwrap();
     assert!(matches!(
-        Amp::sgd(empty, AmpConfig::default(), SgdConfig::default()),
+        Amp::sgd(empty, AmpConfig::new(0.1, 0.5), SgdConfig::default()),
         Err(AmpError::EmptyStore)
     ));
 }
@@ -308,11 +308,7 @@ fn zero_learning_rate_leaves_weights_bit_exact() {
             let before: Vec<_> = (0..store.num_tensors())
                 .map(|i| store.read(Slot::Params, i).unwrap())
                 .collect();
-            let config = AmpConfig::default()
-                .lr(0.0)
-                .epsilon(0.5)
-                .inner_iter(2)
-                .restore(restore);
+            let config = AmpConfig::new(0.0, 0.5).inner_iter(2).restore(restore);
             let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9)).unwrap();
             for _ in 0..2 {
                 amp.step(|s: &mut CandleStore, p| common::quartic(s, p))
@@ -341,7 +337,7 @@ fn zero_learning_rate_leaves_weights_bit_exact() {
 #[test]
 fn a_failed_step_leaves_weights_and_state_as_they_were() {
     let (store, _) = common::stores(DType::F32, &Device::Cpu);
-    let config = AmpConfig::default().lr(0.1).epsilon(0.5).inner_iter(2);
+    let config = AmpConfig::new(0.1, 0.5).inner_iter(2);
     let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9)).unwrap();
     amp.step(|s: &mut CandleStore, p| common::quartic(s, p))
         .unwrap();

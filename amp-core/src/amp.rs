@@ -185,7 +185,7 @@ impl<O> From<AmpError> for Failure<O> {
 /// # }
 /// # let store = One { p: vec![3.0, -4.0], g: None, b: vec![] };
 /// // `store` holds θ = (3, −4); the loss is ½‖θ‖², whose gradient is θ.
-/// let config = AmpConfig::default().lr(0.1).epsilon(0.5).inner_lr(1.0).inner_iter(1);
+/// let config = AmpConfig::new(0.1, 0.5).inner_lr(1.0).inner_iter(1);
 /// let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9))?;
 /// let report = amp.step(|s: &mut One, _pass| {
 ///     let loss = 0.5 * s.p.iter().map(|x| x * x).sum::<f64>();
@@ -337,7 +337,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
     /// # }
     /// # let store = Scalars(vec![1.0, 2.0, 3.0]);
     /// // `store` holds three tensors; the biases (tensor 2) get a smaller ε.
-    /// let config = AmpConfig::default()
+    /// let config = AmpConfig::new(0.1, 0.5)
     ///     .epsilon(0.5)
     ///     .group(ParamGroup::new([0, 1]))
     ///     .group(ParamGroup::new([2]).epsilon(0.05).weight_decay(1e-4));

@@ -154,14 +154,16 @@ impl ParamGroup {
 /// Configuration of [`Amp`](crate::Amp), validated once when the optimiser
 /// is built.
 ///
-/// Fields are public; the same-named methods set them in builder style.
+/// Built with [`AmpConfig::new`] (the outer learning rate and ε are always
+/// chosen explicitly) or [`AmpConfig::paper`]; fields are public, and the
+/// same-named methods set them in builder style.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct AmpConfig {
-    /// Outer learning rate, ≥ 0. Default `0.1` (the paper's CIFAR recipe).
+    /// Outer learning rate, ≥ 0 (the paper's CIFAR recipe: `0.1`).
     pub lr: f64,
-    /// Radius ε of each tensor's perturbation ball, ≥ 0. Default `0.5`
-    /// (the paper's CIFAR recipe). `0` reproduces plain base-optimiser steps.
+    /// Radius ε of each tensor's perturbation ball, ≥ 0 (the paper's CIFAR
+    /// recipe: `0.5`). `0` reproduces plain base-optimiser steps.
     pub epsilon: f64,
     /// Inner (ascent) learning rate ζ, ≥ 0. Default `1`.
     pub inner_lr: f64,
@@ -179,21 +181,6 @@ pub struct AmpConfig {
     /// Parameter groups. Empty (the default) means one group holding every
     /// tensor; otherwise every tensor must be in exactly one group.
     pub groups: Vec<ParamGroup>,
-}
-
-impl Default for AmpConfig {
-    fn default() -> Self {
-        AmpConfig {
-            lr: 0.1,
-            epsilon: 0.5,
-            inner_lr: 1.0,
-            inner_iter: 1,
-            weight_decay: 0.0,
-            restore: RestoreMode::Copy,
-            non_finite: NonFinitePolicy::Error,
-            groups: Vec::new(),
-        }
-    }
 }
 
 macro_rules! setter {
@@ -223,7 +210,12 @@ impl AmpConfig {
         AmpConfig {
             lr,
             epsilon,
-            ..AmpConfig::default()
+            inner_lr: 1.0,
+            inner_iter: 1,
+            weight_decay: 0.0,
+            restore: RestoreMode::Copy,
+            non_finite: NonFinitePolicy::Error,
+            groups: Vec::new(),
         }
     }
 

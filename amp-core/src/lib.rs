@@ -26,7 +26,7 @@
 //! use amp_core::{AmpConfig, ParamGroup, RestoreMode, SgdConfig};
 //!
 //! // The paper's CIFAR recipe, with a smaller ε for the biases (tensor 1).
-//! let config = AmpConfig::default()
+//! let config = AmpConfig::new(0.1, 0.5)
 //!     .lr(0.1)
 //!     .epsilon(0.5)
 //!     .inner_lr(1.0)
@@ -37,7 +37,7 @@
 //!     .group(ParamGroup::new([1]).epsilon(0.05).weight_decay(0.0));
 //! config.validate()?;
 //! SgdConfig::nesterov(0.9).validate()?;
-//! assert!(AmpConfig::default().epsilon(-1.0).validate().is_err());
+//! assert!(AmpConfig::new(0.1, -1.0).validate().is_err());
 //! # Ok::<(), amp_core::AmpError>(())
 //! ```
 #![warn(missing_docs)]

@@ -49,15 +49,19 @@ pub struct BaseState {
 /// feature it is `Serialize` and `Deserialize`.
 ///
 /// ```
-/// use amp_core::{AmpState, GroupState};
+/// use amp_core::{AmpConfig, AmpState, BaseState, GroupState};
 ///
-/// let state = AmpState::default();
-/// assert_eq!(state.steps, 0);
-/// assert!(state.groups.is_empty());
 /// let group = GroupState { tensors: vec![0], lr: 0.1, epsilon: 0.5, inner_lr: 1.0, weight_decay: 0.0 };
-/// assert_eq!(group.tensors, [0]);
+/// let state = AmpState {
+///     config: AmpConfig::new(0.1, 0.5),
+///     groups: vec![group],
+///     steps: 0,
+///     skipped_steps: 0,
+///     base: BaseState::default(),
+/// };
+/// assert_eq!(state.groups[0].tensors, [0]);
 /// ```
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct AmpState {
     /// The configuration the optimiser was built with.

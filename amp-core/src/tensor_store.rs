@@ -66,7 +66,7 @@ use crate::tensor_ops::TensorOps;
 ///
 /// // L(θ) = ½‖θ − 1‖², ∇L = θ − 1.
 /// let store = TensorStore::new(Host, vec![vec![0.0, 0.0], vec![0.0]]);
-/// let config = AmpConfig::default().lr(0.5).epsilon(0.1);
+/// let config = AmpConfig::new(0.5, 0.1);
 /// let mut amp = Amp::sgd(store, config, SgdConfig::default())?;
 /// let report = amp.step(|s: &mut TensorStore<Host>, _pass| {
 ///     let mut loss = 0.0;

@@ -327,7 +327,7 @@ fn a_failing_operation_leaves_the_weights_as_they_were() {
         };
         s = TensorStore::new(failing, s.into_params());
         let before = slot_bits(&s, Slot::Params);
-        let mut amp = Amp::sgd(s, AmpConfig::default(), SgdConfig::momentum(0.9)).unwrap();
+        let mut amp = Amp::sgd(s, AmpConfig::new(0.1, 0.5), SgdConfig::momentum(0.9)).unwrap();
         let r = amp.step(|s: &mut Store<f64>, _pass| {
             for i in 0..4 {
                 let p = s.params()[i].clone();

@@ -24,7 +24,7 @@
 //! let y = [0usize, 0, 1, 1];
 //! let store = NdStore::from_arrays([Array2::<f64>::zeros((2, 2)).into_dyn(),
 //!                                   Array1::<f64>::zeros(2).into_dyn()]);
-//! let config = AmpConfig::default().lr(0.5).epsilon(0.1).inner_iter(1);
+//! let config = AmpConfig::new(0.5, 0.1).inner_iter(1);
 //! let mut amp = Amp::sgd(store, config, SgdConfig::momentum(0.9))?;
 //!
 //! let mut loss = f64::INFINITY;

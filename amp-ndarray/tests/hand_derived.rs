@@ -50,7 +50,7 @@ fn sgd_heavy_ball_two_steps() {
     //         θ₂ = θ₁ − 0.1·buf = (0.72, −0.92).
     let a = vec![vec![1.0, 2.0]];
     let calls = Cell::new(0);
-    let config = AmpConfig::default().lr(0.1).inner_iter(0);
+    let config = AmpConfig::new(0.1, 0.5).inner_iter(0);
     let mut amp = Amp::sgd(store(&[&[1.0, -2.0]]), config, SgdConfig::momentum(0.9)).unwrap();
     amp.step(quadratic(&a, &calls)).unwrap();
     assert_close(params(&amp, 0), &[0.9, -1.6]);
@@ -67,7 +67,7 @@ fn sgd_nesterov_dampening_and_weight_decay() {
     //    θ₂ = 0.81 − 0.2349 = 0.5751.
     let a = vec![vec![1.0]];
     let calls = Cell::new(0);
-    let erm = AmpConfig::default().lr(0.1).inner_iter(0);
+    let erm = AmpConfig::new(0.1, 0.5).inner_iter(0);
     let mut amp = Amp::sgd(store(&[&[1.0]]), erm.clone(), SgdConfig::nesterov(0.9)).unwrap();
     amp.step(quadratic(&a, &calls)).unwrap();
     assert_close(params(&amp, 0), &[0.81]);
@@ -106,7 +106,7 @@ fn amp_k1_unclipped() {
     // θ₀ = (1, −2) → θ₁ = (0.8, −0.8) → θ₂ = (0.64, −0.32).
     let a = vec![vec![1.0, 2.0]];
     let calls = Cell::new(0);
-    let config = AmpConfig::default().lr(0.1).epsilon(10.0).inner_lr(1.0);
+    let config = AmpConfig::new(0.1, 10.0).inner_lr(1.0);
     let mut amp = Amp::sgd(store(&[&[1.0, -2.0]]), config, SgdConfig::default()).unwrap();
     let r = amp.step(quadratic(&a, &calls)).unwrap();
     assert_close(params(&amp, 0), &[0.8, -0.8]);
@@ -129,7 +129,7 @@ fn amp_k1_clipped_both_restore_modes() {
     let a = vec![vec![1.0, 1.0]];
     for restore in [RestoreMode::Copy, RestoreMode::Subtract] {
         let calls = Cell::new(0);
-        let config = AmpConfig::default().lr(0.1).epsilon(0.5).restore(restore);
+        let config = AmpConfig::new(0.1, 0.5).restore(restore);
         let mut amp = Amp::sgd(store(&[&[3.0, -4.0]]), config, SgdConfig::default()).unwrap();
         let r = amp.step(quadratic(&a, &calls)).unwrap();
         assert_close(params(&amp, 0), &[2.67, -3.56]);
@@ -149,7 +149,7 @@ fn amp_k2_unclipped_and_clipped() {
     // θ₁ = θ₀ − 0.1·g₂ = (0.6, 1.6).
     let calls = Cell::new(0);
     let a = vec![vec![1.0, 2.0]];
-    let config = AmpConfig::default().lr(0.1).epsilon(100.0).inner_iter(2);
+    let config = AmpConfig::new(0.1, 100.0).inner_iter(2);
     let mut amp = Amp::sgd(store(&[&[1.0, -2.0]]), config, SgdConfig::default()).unwrap();
     let r = amp.step(quadratic(&a, &calls)).unwrap();
     assert_close(params(&amp, 0), &[0.6, 1.6]);
@@ -163,11 +163,7 @@ fn amp_k2_unclipped_and_clipped() {
     // g₂ = (3.3, −4.4); θ₁ = θ₀ − 0.1·g₂ = (2.67, −3.56).
     let a = vec![vec![1.0, 1.0]];
     for restore in [RestoreMode::Copy, RestoreMode::Subtract] {
-        let config = AmpConfig::default()
-            .lr(0.1)
-            .epsilon(0.5)
-            .inner_iter(2)
-            .restore(restore);
+        let config = AmpConfig::new(0.1, 0.5).inner_iter(2).restore(restore);
         let mut amp = Amp::sgd(store(&[&[3.0, -4.0]]), config, SgdConfig::default()).unwrap();
         let r = amp.step(quadratic(&a, &calls)).unwrap();
         assert_close(params(&amp, 0), &[2.67, -3.56]);
@@ -184,7 +180,7 @@ fn amp_weight_decay_is_applied_at_restored_theta() {
     // d = (3.3, −4.4) + 0.1·(3, −4) = (3.6, −4.8); θ₁ = (2.64, −3.52).
     let a = vec![vec![1.0, 1.0]];
     let calls = Cell::new(0);
-    let config = AmpConfig::default().lr(0.1).epsilon(0.5).weight_decay(0.1);
+    let config = AmpConfig::new(0.1, 0.5).weight_decay(0.1);
     let mut amp = Amp::sgd(store(&[&[3.0, -4.0]]), config, SgdConfig::default()).unwrap();
     amp.step(quadratic(&a, &calls)).unwrap();
     assert_close(params(&amp, 0), &[2.64, -3.52]);
@@ -200,7 +196,7 @@ fn groups_have_their_own_hyper_parameters() {
     // θ₁ = θ − 0.4θ = 0.6θ = (0.6, −1.2).
     let a = vec![vec![1.0, 1.0], vec![1.0, 1.0]];
     let calls = Cell::new(0);
-    let config = AmpConfig::default()
+    let config = AmpConfig::new(0.1, 0.5)
         .group(ParamGroup::new([0]).lr(0.1).epsilon(0.5))
         .group(ParamGroup::new([1]).lr(0.2).epsilon(100.0));
     let s = store(&[&[3.0, -4.0], &[1.0, -2.0]]);
@@ -218,7 +214,7 @@ fn groups_have_their_own_hyper_parameters() {
 
 #[test]
 fn tensors_without_gradient_are_neither_perturbed_nor_stepped() {
-    let config = AmpConfig::default().lr(0.1).epsilon(0.5).weight_decay(0.1);
+    let config = AmpConfig::new(0.1, 0.5).weight_decay(0.1);
     let s = store(&[&[3.0, -4.0], &[7.0]]);
     let mut amp = Amp::sgd(s, config, SgdConfig::nesterov(0.9)).unwrap();
     let seen = std::cell::RefCell::new(Vec::new());
@@ -251,7 +247,7 @@ fn field(r: Built) -> &'static str {
 fn invalid_configuration_names_the_field() {
     let s = || store(&[&[1.0], &[2.0]]);
     let sgd = SgdConfig::default();
-    let base = AmpConfig::default;
+    let base = || AmpConfig::new(0.1, 0.5);
     assert_eq!(field(Amp::sgd(s(), base().epsilon(-1.0), sgd)), "epsilon");
     assert_eq!(
         field(Amp::sgd(s(), base().epsilon(f64::NAN), sgd)),
@@ -300,7 +296,7 @@ fn invalid_groups_and_empty_store_are_rejected() {
     let sgd = SgdConfig::default();
     let g = |groups: Vec<ParamGroup>| AmpConfig {
         groups,
-        ..AmpConfig::default()
+        ..AmpConfig::new(0.1, 0.5)
     };
     let twice = vec![ParamGroup::new([0, 1]), ParamGroup::new([1])];
     assert_eq!(field(Amp::sgd(s(), g(twice), sgd)), "groups");
@@ -315,7 +311,7 @@ fn invalid_groups_and_empty_store_are_rejected() {
     let bad = vec![ParamGroup::new([0, 1]).epsilon(-2.0)];
     assert_eq!(field(Amp::sgd(s(), g(bad), sgd)), "groups.epsilon");
     assert!(matches!(
-        Amp::sgd(NdStore::<f64>::new(vec![]), AmpConfig::default(), sgd),
+        Amp::sgd(NdStore::<f64>::new(vec![]), AmpConfig::new(0.1, 0.5), sgd),
         Err(AmpError::EmptyStore)
     ));
 }
@@ -326,11 +322,7 @@ fn closure_failure_at_every_call_leaves_weights_and_momentum_bit_identical() {
     for restore in [RestoreMode::Copy, RestoreMode::Subtract] {
         for fail_at in 1..=3 {
             let calls = Cell::new(0);
-            let config = AmpConfig::default()
-                .lr(0.1)
-                .epsilon(0.3)
-                .inner_iter(2)
-                .restore(restore);
+            let config = AmpConfig::new(0.1, 0.3).inner_iter(2).restore(restore);
             let mut amp =
                 Amp::sgd(store(&[&[1.0, -2.0]]), config, SgdConfig::nesterov(0.9)).unwrap();
             amp.step(quadratic(&a, &calls)).unwrap();
@@ -373,7 +365,7 @@ fn closure_failure_at_every_call_leaves_weights_and_momentum_bit_identical() {
 
 #[test]
 fn nan_gradient_and_missing_gradient_are_typed_errors() {
-    let config = AmpConfig::default().lr(0.1).epsilon(0.3);
+    let config = AmpConfig::new(0.1, 0.3);
     let s = store(&[&[1.0, -2.0], &[0.5]]);
     let mut amp = Amp::sgd(s, config, SgdConfig::momentum(0.9)).unwrap();
     let err = amp

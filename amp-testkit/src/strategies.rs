@@ -138,9 +138,7 @@ pub fn case(max_tensors: usize, max_steps: usize) -> impl Strategy<Value = Case>
                     coupling,
                     frozen,
                 };
-                let mut config = AmpConfig::default()
-                    .lr(lr)
-                    .epsilon(epsilon)
+                let mut config = AmpConfig::new(lr, epsilon)
                     .inner_lr(inner_lr)
                     .inner_iter(inner_iter)
                     .weight_decay(weight_decay)

@@ -48,9 +48,7 @@ impl Timing {
 /// The settings every timed run shares: SGD with Nesterov momentum 0.9, no
 /// weight decay, ζ = 1, copy-restore; `inner_iter` 0 is ERM, 1 is AMP.
 pub fn amp_config(inner_iter: usize, lr: f64, epsilon: f64) -> AmpConfig {
-    AmpConfig::default()
-        .lr(lr)
-        .epsilon(epsilon)
+    AmpConfig::new(lr, epsilon)
         .inner_lr(1.0)
         .inner_iter(inner_iter)
         .weight_decay(0.0)

@@ -272,9 +272,7 @@ fn explain(error: AmpError) -> String {
 
 /// Validates every flag through the library's own validators.
 fn plan(args: &Args, data: &Data) -> Result<Plan, String> {
-    let amp = AmpConfig::default()
-        .lr(args.lr)
-        .epsilon(args.epsilon)
+    let amp = AmpConfig::new(args.lr, args.epsilon)
         .inner_lr(args.inner_lr)
         .inner_iter(args.inner_iter)
         .weight_decay(args.weight_decay);

@@ -142,9 +142,7 @@ mod tests {
             clip_norm: Some(50.0),
             device: DeviceKind::Cpu,
         };
-        let config = amp::AmpConfig::default()
-            .lr(0.05)
-            .epsilon(0.2)
+        let config = amp::AmpConfig::new(0.05, 0.2)
             .inner_lr(2.0)
             .weight_decay(1e-4);
         let mut candle = CandleMlp::new(setup(config.clone())).unwrap();

@@ -113,9 +113,7 @@ pub fn cases() -> Vec<Case> {
                     ),
                     (SgdConfig::nesterov(0.9), 1e-2),
                 ] {
-                    let config = AmpConfig::default()
-                        .lr(0.1)
-                        .epsilon(epsilon)
+                    let config = AmpConfig::new(0.1, epsilon)
                         .inner_lr(if inner_iter == 2 { 0.5 } else { 1.0 })
                         .inner_iter(inner_iter)
                         .weight_decay(weight_decay)
@@ -312,7 +310,7 @@ pub fn train_mlp(dev: &Device, dtype: CDType, steps: usize) -> (f64, f64, f64) {
         let value = HostTensor::new(shape, store.dtype(), data).unwrap();
         store.write(Slot::Params, i, &value).unwrap();
     }
-    let config = AmpConfig::default().lr(0.1).epsilon(0.05).inner_iter(1);
+    let config = AmpConfig::new(0.1, 0.05).inner_iter(1);
     let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9)).unwrap();
     let (mut first, mut last, mut above) = (None, 0.0, 0usize);
     for _ in 0..steps {
