@@ -3,6 +3,9 @@
 
 #include "common.h"
 
+#include <algorithm>
+#include <tuple>
+
 using namespace amp_tch;
 
 extern "C" {
@@ -49,6 +52,69 @@ char *amp_tch_alloc_like(at::Tensor **params, size_t n, at::Tensor **out) {
       out[i] = new at::Tensor(
           flat.narrow(0, offset, numel).view(params[i]->sizes()));
       offset += numel;
+    }
+  });
+}
+
+// *found <- 1 and (*first, *second) <- two indices first < second such
+// that tensors[first] and tensors[second] are the same tensor or their
+// memory ranges overlap within one storage (a strided view counts as the
+// whole range from its first to its last element); *found <- 0 when no
+// pair does. A store over such tensors would perturb and step the shared
+// elements twice. Disjoint parts of one storage (the flat layout) pass.
+char *amp_tch_find_overlap(at::Tensor **tensors, size_t n, size_t *first,
+                           size_t *second, int *found) {
+  return guarded([&] {
+    *found = 0;
+    // (storage, start byte, end byte, index), for tensors with elements.
+    std::vector<std::tuple<const void *, uint64_t, uint64_t, size_t>> ranges;
+    std::vector<std::pair<const void *, size_t>> impls;
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor &t = *tensors[i];
+      impls.emplace_back(t.unsafeGetTensorImpl(), i);
+      if (!t.defined() || !t.has_storage() || t.numel() == 0) continue;
+      int64_t last = t.storage_offset();
+      for (int64_t d = 0; d < t.dim(); ++d) {
+        last += (t.size(d) - 1) * std::max<int64_t>(t.stride(d), 0);
+      }
+      uint64_t item = static_cast<uint64_t>(t.element_size());
+      ranges.emplace_back(t.storage().unsafeGetStorageImpl(),
+                          static_cast<uint64_t>(t.storage_offset()) * item,
+                          static_cast<uint64_t>(last + 1) * item, i);
+    }
+    bool any = false;
+    size_t a = 0, b = 0;
+    auto report = [&](size_t i, size_t j) {
+      size_t lo = std::min(i, j), hi = std::max(i, j);
+      if (!any || lo < a || (lo == a && hi < b)) {
+        a = lo;
+        b = hi;
+        any = true;
+      }
+    };
+    std::sort(impls.begin(), impls.end());
+    for (size_t k = 1; k < impls.size(); ++k) {
+      if (impls[k].first == impls[k - 1].first) {
+        report(impls[k - 1].second, impls[k].second);
+      }
+    }
+    std::sort(ranges.begin(), ranges.end());
+    // Within one storage, sorted by start: a range overlaps an earlier one
+    // exactly when it starts before the furthest end seen so far.
+    for (size_t k = 1, far = 0; k < ranges.size(); ++k) {
+      if (std::get<0>(ranges[k]) != std::get<0>(ranges[far])) {
+        far = k;
+        continue;
+      }
+      if (std::get<1>(ranges[k]) < std::get<2>(ranges[far])) {
+        report(std::get<3>(ranges[far]), std::get<3>(ranges[k]));
+      }
+      if (std::get<2>(ranges[k]) > std::get<2>(ranges[far])) far = k;
+    }
+    if (any) {
+      *first = a;
+      *second = b;
+      *found = 1;
     }
   });
 }

@@ -114,6 +114,13 @@ extern "C" {
     pub fn amp_tch_set_grad(param: *mut C_tensor, value: *mut C_tensor) -> *mut c_char;
     pub fn amp_tch_get_grad(param: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
     pub fn amp_tch_alloc_like(params: List, n: usize, out: *mut *mut C_tensor) -> *mut c_char;
+    pub fn amp_tch_find_overlap(
+        tensors: List,
+        n: usize,
+        first: *mut usize,
+        second: *mut usize,
+        found: *mut c_int,
+    ) -> *mut c_char;
 
     // The flat layout (shim/flat.cpp).
     pub fn amp_tch_flatten(

@@ -1,6 +1,8 @@
 //! [`TchStore`]: the parameters, their gradients and the buffers, and
 //! everything about them that is not a batched operation.
 
+use std::ffi::c_int;
+
 use amp_core::{
     check_shape, AmpError, BufferId, Buffers, DType, HostTensor, ParamStore, Result, Slot,
 };
@@ -15,10 +17,10 @@ use crate::kinds::{device_name, dtype_of, host_to_tensor, kind_of, shape_of, tch
 /// parameter-shaped buffers.
 ///
 /// All tensors share one device and one floating-point dtype (`f32`, `f64`,
-/// `f16` or `bf16`); constructors reject anything else with
-/// [`AmpError::DeviceMismatch`] or [`AmpError::DTypeMismatch`]. The store
-/// holds shallow clones: in-place updates of the store's tensors are updates
-/// of the model's own variables.
+/// `f16` or `bf16`), and no two share memory; constructors reject anything
+/// else with [`AmpError::DeviceMismatch`], [`AmpError::DTypeMismatch`] or
+/// [`AmpError::InvalidConfig`]. The store holds shallow clones: in-place
+/// updates of the store's tensors are updates of the model's own variables.
 ///
 /// Gradients live in each tensor's `.grad()`, where `backward()` puts them;
 /// [`ParamStore::write`] with [`Slot::Grads`] sets one by hand (tests,
@@ -45,9 +47,23 @@ impl TchStore {
     /// Errors: [`AmpError::DeviceMismatch`] when the tensors are not all on
     /// the first one's device, [`AmpError::DTypeMismatch`] when one is not a
     /// floating-point tensor or its dtype differs from the first one's,
-    /// [`AmpError::Backend`] for an undefined tensor. An empty list gives an
-    /// empty store on the CPU (which [`amp_core::Amp`] rejects with
-    /// [`AmpError::EmptyStore`]).
+    /// [`AmpError::InvalidConfig`] (field `tensors`) when two of them are the
+    /// same tensor or views whose memory overlaps (their shared elements
+    /// would be perturbed and stepped twice; disjoint parts of one storage,
+    /// such as a [flattened](TchStore::flatten) store's tensors, are
+    /// accepted), [`AmpError::Backend`] for an undefined tensor. An empty
+    /// list gives an empty store on the CPU (which [`amp_core::Amp`] rejects
+    /// with [`AmpError::EmptyStore`]).
+    ///
+    /// ```
+    /// use amp_core::AmpError;
+    /// use amp_tch::TchStore;
+    /// use amp_tch::tch::Tensor;
+    ///
+    /// let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).set_requires_grad(true);
+    /// let twice = TchStore::from_tensors(vec![w.shallow_clone(), w.shallow_clone()]);
+    /// assert!(matches!(twice, Err(AmpError::InvalidConfig { field: "tensors", .. })));
+    /// ```
     pub fn from_tensors(tensors: Vec<Tensor>) -> Result<Self> {
         let mut device = Device::Cpu;
         let mut kind = Kind::Float;
@@ -83,6 +99,7 @@ impl TchStore {
                 });
             }
         }
+        check_disjoint(&tensors)?;
         let dtype = dtype_of(kind).unwrap_or(DType::F32);
         Ok(TchStore {
             params: tensors,
@@ -265,4 +282,32 @@ impl TchStore {
             Slot::Buffer(id) => Ok(Some(self.buffer(id)?[index].shallow_clone())),
         }
     }
+}
+
+/// Refuses two tensors that are the same tensor or overlap in memory.
+fn check_disjoint(tensors: &[Tensor]) -> Result<()> {
+    let pointers: Vec<*mut C_tensor> = tensors.iter().map(raw).collect();
+    let (mut first, mut second, mut found) = (0usize, 0usize, 0 as c_int);
+    // SAFETY: the tensors outlive the call; the shim writes the three
+    // outputs only.
+    check(unsafe {
+        ffi::amp_tch_find_overlap(
+            pointers.as_ptr(),
+            pointers.len(),
+            &mut first,
+            &mut second,
+            &mut found,
+        )
+    })?;
+    if found == 0 {
+        return Ok(());
+    }
+    Err(AmpError::InvalidConfig {
+        field: "tensors",
+        reason: format!(
+            "tensors {first} and {second} share memory (the same tensor twice, or \
+             overlapping views of one storage): their shared elements would be \
+             perturbed and stepped twice"
+        ),
+    })
 }
