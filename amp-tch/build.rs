@@ -8,10 +8,10 @@
 //!    Cargo applies `rustc-link-arg` only to the package that emits it, so
 //!    every package with tch binaries needs the same lines; see
 //!    [`emit_torch_link_args`].
-//! 2. Compiles the C++ shim (`src/shim.cpp`), which calls ATen's multi-tensor
+//! 2. Compiles the C++ shim (`shim/`), which calls ATen's multi-tensor
 //!    `_foreach_*` operators that tch 0.24 does not bind, against the headers
 //!    of the same libtorch that torch-sys links, and holds the plain loops of
-//!    the CPU fast path (compiled with `-O3 -ffp-contract=off`).
+//!    the CPU loop path (compiled with `-O3 -ffp-contract=off`).
 //! 3. Re-exports the libtorch directory as `DEP_AMP_TCH_LIBTORCH_LIB` (this
 //!    package declares `links = "amp_tch"`) for the build scripts of packages
 //!    that depend on amp-tch but not on torch-sys directly.
@@ -52,9 +52,12 @@ fn cxx11_abi(lib_dir: &Path) -> &'static str {
     }
 }
 
+/// The shim's translation units (their headers are in the same folder).
+const SHIM_SOURCES: [&str; 3] = ["shim/ops.cpp", "shim/grads.cpp", "shim/flat.cpp"];
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/shim.cpp");
+    println!("cargo:rerun-if-changed=shim");
     let Ok(lib_dir) = env::var("DEP_TCH_LIBTORCH_LIB") else {
         // torch-sys only sets it on Linux and macOS builds that found libtorch;
         // without it neither the shim nor the link arguments can be made.
@@ -86,11 +89,11 @@ fn main() {
         .include(include.join("torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi(&lib_dir))
         .define("GLOG_USE_GLOG_EXPORT", None)
-        // -O3 vectorises the plain loops of the CPU fast path; -ffp-contract=off
+        // -O3 vectorises the plain loops of the CPU loop path; -ffp-contract=off
         // keeps `d + a * s` a separate multiply and add (no FMA), as the
         // reference store computes it.
         .opt_level(3)
         .flag_if_supported("-ffp-contract=off")
-        .file("src/shim.cpp")
+        .files(SHIM_SOURCES)
         .compile("amp_tch_shim");
 }

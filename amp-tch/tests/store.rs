@@ -425,3 +425,51 @@ fn store_is_send() {
     });
     assert_eq!(handle.join().unwrap(), vec![false; 3]);
 }
+
+/// Entries that share memory — the same tensor twice, or views of one
+/// storage whose ranges overlap — are refused with a typed error that names
+/// both; disjoint parts of one storage (a flattened store's tensors) are
+/// accepted.
+#[test]
+fn shared_memory_is_refused() {
+    let refused =
+        |tensors: Vec<Tensor>, first: usize, second: usize| match TchStore::from_tensors(tensors) {
+            Err(AmpError::InvalidConfig {
+                field: "tensors",
+                reason,
+            }) => assert!(
+                reason.contains(&format!("tensors {first} and {second} ")),
+                "{reason}"
+            ),
+            other => panic!("expected a refusal of {first} and {second}, got {other:?}"),
+        };
+    let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).set_requires_grad(true);
+    let other = Tensor::from_slice(&[5.0f32]).set_requires_grad(true);
+    refused(
+        vec![w.shallow_clone(), other.shallow_clone(), w.shallow_clone()],
+        0,
+        2,
+    );
+    let base = Tensor::zeros([6], (Kind::Float, Device::Cpu));
+    refused(vec![base.narrow(0, 0, 4), base.narrow(0, 3, 3)], 0, 1);
+    // A strided view spans the range between its first and last element.
+    refused(
+        vec![
+            other.shallow_clone(),
+            base.slice(0, 0, 6, 2),
+            base.narrow(0, 3, 1),
+        ],
+        1,
+        2,
+    );
+    // An empty tensor given twice is still the same tensor twice.
+    let empty = Tensor::zeros([0], (Kind::Float, Device::Cpu));
+    refused(vec![empty.shallow_clone(), empty.shallow_clone()], 0, 1);
+
+    let halves = TchStore::from_tensors(vec![base.narrow(0, 0, 3), base.narrow(0, 3, 3)]);
+    assert!(halves.is_ok(), "{halves:?}");
+    let mut s = small(DType::F32, Device::Cpu);
+    s.flatten().unwrap();
+    let again = TchStore::from_tensors(s.tensors().iter().map(Tensor::shallow_clone).collect());
+    assert!(again.is_ok(), "{again:?}");
+}
