@@ -53,9 +53,7 @@ fn train(inner_iter: usize, device: Device) -> Result<(f64, f64, f64), AmpError>
     // Parameters and gradients each in one allocation: the optimiser's
     // batched operations then walk contiguous memory (same results).
     store.flatten()?;
-    let config = AmpConfig::default()
-        .lr(0.05)
-        .epsilon(0.5)
+    let config = AmpConfig::new(0.05, 0.5)
         .inner_lr(1.0)
         .inner_iter(inner_iter)
         .weight_decay(1e-4);

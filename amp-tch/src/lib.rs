@@ -35,7 +35,7 @@
 //!     .add(nn::linear(vs.root() / "l2", 32, 2, Default::default()));
 //!
 //! let store = TchStore::from_var_store(&vs)?;
-//! let config = AmpConfig::default().lr(0.1).epsilon(0.1).inner_iter(1);
+//! let config = AmpConfig::new(0.1, 0.1).inner_iter(1);
 //! let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9))?;
 //! let mut first = None;
 //! let mut loss = f64::NAN;

@@ -127,6 +127,10 @@ impl ParamStore for TchStore {
         self.buffers.remove(id).map(drop)
     }
 
+    fn pin_buffer(&mut self, id: BufferId, pinned: bool) -> Result<()> {
+        self.buffers.set_pinned(id, pinned)
+    }
+
     fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
         self.check_mask(mask)?;
         check_distinct(dst, src)?;

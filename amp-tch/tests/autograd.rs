@@ -27,9 +27,7 @@ fn linear_regression_matches_oracle(device: Device) {
     let (x, y) = data();
     let w0 = HostTensor::new(vec![D], DType::F64, vec![0.3, -0.2, 0.1]).unwrap();
     let b0 = HostTensor::new(vec![], DType::F64, vec![0.05]).unwrap();
-    let config = AmpConfig::default()
-        .lr(0.2)
-        .epsilon(0.05)
+    let config = AmpConfig::new(0.2, 0.05)
         .inner_lr(1.0)
         .inner_iter(2)
         .weight_decay(1e-3)
@@ -133,11 +131,7 @@ fn mlp_trains(device: Device, flat: bool) {
         store.flatten().unwrap();
     }
     assert_eq!(store.num_tensors(), 5);
-    let config = AmpConfig::default()
-        .lr(0.2)
-        .epsilon(0.1)
-        .inner_iter(2)
-        .weight_decay(1e-4);
+    let config = AmpConfig::new(0.2, 0.1).inner_iter(2).weight_decay(1e-4);
     let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9)).unwrap();
     let mut first = None;
     let mut last = f64::NAN;
@@ -216,7 +210,7 @@ fn flat_layout_trains_like_separate_tensors() {
                 next += v.numel() * 4;
             }
         }
-        let config = AmpConfig::default().lr(0.1).epsilon(0.2).inner_iter(1);
+        let config = AmpConfig::new(0.1, 0.2).inner_iter(1);
         let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9)).unwrap();
         for _ in 0..20 {
             amp.step(|_s, _p| {
@@ -240,7 +234,7 @@ fn autograd_copy_restore_is_bit_exact() {
     let model = mlp(&vs);
     let store = TchStore::from_var_store(&vs).unwrap();
     let before = snapshot(&store);
-    let config = AmpConfig::default().lr(0.0).epsilon(0.5).inner_iter(2);
+    let config = AmpConfig::new(0.0, 0.5).inner_iter(2);
     let mut amp = Amp::sgd(store, config, SgdConfig::momentum(0.9)).unwrap();
     for _ in 0..3 {
         let report = amp
@@ -262,7 +256,7 @@ fn errors_leave_weights_untouched() {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = mlp(&vs);
     let store = TchStore::from_var_store(&vs).unwrap();
-    let config = AmpConfig::default().lr(0.1).epsilon(0.5).inner_iter(1);
+    let config = AmpConfig::new(0.1, 0.5).inner_iter(1);
     let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9)).unwrap();
     // One good step so that the momentum buffer exists.
     amp.step(|_s, _p| {

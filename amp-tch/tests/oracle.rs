@@ -46,9 +46,7 @@ fn configs() -> Vec<(String, AmpConfig, SgdConfig)> {
                     for restore in [RestoreMode::Copy, RestoreMode::Subtract] {
                         n += 1;
                         let inner_lr = if n % 2 == 0 { 1.0 } else { 0.5 };
-                        let config = AmpConfig::default()
-                            .lr(0.1)
-                            .epsilon(epsilon)
+                        let config = AmpConfig::new(0.1, epsilon)
                             .inner_lr(inner_lr)
                             .inner_iter(inner_iter)
                             .weight_decay(weight_decay)
@@ -73,9 +71,7 @@ fn configs() -> Vec<(String, AmpConfig, SgdConfig)> {
         (2, RestoreMode::Subtract),
         (2, RestoreMode::Copy),
     ] {
-        let config = AmpConfig::default()
-            .lr(0.05)
-            .epsilon(0.2)
+        let config = AmpConfig::new(0.05, 0.2)
             .inner_iter(k)
             .restore(restore)
             .group(ParamGroup::new([0, 5]).weight_decay(1e-3))
@@ -182,7 +178,7 @@ fn copy_restore_is_bit_exact() {
     for dtype in [DType::F32, DType::F64] {
         let values = initial_values(dtype);
         let store = TchStore::from_host(&values, Device::Cpu).unwrap();
-        let config = AmpConfig::default().lr(0.0).epsilon(0.3).inner_iter(2);
+        let config = AmpConfig::new(0.0, 0.3).inner_iter(2);
         let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9)).unwrap();
         for _ in 0..3 {
             amp.step(|s, _| host_loss(s)).unwrap();

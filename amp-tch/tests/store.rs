@@ -310,7 +310,11 @@ fn mixed_dtypes_and_devices_are_rejected() {
     // An empty store is allowed here and rejected by Amp.
     let empty = TchStore::from_tensors(Vec::new()).unwrap();
     assert!(matches!(
-        amp_core::Amp::sgd(empty, Default::default(), Default::default()),
+        amp_core::Amp::sgd(
+            empty,
+            amp_core::AmpConfig::new(0.1, 0.5),
+            Default::default()
+        ),
         Err(AmpError::EmptyStore)
     ));
 }
@@ -386,7 +390,7 @@ fn flat_store_survives_new_parameter_storage() {
         if flat {
             store.flatten().unwrap();
         }
-        let config = AmpConfig::default().lr(0.1).epsilon(0.3).inner_iter(1);
+        let config = AmpConfig::new(0.1, 0.3).inner_iter(1);
         let mut amp = Amp::sgd(store, config, SgdConfig::nesterov(0.9)).unwrap();
         let step = |amp: &mut Amp<TchStore>| {
             amp.step(|_s, _p| {
