@@ -5,6 +5,9 @@
 
 use std::time::Duration;
 
+mod support;
+use support::edit_metadata;
+
 use amp::backend::ndarray::NdStore;
 use amp::checkpoint::{self, LoadOptions};
 use amp::{Amp, AmpConfig, AmpError, AmpState, BufferId, ParamStore, Pass, SgdConfig, Slot};
@@ -49,22 +52,6 @@ fn snapshot(amp: &Amp<Nd>) -> (Vec<Vec<f32>>, AmpState) {
         .map(|p| p.iter().copied().collect())
         .collect();
     (weights, amp.state().expect("state"))
-}
-
-/// Rewrites a checkpoint's JSON metadata, keeping its tensors.
-fn edit_metadata(bytes: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
-    let file = safetensors::SafeTensors::deserialize(bytes).expect("valid file");
-    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).expect("valid file");
-    let mut meta: serde_json::Value = serde_json::from_str(
-        &header.metadata().as_ref().expect("metadata")[checkpoint::METADATA_KEY],
-    )
-    .expect("json");
-    edit(&mut meta);
-    let metadata = Some(std::collections::HashMap::from([(
-        checkpoint::METADATA_KEY.to_string(),
-        meta.to_string(),
-    )]));
-    safetensors::serialize(file.tensors(), metadata).expect("serialise")
 }
 
 #[test]
