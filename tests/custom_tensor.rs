@@ -160,6 +160,7 @@ fn agrees_with_the_ndarray_oracle_bit_for_bit_on_a_fixed_case() {
         },
         config: AmpConfig::new(0.05, 0.3).inner_iter(2),
         sgd: SgdConfig::nesterov(0.9),
+        adam: None,
         steps: 5,
     };
     let got = amp_testkit::run_case(&DenseFactory, &case, DType::F64).unwrap();

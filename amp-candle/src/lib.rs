@@ -717,6 +717,88 @@ impl ParamStore for CandleStore {
         Ok(())
     }
 
+    fn addcmul(&mut self, dst: Slot, alpha: &[f64], a: Slot, b: Slot, mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("addcmul coefficients", mask.len(), alpha.len())?;
+        amp_core::composed::check_sources("addcmul", dst, &[a, b])?;
+        for slot in [dst, a, b] {
+            self.check_slot(slot)?;
+        }
+        for index in (0..mask.len()).filter(|&i| mask[i]) {
+            let d = self.up(&self.value(dst, index)?)?;
+            let x = self.up(&self.value(a, index)?)?;
+            let y = self.up(&self.value(b, index)?)?;
+            // d + (alpha · x) · y, in that order (amp_core::elementwise).
+            let sum = x
+                .affine(alpha[index], 0.0)
+                .and_then(|t| t.mul(&y))
+                .and_then(|t| d.add(&t))
+                .map_err(backend)?;
+            let sum = self.down(sum)?;
+            self.put(dst, index, sum)?;
+        }
+        Ok(())
+    }
+
+    fn addcdiv_sqrt(
+        &mut self,
+        dst: Slot,
+        alpha: &[f64],
+        num: Slot,
+        den: Slot,
+        divisor: &[f64],
+        eps: &[f64],
+        mask: &[bool],
+    ) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("addcdiv coefficients", mask.len(), alpha.len())?;
+        check_len("addcdiv divisors", mask.len(), divisor.len())?;
+        check_len("addcdiv eps", mask.len(), eps.len())?;
+        amp_core::composed::check_sources("addcdiv_sqrt", dst, &[num, den])?;
+        for slot in [dst, num, den] {
+            self.check_slot(slot)?;
+        }
+        for index in (0..mask.len()).filter(|&i| mask[i]) {
+            let d = self.up(&self.value(dst, index)?)?;
+            let x = self.up(&self.value(num, index)?)?;
+            let y = self.up(&self.value(den, index)?)?;
+            // A true division by the divisor (candle's `/ f64` multiplies by
+            // the reciprocal, which rounds differently).
+            let c = Tensor::new(divisor[index], &self.device)
+                .and_then(|c| c.to_dtype(self.compute))
+                .map_err(backend)?;
+            // d + (alpha · x) / (√y / c + eps), in that order
+            // (amp_core::elementwise).
+            let sum = y
+                .sqrt()
+                .and_then(|t| t.broadcast_div(&c))
+                .and_then(|t| t.affine(1.0, eps[index]))
+                .and_then(|den| x.affine(alpha[index], 0.0)?.div(&den))
+                .and_then(|t| d.add(&t))
+                .map_err(backend)?;
+            let sum = self.down(sum)?;
+            self.put(dst, index, sum)?;
+        }
+        Ok(())
+    }
+
+    fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        self.check_pair(dst, src)?;
+        for index in (0..mask.len()).filter(|&i| mask[i]) {
+            let d = self.value(dst, index)?;
+            let s = self.value(src, index)?;
+            // candle's maximum keeps `d` where `s` is NaN; a NaN in `s`
+            // must win, as in torch.maximum (amp_core::elementwise).
+            let max = d
+                .maximum(&s)
+                .and_then(|m| s.ne(&s)?.where_cond(&s, &m))
+                .map_err(backend)?;
+            self.put(dst, index, max)?;
+        }
+        Ok(())
+    }
+
     fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<CandleNorms> {
         self.check_mask(mask)?;
         self.check_slot(src)?;

@@ -1,15 +1,19 @@
-//! The fused [`ParamStore`] operations written with the basic ones.
+//! The provided [`ParamStore`] operations, written with the required ones.
 //!
 //! [`ParamStore::perturb_from_grads`] and [`ParamStore::axpy_from`] are
-//! provided methods whose defaults call these functions. A store that fuses
-//! them for some of its tensors (say, dense CPU tensors) calls the function
-//! here for the others, and the workspace's conformance suite checks that
-//! both give the same result.
+//! fused sequences of basic operations; [`ParamStore::addcmul`],
+//! [`ParamStore::addcdiv_sqrt`] and [`ParamStore::maximum`] (what Adam
+//! needs) go through the host, tensor by tensor, with the formulas of
+//! [`elementwise`](crate::elementwise). Their defaults call these
+//! functions. A store that runs them its own way for some of its tensors
+//! (say, dense CPU tensors) calls the function here for the others, and the
+//! workspace's conformance suite checks that both give the same bits.
 
 use num_traits::One;
 
+use crate::elementwise;
 use crate::error::{AmpError, Result};
-use crate::store::{check_len, ParamStore, Slot};
+use crate::store::{check_len, DType, HostTensor, ParamStore, Scalar, Slot};
 
 /// Checks the slots of [`ParamStore::perturb_from_grads`]: the snapshot and
 /// δ are buffers, distinct from each other (δ may also be absent).
@@ -97,4 +101,116 @@ pub fn check_axpy_from_slots(dst: Slot, src: Slot) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Checks that an operation's destination is none of its sources.
+pub fn check_sources(operation: &str, dst: Slot, sources: &[Slot]) -> Result<()> {
+    if sources.contains(&dst) {
+        return Err(AmpError::backend(format!(
+            "{operation}: the destination {dst:?} is also a source"
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `op` over the masked-in tensors on the host: reads `dst` and the
+/// `sources`, lets `op` compute the new values of `dst` (in `f64` for an
+/// `f64` store, in `f32` otherwise: `wide` says which), writes them back.
+fn on_host<S: ParamStore + ?Sized>(
+    store: &mut S,
+    dst: Slot,
+    sources: &[Slot],
+    mask: &[bool],
+    op: impl Fn(usize, bool, &mut [f64], &[HostTensor]),
+) -> Result<()> {
+    check_len("mask", store.num_tensors(), mask.len())?;
+    let wide = store.dtype() == DType::F64;
+    for i in (0..mask.len()).filter(|&i| mask[i]) {
+        let mut d = store.read(dst, i)?;
+        let inputs = sources
+            .iter()
+            .map(|&s| store.read(s, i))
+            .collect::<Result<Vec<_>>>()?;
+        op(i, wide, &mut d.data, &inputs);
+        store.write(dst, i, &d)?;
+    }
+    Ok(())
+}
+
+/// [`ParamStore::addcmul`] on the host.
+pub fn addcmul<S: ParamStore + ?Sized>(
+    store: &mut S,
+    dst: Slot,
+    alpha: &[S::Scalar],
+    a: Slot,
+    b: Slot,
+    mask: &[bool],
+) -> Result<()> {
+    check_len("addcmul coefficients", store.num_tensors(), alpha.len())?;
+    check_sources("addcmul", dst, &[a, b])?;
+    on_host(store, dst, &[a, b], mask, |i, wide, d, inputs| {
+        let (x, y, al) = (&inputs[0].data, &inputs[1].data, alpha[i].widen());
+        for j in 0..d.len() {
+            d[j] = if wide {
+                elementwise::addcmul(d[j], al, x[j], y[j])
+            } else {
+                let r = elementwise::addcmul(d[j] as f32, al as f32, x[j] as f32, y[j] as f32);
+                f64::from(r)
+            };
+        }
+    })
+}
+
+/// [`ParamStore::addcdiv_sqrt`] on the host.
+#[allow(clippy::too_many_arguments)]
+pub fn addcdiv_sqrt<S: ParamStore + ?Sized>(
+    store: &mut S,
+    dst: Slot,
+    alpha: &[S::Scalar],
+    num: Slot,
+    den: Slot,
+    divisor: &[S::Scalar],
+    eps: &[S::Scalar],
+    mask: &[bool],
+) -> Result<()> {
+    let n = store.num_tensors();
+    check_len("addcdiv coefficients", n, alpha.len())?;
+    check_len("addcdiv divisors", n, divisor.len())?;
+    check_len("addcdiv eps", n, eps.len())?;
+    check_sources("addcdiv_sqrt", dst, &[num, den])?;
+    on_host(store, dst, &[num, den], mask, |i, wide, d, inputs| {
+        let (x, y) = (&inputs[0].data, &inputs[1].data);
+        let (al, c, e) = (alpha[i].widen(), divisor[i].widen(), eps[i].widen());
+        for j in 0..d.len() {
+            d[j] = if wide {
+                elementwise::addcdiv_sqrt(d[j], al, x[j], y[j], c, e)
+            } else {
+                let r = elementwise::addcdiv_sqrt(
+                    d[j] as f32,
+                    al as f32,
+                    x[j] as f32,
+                    y[j] as f32,
+                    c as f32,
+                    e as f32,
+                );
+                f64::from(r)
+            };
+        }
+    })
+}
+
+/// [`ParamStore::maximum`] on the host.
+pub fn maximum<S: ParamStore + ?Sized>(
+    store: &mut S,
+    dst: Slot,
+    src: Slot,
+    mask: &[bool],
+) -> Result<()> {
+    check_sources("maximum", dst, &[src])?;
+    // max is exact: f64 serves every dtype.
+    on_host(store, dst, &[src], mask, |_, _, d, inputs| {
+        for (d, &x) in d.iter_mut().zip(&inputs[0].data) {
+            *d = elementwise::maximum(*d, x);
+        }
+    })
 }

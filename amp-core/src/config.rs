@@ -77,6 +77,37 @@ impl NonFinitePolicy {
     }
 }
 
+/// How ε changes over training.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum EpsilonSchedule {
+    /// Each group's ε as configured, always.
+    #[default]
+    Constant,
+    /// Each group's ε scaled by its current learning rate over its
+    /// configured one, `ε · lr_now / lr_configured`: an lr schedule
+    /// ([`Amp::set_lr`](crate::Amp::set_lr)) drives ε with it, as GSAM ties
+    /// its radius to the learning rate (Zhuang et al., ICLR 2022). Needs
+    /// every group's configured lr to be positive.
+    FollowLr,
+}
+
+impl EpsilonSchedule {
+    /// The name used in messages (`"constant"`, `"follow_lr"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EpsilonSchedule::Constant => "constant",
+            EpsilonSchedule::FollowLr => "follow_lr",
+        }
+    }
+}
+
+#[cfg(feature = "serde")]
+fn one() -> u64 {
+    1
+}
+
 /// Hyper-parameters of one parameter group; `None` falls back to the value of
 /// [`AmpConfig`].
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -181,6 +212,24 @@ pub struct AmpConfig {
     /// Parameter groups. Empty (the default) means one group holding every
     /// tensor; otherwise every tensor must be in exactly one group.
     pub groups: Vec<ParamGroup>,
+    /// Perturb on every `interval`-th step only, with plain base-optimiser
+    /// steps (one closure call) between: the average step then costs about
+    /// `(interval + K) / interval` ERM steps. At least 1. Default `1`
+    /// (every step). A plain step is a step at `inner_iter = 0`, with its
+    /// guarantees (see [`Amp`](crate::Amp): no snapshot of θ is taken for
+    /// it).
+    #[cfg_attr(feature = "serde", serde(default = "one"))]
+    pub interval: u64,
+    /// Perturb only from step `start_step` on (steps counted from 0, as
+    /// [`Amp::steps`](crate::Amp::steps)); plain base-optimiser steps
+    /// before. Perturbing over the last part of training only
+    /// ("late-start" SAM) costs that much less. Default `0`.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub start_step: u64,
+    /// How ε follows the learning rate. Default
+    /// [`EpsilonSchedule::Constant`].
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub epsilon_schedule: EpsilonSchedule,
 }
 
 macro_rules! setter {
@@ -216,6 +265,9 @@ impl AmpConfig {
             restore: RestoreMode::Copy,
             non_finite: NonFinitePolicy::Error,
             groups: Vec::new(),
+            interval: 1,
+            start_step: 0,
+            epsilon_schedule: EpsilonSchedule::Constant,
         }
     }
 
@@ -249,6 +301,12 @@ impl AmpConfig {
         restore: RestoreMode,
         /// Sets [`AmpConfig::non_finite`].
         non_finite: NonFinitePolicy,
+        /// Sets [`AmpConfig::interval`].
+        interval: u64,
+        /// Sets [`AmpConfig::start_step`].
+        start_step: u64,
+        /// Sets [`AmpConfig::epsilon_schedule`].
+        epsilon_schedule: EpsilonSchedule,
     }
 
     /// Adds a parameter group.
@@ -264,6 +322,28 @@ impl AmpConfig {
         for (field, value) in self.hyper_parameters() {
             check_hyper(field, value)?;
         }
+        self.check_recipes()
+    }
+
+    fn check_recipes(&self) -> Result<()> {
+        if self.interval == 0 {
+            return Err(AmpError::config(
+                "interval",
+                "must be at least 1 (1 perturbs every step)",
+            ));
+        }
+        if self.epsilon_schedule == EpsilonSchedule::FollowLr {
+            let zero = std::iter::once(self.lr)
+                .chain(self.groups.iter().filter_map(|g| g.lr))
+                .any(|lr| lr == 0.0);
+            if zero {
+                return Err(AmpError::config(
+                    "epsilon_schedule",
+                    "follow_lr scales ε by lr_now / lr_configured and needs every \
+                     configured learning rate to be positive",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -274,7 +354,7 @@ impl AmpConfig {
         for (field, value) in self.hyper_parameters() {
             check_hyper_in::<T>(field, value)?;
         }
-        Ok(())
+        self.check_recipes()
     }
 
     /// Every floating-point hyper-parameter with its field name, the groups'

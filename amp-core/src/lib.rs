@@ -13,7 +13,8 @@
 //!   projection, copy) that a GPU backend can run as one launch each;
 //! - [`GradFn`]: the closure that runs forward and backward and reports the
 //!   loss, told which [`Pass`] it serves;
-//! - [`BaseOptimizer`]: the outer optimiser; [`Sgd`] has PyTorch's semantics.
+//! - [`BaseOptimizer`]: the outer optimiser; [`Sgd`] and [`Adam`] (Adam and
+//!   AdamW) have PyTorch's semantics, and any other optimiser plugs in.
 //!
 //! Backends: `amp-ndarray` (CPU reference and test oracle), `amp-tch`
 //! (libtorch), `amp-candle` (candle). To use your own tensor type, either
@@ -42,9 +43,11 @@
 //! ```
 #![warn(missing_docs)]
 
+mod adam;
 mod amp;
 pub mod composed;
 mod config;
+pub mod elementwise;
 mod error;
 mod grad_fn;
 mod optimizer;
@@ -56,8 +59,9 @@ mod store;
 mod tensor_ops;
 mod tensor_store;
 
-pub use crate::amp::Amp;
-pub use crate::config::{AmpConfig, NonFinitePolicy, ParamGroup, RestoreMode};
+pub use crate::adam::{Adam, AdamConfig};
+pub use crate::amp::{Amp, External, Perturbed};
+pub use crate::config::{AmpConfig, EpsilonSchedule, NonFinitePolicy, ParamGroup, RestoreMode};
 pub use crate::error::{AmpError, BoxError, Result};
 pub use crate::grad_fn::{GradFn, Pass};
 pub use crate::optimizer::{BaseOptimizer, OptimizerState, Sgd, SgdConfig, StepContext};

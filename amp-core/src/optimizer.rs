@@ -452,3 +452,60 @@ impl<S: ParamStore> BaseOptimizer<S> for Sgd {
         usize::from(self.momentum_buffer.is_some())
     }
 }
+
+/// A boxed optimiser is one: `Amp<S, Box<dyn BaseOptimizer<S>>>` picks SGD,
+/// Adam or your own at run time.
+///
+/// ```
+/// use amp_core::{Adam, AdamConfig, BaseOptimizer, ParamStore, Result, Sgd, SgdConfig};
+///
+/// fn base<S: ParamStore>(name: &str) -> Result<Box<dyn BaseOptimizer<S>>> {
+///     Ok(match name {
+///         "adamw" => Box::new(Adam::new(AdamConfig::adamw())?),
+///         _ => Box::new(Sgd::new(SgdConfig::nesterov(0.9))?),
+///     })
+/// }
+/// # let _ = base::<amp_core::TensorStore<Never>>("adamw");
+/// # #[derive(Clone)] struct Never;
+/// # impl amp_core::TensorOps for Never {
+/// #     type Tensor = Never; type Scalar = f64;
+/// #     fn dtype(&self) -> amp_core::DType { amp_core::DType::F64 }
+/// #     fn shape(&self, _: &Never) -> Vec<usize> { vec![] }
+/// #     fn scale(&self, t: &Never, _: f64) -> Result<Never> { Ok(t.clone()) }
+/// #     fn axpy(&self, t: &Never, _: f64, _: &Never) -> Result<Never> { Ok(t.clone()) }
+/// #     fn sum_of_squares(&self, _: &Never) -> Result<f64> { Ok(0.0) }
+/// #     fn to_host(&self, _: &Never) -> Result<Vec<f64>> { Ok(vec![0.0]) }
+/// #     fn tensor_like(&self, _: &[f64], t: &Never) -> Result<Never> { Ok(t.clone()) }
+/// # }
+/// ```
+impl<S: ParamStore, O: BaseOptimizer<S> + ?Sized> BaseOptimizer<S> for Box<O> {
+    fn validate(&self) -> Result<()> {
+        (**self).validate()
+    }
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+    fn settings(&self) -> Vec<(&'static str, f64)> {
+        (**self).settings()
+    }
+    fn step(&mut self, store: &mut S, ctx: &StepContext<'_, S::Scalar>) -> Result<()> {
+        (**self).step(store, ctx)
+    }
+    fn step_from(
+        &mut self,
+        store: &mut S,
+        ctx: &StepContext<'_, S::Scalar>,
+        weights: Slot,
+    ) -> Result<()> {
+        (**self).step_from(store, ctx, weights)
+    }
+    fn save_state(&self, store: &S) -> Result<OptimizerState> {
+        (**self).save_state(store)
+    }
+    fn load_state(&mut self, store: &mut S, state: &OptimizerState) -> Result<()> {
+        (**self).load_state(store, state)
+    }
+    fn buffers_held(&self) -> usize {
+        (**self).buffers_held()
+    }
+}

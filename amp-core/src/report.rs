@@ -22,6 +22,10 @@ pub struct StepReport<O> {
     /// `Some(reason)` when the step was skipped under
     /// [`NonFinitePolicy::Skip`](crate::NonFinitePolicy::Skip); the weights and state are then untouched.
     pub skipped: Option<AmpError>,
+    /// Whether the step perturbed the weights: `false` for `inner_iter = 0`
+    /// and for the plain steps of [`AmpConfig::interval`](crate::AmpConfig::interval)
+    /// and [`AmpConfig::start_step`](crate::AmpConfig::start_step).
+    pub perturbed: bool,
 }
 
 impl<O> StepReport<O> {

@@ -62,6 +62,21 @@ pub(crate) fn check<S: ParamStore, O: BaseOptimizer<S>>(
                 config.inner_iter,
             ));
         }
+        if (state.config.interval, state.config.start_step) != (config.interval, config.start_step)
+        {
+            return Err(mismatch(
+                "`interval` and `start_step`",
+                format!("{} and {}", state.config.interval, state.config.start_step),
+                format!("{} and {}", config.interval, config.start_step),
+            ));
+        }
+        if state.config.epsilon_schedule != config.epsilon_schedule {
+            return Err(mismatch(
+                "`epsilon_schedule`",
+                state.config.epsilon_schedule.name(),
+                config.epsilon_schedule.name(),
+            ));
+        }
         if state.config.restore != config.restore {
             return Err(mismatch(
                 "`restore`",

@@ -315,6 +315,54 @@ pub trait ParamStore {
         crate::composed::perturb_from_grads(self, snapshot, delta, inner_lr, epsilon, mask)
     }
 
+    /// `dst[i] ← dst[i] + (alpha[i] · a[i]) · b[i]` element-wise, as ATen's
+    /// `addcmul_` ([`elementwise::addcmul`](crate::elementwise::addcmul)).
+    /// `dst` is neither source; `a` may be `b` (Adam squares the gradient
+    /// with it). A missing gradient reads as zeros.
+    ///
+    /// The default ([`composed::addcmul`](crate::composed::addcmul)) goes
+    /// through the host tensor by tensor, computing in `f64` for an `f64`
+    /// store and in `f32` otherwise; a backend overrides it with its own
+    /// kernels, giving the same bits for `f32` and `f64`.
+    fn addcmul(
+        &mut self,
+        dst: Slot,
+        alpha: &[Self::Scalar],
+        a: Slot,
+        b: Slot,
+        mask: &[bool],
+    ) -> Result<()> {
+        crate::composed::addcmul(self, dst, alpha, a, b, mask)
+    }
+
+    /// `dst[i] ← dst[i] + (alpha[i] · num[i]) / (√den[i] / divisor[i] + eps[i])`
+    /// element-wise: Adam's update
+    /// ([`elementwise::addcdiv_sqrt`](crate::elementwise::addcdiv_sqrt)).
+    /// `dst` is neither source. The default
+    /// ([`composed::addcdiv_sqrt`](crate::composed::addcdiv_sqrt)) goes
+    /// through the host, as [`ParamStore::addcmul`]'s does.
+    #[allow(clippy::too_many_arguments)]
+    fn addcdiv_sqrt(
+        &mut self,
+        dst: Slot,
+        alpha: &[Self::Scalar],
+        num: Slot,
+        den: Slot,
+        divisor: &[Self::Scalar],
+        eps: &[Self::Scalar],
+        mask: &[bool],
+    ) -> Result<()> {
+        crate::composed::addcdiv_sqrt(self, dst, alpha, num, den, divisor, eps, mask)
+    }
+
+    /// `dst[i] ← max(dst[i], src[i])` element-wise, NaN if either is NaN (as
+    /// `torch.maximum`); AMSGrad keeps its running maximum with it. The
+    /// default ([`composed::maximum`](crate::composed::maximum)) goes
+    /// through the host.
+    fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
+        crate::composed::maximum(self, dst, src, mask)
+    }
+
     /// Pins (`true`) or unpins a buffer: a pinned buffer cannot be freed
     /// ([`ParamStore::free_buffer`] returns [`AmpError::BufferInUse`]).
     /// [`Amp`](crate::Amp) and [`Sgd`](crate::Sgd) pin the buffers they hold

@@ -4,6 +4,7 @@
 //!
 //! [`TensorStore`]: crate::TensorStore
 
+use crate::elementwise;
 use crate::error::Result;
 use crate::store::{DType, Scalar};
 
@@ -91,5 +92,72 @@ pub trait TensorOps {
             return Ok(true);
         }
         Ok(self.to_host(tensor)?.iter().all(|x| x.is_finite()))
+    }
+
+    /// `y + (alpha · a) · b` element-wise
+    /// ([`elementwise::addcmul`](crate::elementwise::addcmul)); Adam's
+    /// second moment. The default goes through the host (computing in `f64`
+    /// for an `f64` tensor, `f32` otherwise); override it with the
+    /// framework's own operation to keep Adam on the device.
+    fn addcmul(
+        &self,
+        y: &Self::Tensor,
+        alpha: Self::Scalar,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let (mut d, x, z) = (self.to_host(y)?, self.to_host(a)?, self.to_host(b)?);
+        let wide = self.dtype() == DType::F64;
+        let al = alpha.widen();
+        for ((d, &x), &z) in d.iter_mut().zip(&x).zip(&z) {
+            *d = if wide {
+                elementwise::addcmul(*d, al, x, z)
+            } else {
+                f64::from(elementwise::addcmul(
+                    *d as f32, al as f32, x as f32, z as f32,
+                ))
+            };
+        }
+        self.tensor_like(&d, y)
+    }
+
+    /// `y + (alpha · num) / (√den / divisor + eps)` element-wise
+    /// ([`elementwise::addcdiv_sqrt`](crate::elementwise::addcdiv_sqrt));
+    /// Adam's update. The default goes through the host, as
+    /// [`addcmul`](TensorOps::addcmul)'s does.
+    fn addcdiv_sqrt(
+        &self,
+        y: &Self::Tensor,
+        alpha: Self::Scalar,
+        num: &Self::Tensor,
+        den: &Self::Tensor,
+        divisor: Self::Scalar,
+        eps: Self::Scalar,
+    ) -> Result<Self::Tensor> {
+        let (mut d, x, z) = (self.to_host(y)?, self.to_host(num)?, self.to_host(den)?);
+        let wide = self.dtype() == DType::F64;
+        let (al, c, e) = (alpha.widen(), divisor.widen(), eps.widen());
+        for ((d, &x), &z) in d.iter_mut().zip(&x).zip(&z) {
+            *d = if wide {
+                elementwise::addcdiv_sqrt(*d, al, x, z, c, e)
+            } else {
+                let (d32, x, z) = (*d as f32, x as f32, z as f32);
+                f64::from(elementwise::addcdiv_sqrt(
+                    d32, al as f32, x, z, c as f32, e as f32,
+                ))
+            };
+        }
+        self.tensor_like(&d, y)
+    }
+
+    /// `max(a, b)` element-wise, NaN if either is
+    /// ([`elementwise::maximum`](crate::elementwise::maximum)); AMSGrad's
+    /// running maximum. The default goes through the host.
+    fn maximum(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
+        let (mut d, x) = (self.to_host(a)?, self.to_host(b)?);
+        for (d, &x) in d.iter_mut().zip(&x) {
+            *d = elementwise::maximum(*d, x);
+        }
+        self.tensor_like(&d, a)
     }
 }

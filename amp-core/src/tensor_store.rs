@@ -308,6 +308,64 @@ impl<O: TensorOps> ParamStore for TensorStore<O> {
         })
     }
 
+    fn addcmul(
+        &mut self,
+        dst: Slot,
+        alpha: &[O::Scalar],
+        a: Slot,
+        b: Slot,
+        mask: &[bool],
+    ) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("addcmul coefficients", mask.len(), alpha.len())?;
+        crate::composed::check_sources("addcmul", dst, &[a, b])?;
+        for slot in [dst, a, b] {
+            self.check_slot(slot)?;
+        }
+        self.update(dst, mask, |store, i, y| {
+            let (x, z) = (store.source(a, i)?, store.source(b, i)?);
+            store.ops.addcmul(y, alpha[i], &x, &z).map(Some)
+        })
+    }
+
+    fn addcdiv_sqrt(
+        &mut self,
+        dst: Slot,
+        alpha: &[O::Scalar],
+        num: Slot,
+        den: Slot,
+        divisor: &[O::Scalar],
+        eps: &[O::Scalar],
+        mask: &[bool],
+    ) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("addcdiv coefficients", mask.len(), alpha.len())?;
+        check_len("addcdiv divisors", mask.len(), divisor.len())?;
+        check_len("addcdiv eps", mask.len(), eps.len())?;
+        crate::composed::check_sources("addcdiv_sqrt", dst, &[num, den])?;
+        for slot in [dst, num, den] {
+            self.check_slot(slot)?;
+        }
+        self.update(dst, mask, |store, i, y| {
+            let (x, z) = (store.source(num, i)?, store.source(den, i)?);
+            store
+                .ops
+                .addcdiv_sqrt(y, alpha[i], &x, &z, divisor[i], eps[i])
+                .map(Some)
+        })
+    }
+
+    fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        crate::composed::check_sources("maximum", dst, &[src])?;
+        self.check_slot(dst)?;
+        self.check_slot(src)?;
+        self.update(dst, mask, |store, i, y| {
+            let x = store.source(src, i)?;
+            store.ops.maximum(y, &x).map(Some)
+        })
+    }
+
     fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<Vec<O::Scalar>> {
         self.check_mask(mask)?;
         self.check_slot(src)?;

@@ -59,8 +59,8 @@
 pub use ndarray;
 
 use amp_core::{
-    check_len, check_shape, AmpError, BufferId, Buffers, DType, HostTensor, ParamStore, Result,
-    Scalar, Slot, PROJECTION_GUARD,
+    check_len, check_shape, composed, elementwise, AmpError, BufferId, Buffers, DType, HostTensor,
+    ParamStore, Result, Scalar, Slot, PROJECTION_GUARD,
 };
 use ndarray::{ArrayD, IxDyn, NdFloat, Zip};
 
@@ -204,6 +204,27 @@ impl<T: Element> NdStore<T> {
     }
 
     fn slot_mut(&mut self, slot: Slot) -> Result<&mut [ArrayD<T>]> {
+        match slot {
+            Slot::Params => Ok(&mut self.params),
+            Slot::Grads => Ok(&mut self.grads),
+            Slot::Buffer(id) => Ok(self.buffers.get_mut(id)?),
+        }
+    }
+
+    /// Runs `op` on the tensors of `dst`, taken out of the store while the
+    /// other slots stay readable, and puts them back (also on error).
+    fn with_taken<R>(
+        &mut self,
+        dst: Slot,
+        op: impl FnOnce(&Self, &mut [ArrayD<T>]) -> Result<R>,
+    ) -> Result<R> {
+        let mut taken = std::mem::take(self.slot_vec_mut(dst)?);
+        let result = op(self, &mut taken);
+        *self.slot_vec_mut(dst)? = taken;
+        result
+    }
+
+    fn slot_vec_mut(&mut self, slot: Slot) -> Result<&mut Vec<ArrayD<T>>> {
         match slot {
             Slot::Params => Ok(&mut self.params),
             Slot::Grads => Ok(&mut self.grads),
@@ -365,6 +386,68 @@ impl<T: Element> ParamStore for NdStore<T> {
             if mask[i] {
                 let a = alpha[i];
                 Zip::from(d).and(s).for_each(|d, &s| *d += a * s);
+            }
+        }
+        Ok(())
+    }
+
+    fn addcmul(&mut self, dst: Slot, alpha: &[T], a: Slot, b: Slot, mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("addcmul coefficients", mask.len(), alpha.len())?;
+        composed::check_sources("addcmul", dst, &[a, b])?;
+        self.slot(a)?;
+        self.slot(b)?;
+        self.with_taken(dst, |store, d| {
+            let (x, y) = (store.slot(a)?, store.slot(b)?);
+            for i in (0..mask.len()).filter(|&i| mask[i]) {
+                let al = alpha[i];
+                Zip::from(&mut d[i])
+                    .and(&x[i])
+                    .and(&y[i])
+                    .for_each(|d, &x, &y| *d = elementwise::addcmul(*d, al, x, y));
+            }
+            Ok(())
+        })
+    }
+
+    fn addcdiv_sqrt(
+        &mut self,
+        dst: Slot,
+        alpha: &[T],
+        num: Slot,
+        den: Slot,
+        divisor: &[T],
+        eps: &[T],
+        mask: &[bool],
+    ) -> Result<()> {
+        self.check_mask(mask)?;
+        check_len("addcdiv coefficients", mask.len(), alpha.len())?;
+        check_len("addcdiv divisors", mask.len(), divisor.len())?;
+        check_len("addcdiv eps", mask.len(), eps.len())?;
+        composed::check_sources("addcdiv_sqrt", dst, &[num, den])?;
+        self.slot(num)?;
+        self.slot(den)?;
+        self.with_taken(dst, |store, d| {
+            let (x, y) = (store.slot(num)?, store.slot(den)?);
+            for i in (0..mask.len()).filter(|&i| mask[i]) {
+                let (al, c, e) = (alpha[i], divisor[i], eps[i]);
+                Zip::from(&mut d[i])
+                    .and(&x[i])
+                    .and(&y[i])
+                    .for_each(|d, &x, &y| *d = elementwise::addcdiv_sqrt(*d, al, x, y, c, e));
+            }
+            Ok(())
+        })
+    }
+
+    fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
+        self.check_mask(mask)?;
+        let (d, s) = self.pair(dst, src)?;
+        for (i, (d, s)) in d.iter_mut().zip(s).enumerate() {
+            if mask[i] {
+                Zip::from(d)
+                    .and(s)
+                    .for_each(|d, &s| *d = elementwise::maximum(*d, s));
             }
         }
         Ok(())

@@ -150,6 +150,7 @@
 //! `DEP_AMP_TCH_LIBTORCH_LIB`.
 #![warn(missing_docs)]
 
+mod elementwise;
 mod ffi;
 mod flat;
 mod kinds;

@@ -166,6 +166,27 @@ impl ParamStore for TchStore {
         check(unsafe { ffi::amp_tch_axpy(d.as_ptr(), dv, s.as_ptr(), sv, a.as_ptr(), d.len()) })
     }
 
+    fn addcmul(&mut self, dst: Slot, alpha: &[f64], a: Slot, b: Slot, mask: &[bool]) -> Result<()> {
+        self.addcmul_each(dst, alpha, a, b, mask)
+    }
+
+    fn addcdiv_sqrt(
+        &mut self,
+        dst: Slot,
+        alpha: &[f64],
+        num: Slot,
+        den: Slot,
+        divisor: &[f64],
+        eps: &[f64],
+        mask: &[bool],
+    ) -> Result<()> {
+        self.addcdiv_sqrt_each(dst, alpha, num, den, divisor, eps, mask)
+    }
+
+    fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
+        self.maximum_each(dst, src, mask)
+    }
+
     /// One pass on the CPU loop path (dense f32/f64 tensors); elsewhere a
     /// copy and `_foreach_add_`.
     fn axpy_from(

@@ -213,6 +213,38 @@ impl<S: ParamStore> ParamStore for FaultyStore<S> {
             .perturb_from_grads(snapshot, delta, inner_lr, epsilon, mask)
     }
 
+    fn addcmul(
+        &mut self,
+        dst: Slot,
+        alpha: &[S::Scalar],
+        a: Slot,
+        b: Slot,
+        mask: &[bool],
+    ) -> Result<()> {
+        self.tick(&[dst])?;
+        self.inner.addcmul(dst, alpha, a, b, mask)
+    }
+
+    fn addcdiv_sqrt(
+        &mut self,
+        dst: Slot,
+        alpha: &[S::Scalar],
+        num: Slot,
+        den: Slot,
+        divisor: &[S::Scalar],
+        eps: &[S::Scalar],
+        mask: &[bool],
+    ) -> Result<()> {
+        self.tick(&[dst])?;
+        self.inner
+            .addcdiv_sqrt(dst, alpha, num, den, divisor, eps, mask)
+    }
+
+    fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
+        self.tick(&[dst])?;
+        self.inner.maximum(dst, src, mask)
+    }
+
     fn pin_buffer(&mut self, id: BufferId, pinned: bool) -> Result<()> {
         self.tick(&[])?;
         self.inner.pin_buffer(id, pinned)

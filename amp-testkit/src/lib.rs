@@ -18,17 +18,21 @@
 //! - [`strategies`]: proptest generators of cases.
 #![warn(missing_docs)]
 
+mod base;
 pub mod faulty;
 pub mod properties;
 pub mod reference;
+mod split;
 pub mod strategies;
 
 use std::cell::Cell;
 
 use amp_core::{
-    Amp, AmpConfig, AmpError, BaseOptimizer, DType, HostTensor, ParamStore, Pass, Result, Sgd,
-    SgdConfig, Slot,
+    AdamConfig, Amp, AmpConfig, AmpError, BaseOptimizer, DType, HostTensor, OptimizerState,
+    ParamStore, Pass, Result, SgdConfig, Slot,
 };
+
+pub use crate::base::CaseBase;
 
 /// Builds a store holding the given initial values (shapes and dtype included).
 pub trait StoreFactory {
@@ -177,10 +181,40 @@ pub struct Case {
     pub objective: Objective,
     /// AMP's configuration (groups included).
     pub config: AmpConfig,
-    /// The base optimiser's settings.
+    /// The SGD settings (the base optimiser unless `adam` is set).
     pub sgd: SgdConfig,
+    /// When set, the base optimiser is [`Adam`](amp_core::Adam) with these
+    /// settings instead of SGD.
+    pub adam: Option<AdamConfig>,
     /// Number of steps.
     pub steps: usize,
+}
+
+impl Case {
+    /// Whether step `step` (0-based) perturbs: `inner_iter ≥ 1` and the
+    /// configuration's `start_step` and `interval` say so.
+    pub fn perturbs_at(&self, step: usize) -> bool {
+        let (step, c) = (step as u64, &self.config);
+        c.inner_iter > 0 && step >= c.start_step && (step - c.start_step) % c.interval.max(1) == 0
+    }
+
+    /// The closure calls of step `step`: K + 1 when it perturbs, else 1.
+    pub fn calls_at(&self, step: usize) -> usize {
+        if self.perturbs_at(step) {
+            self.config.inner_iter + 1
+        } else {
+            1
+        }
+    }
+
+    /// The optimiser of this case over `store`.
+    pub fn build<S: ParamStore>(&self, store: S) -> Result<Amp<S, CaseBase>> {
+        Amp::new(
+            store,
+            self.config.clone(),
+            CaseBase::new(self.sgd, self.adam)?,
+        )
+    }
 }
 
 /// What a run produced.
@@ -188,9 +222,10 @@ pub struct Case {
 pub struct Outcome {
     /// Final weights.
     pub params: Vec<HostTensor>,
-    /// Final momentum buffers (`None` per tensor where uninitialised, and an
-    /// empty vector when SGD holds no momentum).
-    pub momentum: Vec<Option<HostTensor>>,
+    /// The base optimiser's final state: its buffers (SGD's momentum,
+    /// Adam's moments; `None` per tensor where uninitialised) and values
+    /// (Adam's step counts).
+    pub base_state: OptimizerState,
     /// Per step: the clean loss.
     pub losses: Vec<f64>,
     /// Per step: the perturbed losses.
@@ -215,25 +250,19 @@ pub fn host_values(tensors: &[HostTensor]) -> Vec<Vec<f64>> {
     tensors.iter().map(|t| t.data.clone()).collect()
 }
 
-/// The momentum buffers of an `Amp` over [`Sgd`], read to the host.
-pub fn momentum<S: ParamStore>(amp: &Amp<S, Sgd>) -> Result<Vec<Option<HostTensor>>> {
-    let state = amp.base().save_state(amp.store())?;
-    Ok(state
-        .buffers
-        .into_iter()
-        .find(|(name, _)| name == "momentum_buffer")
-        .map(|(_, b)| b)
-        .unwrap_or_default())
+/// The base optimiser's state, read to the host.
+pub fn base_state<S: ParamStore, O: BaseOptimizer<S>>(amp: &Amp<S, O>) -> Result<OptimizerState> {
+    amp.base().save_state(amp.store())
 }
 
 /// Runs `case` on a store from `factory` with dtype `dtype`.
 pub fn run_case<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Result<Outcome> {
     let store = factory.make(&case.init, dtype)?;
-    let mut amp = Amp::sgd(store, case.config.clone(), case.sgd)?;
+    let mut amp = case.build(store)?;
     let calls = Cell::new(0);
     let mut out = Outcome {
         params: Vec::new(),
-        momentum: Vec::new(),
+        base_state: OptimizerState::default(),
         losses: Vec::new(),
         perturbed_losses: Vec::new(),
         perturbation_norms: Vec::new(),
@@ -248,7 +277,7 @@ pub fn run_case<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Resu
         out.clipped.push(report.clipped);
     }
     out.params = read_slot(amp.store(), Slot::Params)?;
-    out.momentum = momentum(&amp)?;
+    out.base_state = base_state(&amp)?;
     out.closure_calls = calls.get();
     Ok(out)
 }
@@ -342,42 +371,11 @@ pub fn compare_outcomes(
         tolerance,
         steps,
     )?;
-    let unwrap = |m: &[Option<HostTensor>], like: &[HostTensor]| -> Vec<HostTensor> {
-        m.iter()
-            .zip(like)
-            .map(|(t, p)| {
-                t.clone().unwrap_or_else(|| HostTensor {
-                    shape: p.shape.clone(),
-                    dtype: p.dtype,
-                    data: vec![0.0; p.data.len()],
-                })
-            })
-            .collect()
-    };
-    if got.momentum.len() != want.momentum.len() {
-        return Err(format!(
-            "momentum: {} buffers, expected {}",
-            got.momentum.len(),
-            want.momentum.len()
-        ));
-    }
-    for (i, (g, w)) in got.momentum.iter().zip(&want.momentum).enumerate() {
-        if g.is_some() != w.is_some() {
-            return Err(format!(
-                "momentum[{i}]: initialised {} vs {}",
-                g.is_some(),
-                w.is_some()
-            ));
-        }
-    }
-    compare_tensors(
-        "momentum",
-        &unwrap(&got.momentum, &got.params),
-        &unwrap(&want.momentum, &want.params),
+    compare_states(
+        &got.base_state,
+        &want.base_state,
         &case.init,
-        Tolerance {
-            relative: tolerance.relative * 10.0,
-        },
+        tolerance,
         steps,
     )?;
     if got.closure_calls != want.closure_calls {
@@ -405,6 +403,70 @@ pub fn compare_outcomes(
                 return Err(format!("‖δ‖ of tensor {i} at step {s}: {x:e} vs {y:e}"));
             }
         }
+    }
+    Ok(())
+}
+
+/// Compares two base-optimiser states: the same buffers, initialised for
+/// the same tensors, with values at ten times `tolerance` (they accumulate
+/// over steps), and the same host values (step counts) exactly.
+pub fn compare_states(
+    got: &OptimizerState,
+    want: &OptimizerState,
+    like: &[HostTensor],
+    tolerance: Tolerance,
+    steps: usize,
+) -> std::result::Result<(), String> {
+    let names =
+        |s: &OptimizerState| -> Vec<String> { s.buffers.iter().map(|b| b.0.clone()).collect() };
+    if names(got) != names(want) {
+        return Err(format!(
+            "state buffers {:?}, expected {:?}",
+            names(got),
+            names(want)
+        ));
+    }
+    if got.scalars != want.scalars {
+        return Err(format!(
+            "state values {:?}, expected {:?}",
+            got.scalars, want.scalars
+        ));
+    }
+    let unwrap = |m: &[Option<HostTensor>]| -> Vec<HostTensor> {
+        m.iter()
+            .zip(like)
+            .map(|(t, p)| {
+                t.clone().unwrap_or_else(|| HostTensor {
+                    shape: p.shape.clone(),
+                    dtype: p.dtype,
+                    data: vec![0.0; p.data.len()],
+                })
+            })
+            .collect()
+    };
+    for ((name, g), (_, w)) in got.buffers.iter().zip(&want.buffers) {
+        if g.len() != w.len() {
+            return Err(format!("{name}: {} tensors, expected {}", g.len(), w.len()));
+        }
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            if a.is_some() != b.is_some() {
+                return Err(format!(
+                    "{name}[{i}]: initialised {} vs {}",
+                    a.is_some(),
+                    b.is_some()
+                ));
+            }
+        }
+        compare_tensors(
+            name,
+            &unwrap(g),
+            &unwrap(w),
+            like,
+            Tolerance {
+                relative: tolerance.relative * 10.0,
+            },
+            steps,
+        )?;
     }
     Ok(())
 }
@@ -494,8 +556,29 @@ impl ParamStore for NdAny {
     fn free_buffer(&mut self, id: amp_core::BufferId) -> Result<()> {
         forward!(self, s => s.free_buffer(id))
     }
+    fn pin_buffer(&mut self, id: amp_core::BufferId, pinned: bool) -> Result<()> {
+        forward!(self, s => s.pin_buffer(id, pinned))
+    }
     fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
         forward!(self, s => s.copy(dst, src, mask))
+    }
+    fn addcmul(&mut self, dst: Slot, alpha: &[f64], a: Slot, b: Slot, mask: &[bool]) -> Result<()> {
+        forward!(self, s => s.addcmul(dst, &to(alpha), a, b, mask))
+    }
+    fn addcdiv_sqrt(
+        &mut self,
+        dst: Slot,
+        alpha: &[f64],
+        num: Slot,
+        den: Slot,
+        divisor: &[f64],
+        eps: &[f64],
+        mask: &[bool],
+    ) -> Result<()> {
+        forward!(self, s => s.addcdiv_sqrt(dst, &to(alpha), num, den, &to(divisor), &to(eps), mask))
+    }
+    fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
+        forward!(self, s => s.maximum(dst, src, mask))
     }
     fn scale(&mut self, dst: Slot, factor: &[f64], mask: &[bool]) -> Result<()> {
         forward!(self, s => s.scale(dst, &to(factor), mask))
@@ -575,12 +658,13 @@ macro_rules! conformance_suite {
                 matches_oracle,
                 projection_bound,
                 restore,
-                k0_and_eps0_equal_sgd,
+                k0_and_eps0_equal_base,
                 closure_calls,
                 base_step_uses_perturbed_gradient,
                 fused_ops_match_composed,
                 failure_leaves_state,
-                store_panic_leaves_state
+                store_panic_leaves_state,
+                split_step_matches_step
             );
         }
     };

@@ -8,9 +8,11 @@ use amp_core::{Amp, AmpError, DType, HostTensor, ParamStore, Pass, RestoreMode, 
 
 use crate::faulty::FaultyStore;
 use crate::{
-    compare_outcomes, host_values, momentum, read_slot, reference, run_case, Case, Fault,
-    NdFactory, StoreFactory, Tolerance,
+    base_state, compare_outcomes, host_values, read_slot, reference, run_case, Case, CaseBase,
+    Fault, NdFactory, StoreFactory, Tolerance,
 };
+
+pub use crate::split::split_step_matches_step;
 
 type Check = std::result::Result<(), String>;
 
@@ -37,13 +39,10 @@ fn epsilons(case: &Case) -> Vec<f64> {
 /// algorithm ([`reference::step`]) to 1e-12 relative.
 pub fn oracle_matches_reference(case: &Case) -> Check {
     let got = run_case(&NdFactory, case, DType::F64).map_err(fail("ndarray f64 run"))?;
-    let mut state = reference::State {
-        params: host_values(&case.init),
-        momentum: vec![None; case.init.len()],
-    };
+    let mut state = reference::State::new(host_values(&case.init));
     let mut want = crate::Outcome {
         params: Vec::new(),
-        momentum: Vec::new(),
+        base_state: amp_core::OptimizerState::default(),
         losses: Vec::new(),
         perturbed_losses: Vec::new(),
         perturbation_norms: Vec::new(),
@@ -51,7 +50,13 @@ pub fn oracle_matches_reference(case: &Case) -> Check {
         closure_calls: 0,
     };
     for _ in 0..case.steps {
-        let r = reference::step(&mut state, &case.objective, &case.config, &case.sgd);
+        let r = reference::step(
+            &mut state,
+            &case.objective,
+            &case.config,
+            &case.sgd,
+            case.adam.as_ref(),
+        );
         want.losses.push(r.loss);
         want.perturbed_losses.push(r.perturbed_losses);
         want.perturbation_norms.push(r.perturbation_norms);
@@ -68,16 +73,28 @@ pub fn oracle_matches_reference(case: &Case) -> Check {
         .zip(&case.init)
         .map(|(v, like)| as_host(v, like))
         .collect();
-    want.momentum = if case.sgd.momentum != 0.0 && case.steps > 0 {
-        state
-            .momentum
-            .iter()
+    let as_buffer = |b: &[Option<Vec<f64>>]| -> Vec<Option<HostTensor>> {
+        b.iter()
             .zip(&case.init)
             .map(|(v, like)| v.as_ref().map(|v| as_host(v, like)))
             .collect()
-    } else {
-        Vec::new()
     };
+    let buffers = &mut want.base_state.buffers;
+    match &case.adam {
+        Some(adam) => {
+            buffers.push(("exp_avg".into(), as_buffer(&state.exp_avg)));
+            buffers.push(("exp_avg_sq".into(), as_buffer(&state.exp_avg_sq)));
+            if adam.amsgrad {
+                buffers.push(("max_exp_avg_sq".into(), as_buffer(&state.max_exp_avg_sq)));
+            }
+            let steps = state.adam_steps.iter().map(|&t| t as f64).collect();
+            want.base_state.scalars.push(("step".into(), steps));
+        }
+        None if case.sgd.momentum != 0.0 && case.steps > 0 => {
+            buffers.push(("momentum_buffer".into(), as_buffer(&state.momentum)));
+        }
+        None => {}
+    }
     compare_outcomes(case, &got, &want, Tolerance { relative: 1e-12 })
 }
 
@@ -95,7 +112,7 @@ pub fn matches_oracle<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -
 /// the rounding of θ + δ), and the reported ‖δ_K‖ ≤ εᵢ.
 pub fn projection_bound<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
     let store = factory.make(&case.init, dtype).map_err(fail("make"))?;
-    let mut amp = Amp::sgd(store, case.config.clone(), case.sgd).map_err(fail("build"))?;
+    let mut amp = case.build(store).map_err(fail("build"))?;
     let eps = epsilons(case);
     let u = unit_roundoff(dtype);
     let calls = Cell::new(0);
@@ -193,9 +210,10 @@ pub fn restore<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check
     }
 }
 
-/// `inner_iter = 0` and `ε = 0` both reproduce plain SGD, bit for bit with
-/// each other (δ = 0 exactly, so the perturbed passes see θ itself).
-pub fn k0_and_eps0_equal_sgd<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
+/// `inner_iter = 0` and `ε = 0` both reproduce the plain base optimiser
+/// (SGD or Adam), bit for bit with each other (δ = 0 exactly, so the
+/// perturbed passes see θ itself): weights and the optimiser's state.
+pub fn k0_and_eps0_equal_base<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
     let mut erm = case.clone();
     erm.config.inner_iter = 0;
     let mut eps0 = case.clone();
@@ -214,25 +232,33 @@ pub fn k0_and_eps0_equal_sgd<F: StoreFactory>(factory: &F, case: &Case, dtype: D
     if bits(&a.params) != bits(&b.params) {
         return Err("K = 0 and ε = 0 give different weights".into());
     }
-    let flat = |m: &[Option<HostTensor>]| -> Vec<Option<Vec<u64>>> {
-        m.iter()
-            .map(|t| {
-                t.as_ref()
-                    .map(|t| t.data.iter().map(|x| x.to_bits()).collect())
+    let flat = |s: &amp_core::OptimizerState| -> Vec<(String, Vec<Option<Vec<u64>>>)> {
+        s.buffers
+            .iter()
+            .map(|(name, tensors)| {
+                let tensors = tensors
+                    .iter()
+                    .map(|t| {
+                        t.as_ref()
+                            .map(|t| t.data.iter().map(|x| x.to_bits()).collect())
+                    })
+                    .collect();
+                (name.clone(), tensors)
             })
             .collect()
     };
-    if flat(&a.momentum) != flat(&b.momentum) {
-        return Err("K = 0 and ε = 0 give different momentum".into());
+    if flat(&a.base_state) != flat(&b.base_state) || a.base_state.scalars != b.base_state.scalars {
+        return Err("K = 0 and ε = 0 give different optimiser states".into());
     }
-    // And K = 0 is plain SGD: compare with the oracle at the dtype tolerance.
+    // And K = 0 is the plain optimiser: compare with the oracle at the
+    // dtype tolerance.
     matches_oracle(factory, &erm, dtype)
 }
 
 /// The closure is called exactly K + 1 times per step.
 pub fn closure_calls<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
     let out = run_case(factory, case, dtype).map_err(fail("run"))?;
-    let want = case.steps * (case.config.inner_iter + 1);
+    let want: usize = (0..case.steps).map(|s| case.calls_at(s)).sum();
     if out.closure_calls == want {
         Ok(())
     } else {
@@ -253,12 +279,13 @@ pub fn base_step_uses_perturbed_gradient<F: StoreFactory>(
 ) -> Check {
     let mut case = case.clone();
     case.sgd = amp_core::SgdConfig::default();
+    case.adam = None;
     case.config.weight_decay = 0.0;
     for g in &mut case.config.groups {
         g.weight_decay = Some(0.0);
     }
     let store = factory.make(&case.init, dtype).map_err(fail("make"))?;
-    let mut amp = Amp::sgd(store, case.config.clone(), case.sgd).map_err(fail("build"))?;
+    let mut amp = case.build(store).map_err(fail("build"))?;
     let theta = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
     let calls = Cell::new(0);
     let last_grads: RefCell<Vec<HostTensor>> = RefCell::new(Vec::new());
@@ -304,12 +331,13 @@ pub fn base_step_uses_perturbed_gradient<F: StoreFactory>(
 /// panic where none was injected is reported as a failure of the property.
 pub fn failure_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
     crate::quiet_injected_panics();
-    let per_step = case.config.inner_iter + 1;
     // Fail in the last step, after the earlier ones built momentum.
     let warmup = case.steps.saturating_sub(1);
+    let per_step = case.calls_at(warmup);
+    let before: usize = (0..warmup).map(|s| case.calls_at(s)).sum();
     for n in 1..=per_step {
         for fault_kind in 0..4 {
-            let call = warmup * per_step + n;
+            let call = before + n;
             let fault = match fault_kind {
                 0 => Fault::Error(call),
                 1 => Fault::NanLoss(call),
@@ -325,14 +353,14 @@ pub fn failure_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype: DT
                 continue;
             }
             let store = factory.make(&case.init, dtype).map_err(fail("make"))?;
-            let mut amp = Amp::sgd(store, case.config.clone(), case.sgd).map_err(fail("build"))?;
+            let mut amp = case.build(store).map_err(fail("build"))?;
             let calls = Cell::new(0);
             for _ in 0..warmup {
                 guarded(|| amp.step(case.objective.grad_fn(&calls, fault)))
                     .map_err(fail("warm-up step"))?;
             }
             let before = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
-            let momentum_before = momentum(&amp).map_err(fail("momentum"))?;
+            let state_before = base_state(&amp).map_err(fail("state"))?;
             let result = guarded(|| amp.step(case.objective.grad_fn(&calls, fault)));
             let expected_kind = matches!(
                 (&result, fault),
@@ -351,9 +379,9 @@ pub fn failure_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype: DT
                 return Err(format!("{fault:?}: step returned {:?}", result.map(|_| ())));
             }
             let after = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
-            let momentum_after = momentum(&amp).map_err(fail("momentum"))?;
-            if momentum_after != momentum_before {
-                return Err(format!("{fault:?}: momentum changed"));
+            let state_after = base_state(&amp).map_err(fail("state"))?;
+            if state_after != state_before {
+                return Err(format!("{fault:?}: the optimiser's state changed"));
             }
             unchanged(case, dtype, &before, &after).map_err(|e| format!("{fault:?}: {e}"))?;
             // The next step succeeds and closes the gap to the oracle's step.
@@ -413,33 +441,38 @@ fn unchanged(case: &Case, dtype: DType, before: &[HostTensor], after: &[HostTens
 
 /// An optimiser over a [`FaultyStore`], warmed up, with its closure-call
 /// counter.
-type Armed<S> = (Amp<FaultyStore<S>>, Cell<usize>);
+type Armed<S> = (Amp<FaultyStore<S>, CaseBase>, Cell<usize>);
 
-/// The momentum an optimiser holds; a buffer allocated but not yet
-/// written for any tensor holds none.
-fn held_momentum<S: ParamStore>(amp: &Amp<S>) -> Result<Vec<Option<HostTensor>>, String> {
-    let held = momentum(amp).map_err(fail("momentum"))?;
-    Ok(if held.iter().all(Option::is_none) {
-        Vec::new()
-    } else {
-        held
-    })
+/// A named optimiser buffer, one optional tensor per parameter.
+type NamedBuffer = (String, Vec<Option<HostTensor>>);
+
+/// The state an optimiser holds; buffers allocated but not yet written for
+/// any tensor hold none.
+fn held_state<S: ParamStore>(amp: &Amp<S, CaseBase>) -> Result<Vec<NamedBuffer>, String> {
+    let held = base_state(amp).map_err(fail("state"))?;
+    Ok(held
+        .buffers
+        .into_iter()
+        .filter(|(_, tensors)| tensors.iter().any(Option::is_some))
+        .collect())
 }
 
-/// A panic or an error inside any store operation of a step (copy-restore,
-/// K ≥ 1) — each operation in turn — leaves θ bit for bit as it was, and the
+/// A panic or an error inside any store operation of a perturbing step
+/// (copy-restore, K ≥ 1) — each operation in turn — leaves θ bit for bit as it was, and the
 /// momentum as it was unless an operation that completed before the fault
 /// had written the momentum buffer (SGD updates it in place; see [`Amp`]'s
 /// docs). The optimiser then keeps working.
 pub fn store_panic_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
-    if case.config.restore != RestoreMode::Copy || case.config.inner_iter == 0 {
+    let warmup = case.steps.saturating_sub(1);
+    // A step that does not perturb (K = 0, or a plain step of the recipes)
+    // has no snapshot of θ to come back to; see `Amp`.
+    if case.config.restore != RestoreMode::Copy || !case.perturbs_at(warmup) {
         return Ok(());
     }
     crate::quiet_injected_panics();
-    let warmup = case.steps.saturating_sub(1);
     let build = || -> Result<Armed<F::Store>, String> {
         let store = FaultyStore::new(factory.make(&case.init, dtype).map_err(fail("make"))?);
-        let mut amp = Amp::sgd(store, case.config.clone(), case.sgd).map_err(fail("build"))?;
+        let mut amp = case.build(store).map_err(fail("build"))?;
         let calls = Cell::new(0);
         for _ in 0..warmup {
             amp.step(case.objective.grad_fn(&calls, Fault::None))
@@ -461,7 +494,7 @@ pub fn store_panic_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype
             );
             let (mut amp, calls) = build()?;
             let before = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
-            let momentum_before = held_momentum(&amp)?;
+            let state_before = held_state(&amp)?;
             if panics {
                 amp.store().arm(n);
             } else {
@@ -478,11 +511,14 @@ pub fn store_panic_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype
             }
             let after = read_slot(amp.store(), Slot::Params).map_err(fail("read"))?;
             unchanged(case, dtype, &before, &after).map_err(|e| format!("{at}: {e}"))?;
-            // Read after the step: the first step allocates the buffer.
-            let momentum_slot = amp.base().momentum_buffer().map(Slot::Buffer);
-            let written = momentum_slot.is_some_and(|slot| amp.store().wrote(slot));
-            if !written && held_momentum(&amp)? != momentum_before {
-                return Err(format!("{at}: momentum changed"));
+            // Read after the step: the first step allocates the buffers.
+            let written = amp
+                .base()
+                .buffers()
+                .into_iter()
+                .any(|id| amp.store().wrote(Slot::Buffer(id)));
+            if !written && held_state(&amp)? != state_before {
+                return Err(format!("{at}: the optimiser's state changed"));
             }
             amp.step(case.objective.grad_fn(&calls, Fault::None))
                 .map_err(fail("step after the fault"))?;
@@ -494,7 +530,10 @@ pub fn store_panic_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype
 /// The store's own [`ParamStore::perturb_from_grads`] and
 /// [`ParamStore::axpy_from`] (fused on some backends) give bit for bit what
 /// the unfused sequences of [`amp_core::composed`] give on a second store
-/// with the same values: weights, snapshot, δ and norms.
+/// with the same values: weights, snapshot, δ and norms; and its
+/// [`ParamStore::addcmul`], [`ParamStore::maximum`] and
+/// [`ParamStore::addcdiv_sqrt`] give the bits of the host defaults, whose
+/// formulas are [`amp_core::elementwise`].
 pub fn fused_ops_match_composed<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
     let n = case.init.len();
     let per = reference::PerTensor::resolve(&case.config, n);
@@ -509,6 +548,9 @@ pub fn fused_ops_match_composed<F: StoreFactory>(factory: &F, case: &Case, dtype
     let copy = case.config.restore == RestoreMode::Copy;
     let keep_delta = !copy || case.config.inner_iter > 1;
     let alpha = scalars(&per.lr.iter().map(|lr| -lr).collect::<Vec<_>>());
+    let coefficient = scalars(&vec![0.3; n]);
+    let divisor = scalars(&vec![0.7; n]);
+    let adam_eps = scalars(&vec![1e-8; n]);
     let run = |fused: bool| -> amp_core::Result<(Vec<Vec<HostTensor>>, Vec<f64>)> {
         let mut store = factory.make(&case.init, dtype)?;
         let calls = Cell::new(0);
@@ -556,6 +598,44 @@ pub fn fused_ops_match_composed<F: StoreFactory>(factory: &F, case: &Case, dtype
             )?;
         }
         slots.push(read_slot(&store, Slot::Params)?);
+        // Adam's element-wise operations: on values of both signs, and a
+        // square root of squares.
+        let (snap, del, sq) = (
+            Slot::Buffer(snapshot),
+            Slot::Buffer(delta),
+            Slot::Buffer(store.alloc_buffer()?),
+        );
+        if fused {
+            store.addcmul(sq, &coefficient, Slot::Grads, Slot::Grads, &mask)?;
+            store.addcmul(del, &coefficient, Slot::Grads, snap, &mask)?;
+            store.maximum(sq, del, &mask)?;
+            store.addcdiv_sqrt(Slot::Params, &alpha, snap, sq, &divisor, &adam_eps, &mask)?;
+        } else {
+            use amp_core::composed;
+            composed::addcmul(
+                &mut store,
+                sq,
+                &coefficient,
+                Slot::Grads,
+                Slot::Grads,
+                &mask,
+            )?;
+            composed::addcmul(&mut store, del, &coefficient, Slot::Grads, snap, &mask)?;
+            composed::maximum(&mut store, sq, del, &mask)?;
+            composed::addcdiv_sqrt(
+                &mut store,
+                Slot::Params,
+                &alpha,
+                snap,
+                sq,
+                &divisor,
+                &adam_eps,
+                &mask,
+            )?;
+        }
+        for slot in [del, sq, Slot::Params] {
+            slots.push(read_slot(&store, slot)?);
+        }
         Ok((slots, norms))
     };
     let (got, got_norms) = run(true).map_err(fail("fused"))?;
@@ -567,16 +647,39 @@ pub fn fused_ops_match_composed<F: StoreFactory>(factory: &F, case: &Case, dtype
             factory.name()
         ));
     }
-    let names = ["θ + δ", "snapshot", "δ", "θ after axpy_from"];
+    let names = [
+        "θ + δ",
+        "snapshot",
+        "δ",
+        "θ after axpy_from",
+        "addcmul(δ, c, g, snapshot)",
+        "maximum(addcmul(0, c, g, g), δ)",
+        "θ after addcdiv_sqrt",
+    ];
+    let u = unit_roundoff(dtype);
     for (k, (a, b)) in got.iter().zip(&want).enumerate() {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            if !same(&x.data, &y.data) {
+            for (j, (p, q)) in x.data.iter().zip(&y.data).enumerate() {
+                if p.to_bits() == q.to_bits() {
+                    continue;
+                }
+                // Adam's update takes a square root, which a framework's
+                // vectorised kernel may round differently from the
+                // correctly rounded one (libtorch's CPU sqrt does, by an
+                // ulp): a few ulps of the quotient and of θ are allowed
+                // there, and only there.
+                if k == 6 {
+                    let (theta, num, den) =
+                        (want[3][i].data[j], want[1][i].data[j], want[5][i].data[j]);
+                    let quotient = per.lr[i] * num / (den.sqrt() / 0.7 + 1e-8);
+                    if (p - q).abs() <= 8.0 * u * (theta.abs() + quotient.abs()) {
+                        continue;
+                    }
+                }
                 return Err(format!(
-                    "{} {dtype}: {} of tensor {i} differs: {:?} vs {:?}",
+                    "{} {dtype}: {} of tensor {i} differs at element {j}: {p:e} vs {q:e}",
                     factory.name(),
                     names[k],
-                    x.data,
-                    y.data
                 ));
             }
         }
@@ -590,12 +693,13 @@ pub fn all<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
     matches_oracle(factory, case, dtype)?;
     projection_bound(factory, case, dtype)?;
     restore(factory, case, dtype)?;
-    k0_and_eps0_equal_sgd(factory, case, dtype)?;
+    k0_and_eps0_equal_base(factory, case, dtype)?;
     closure_calls(factory, case, dtype)?;
     base_step_uses_perturbed_gradient(factory, case, dtype)?;
     fused_ops_match_composed(factory, case, dtype)?;
     failure_leaves_state(factory, case, dtype)?;
-    store_panic_leaves_state(factory, case, dtype)
+    store_panic_leaves_state(factory, case, dtype)?;
+    split_step_matches_step(factory, case, dtype)
 }
 
 /// The store's gradients as the host sees them (for tests of backends).

@@ -12,7 +12,7 @@
     clippy::identity_op
 )]
 
-use amp_core::{AmpConfig, RestoreMode, SgdConfig};
+use amp_core::{AdamConfig, AmpConfig, RestoreMode, SgdConfig};
 
 use crate::Objective;
 
@@ -64,6 +64,33 @@ pub struct State {
     pub params: Vec<Vec<f64>>,
     /// The momentum buffers (`None` before a tensor's first step).
     pub momentum: Vec<Option<Vec<f64>>>,
+    /// Adam's first moments (`None` before a tensor's first step).
+    pub exp_avg: Vec<Option<Vec<f64>>>,
+    /// Adam's second moments.
+    pub exp_avg_sq: Vec<Option<Vec<f64>>>,
+    /// AMSGrad's running maximum of the second moments.
+    pub max_exp_avg_sq: Vec<Option<Vec<f64>>>,
+    /// Adam's per-tensor step counts.
+    pub adam_steps: Vec<u64>,
+    /// Steps taken.
+    pub steps_taken: u64,
+}
+
+impl State {
+    /// The state before the first step: weights `params`, no optimiser
+    /// state.
+    pub fn new(params: Vec<Vec<f64>>) -> Self {
+        let n = params.len();
+        State {
+            params,
+            momentum: vec![None; n],
+            exp_avg: vec![None; n],
+            exp_avg_sq: vec![None; n],
+            max_exp_avg_sq: vec![None; n],
+            adam_steps: vec![0; n],
+            steps_taken: 0,
+        }
+    }
 }
 
 /// What one reference step reports.
@@ -79,12 +106,14 @@ pub struct Report {
     pub calls: usize,
 }
 
-/// One AMP step followed by one SGD step, exactly as specified.
+/// One AMP step followed by one step of the base optimiser (SGD, or Adam
+/// when `adam` is given), exactly as specified.
 pub fn step(
     state: &mut State,
     objective: &Objective,
     config: &AmpConfig,
     sgd: &SgdConfig,
+    adam: Option<&AdamConfig>,
 ) -> Report {
     let n = state.params.len();
     let hyper = PerTensor::resolve(config, n);
@@ -100,8 +129,12 @@ pub fn step(
         calls: 1,
     };
 
-    // 2.–3. Inner loop.
-    let k_max = config.inner_iter;
+    // 2.–3. Inner loop, on the steps the recipes (start_step, interval)
+    // perturb.
+    let taken = state.steps_taken;
+    state.steps_taken += 1;
+    let perturb = taken >= config.start_step && (taken - config.start_step) % config.interval == 0;
+    let k_max = if perturb { config.inner_iter } else { 0 };
     let mut delta: Vec<Vec<f64>> = state.params.iter().map(|p| vec![0.0; p.len()]).collect();
     for k in 1..=k_max {
         for i in 0..n {
@@ -155,7 +188,12 @@ pub fn step(
         }
     }
 
-    // 5. SGD with PyTorch semantics.
+    // 5. The base step.
+    if let Some(adam) = adam {
+        adam_step(state, &grads, &active, &hyper, adam);
+        return report;
+    }
+    // SGD with PyTorch semantics.
     for i in 0..n {
         if !active[i] {
             continue;
@@ -192,4 +230,68 @@ pub fn step(
         }
     }
     report
+}
+
+/// Adam / AdamW with PyTorch's semantics, element by element, in the order
+/// of libtorch's C++ implementation.
+fn adam_step(
+    state: &mut State,
+    grads: &[Option<Vec<f64>>],
+    active: &[bool],
+    hyper: &PerTensor,
+    adam: &AdamConfig,
+) {
+    for i in 0..state.params.len() {
+        if !active[i] {
+            continue;
+        }
+        let mut g = grads[i].clone().expect("active tensors keep a gradient");
+        let len = g.len();
+        let (lr, wd) = (hyper.lr[i], hyper.weight_decay[i]);
+        let p = &mut state.params[i];
+        if wd != 0.0 {
+            if adam.decoupled_weight_decay {
+                let shrink = 1.0 - lr * wd;
+                for x in p.iter_mut() {
+                    *x = *x * shrink;
+                }
+            } else {
+                for j in 0..len {
+                    g[j] = g[j] + wd * p[j];
+                }
+            }
+        }
+        let m = state.exp_avg[i].get_or_insert_with(|| vec![0.0; len]);
+        for j in 0..len {
+            m[j] = m[j] * adam.beta1;
+            m[j] = m[j] + (1.0 - adam.beta1) * g[j];
+        }
+        let v = state.exp_avg_sq[i].get_or_insert_with(|| vec![0.0; len]);
+        for j in 0..len {
+            v[j] = v[j] * adam.beta2;
+            v[j] = v[j] + (1.0 - adam.beta2) * g[j] * g[j];
+        }
+        let mut den = v.clone();
+        if adam.amsgrad {
+            let max = state.max_exp_avg_sq[i].get_or_insert_with(|| vec![0.0; len]);
+            for j in 0..len {
+                max[j] = if max[j].is_nan() || v[j].is_nan() {
+                    f64::NAN
+                } else if max[j] < v[j] {
+                    v[j]
+                } else {
+                    max[j]
+                };
+            }
+            den.clone_from(max);
+        }
+        state.adam_steps[i] += 1;
+        let t = state.adam_steps[i] as f64;
+        let step_size = lr / (1.0 - adam.beta1.powf(t));
+        let correction2 = (1.0 - adam.beta2.powf(t)).sqrt();
+        let m = state.exp_avg[i].as_ref().expect("set above");
+        for j in 0..len {
+            p[j] = p[j] + (-step_size) * m[j] / (den[j].sqrt() / correction2 + adam.eps);
+        }
+    }
 }

@@ -1,10 +1,10 @@
 //! proptest generators of [`Case`]s: random tensor counts and shapes (0-d
 //! scalars, empty tensors, single elements, long vectors, 4-d conv kernels),
 //! values of tiny, unit and large magnitude, random hyper-parameters
-//! (ε = 0 included, K from 0 to 3), parameter groups, frozen tensors and
-//! multi-step runs.
+//! (ε = 0 included, K from 0 to 3), SGD or Adam as the base, parameter
+//! groups, frozen tensors and multi-step runs.
 
-use amp_core::{AmpConfig, DType, HostTensor, ParamGroup, RestoreMode, SgdConfig};
+use amp_core::{AdamConfig, AmpConfig, DType, HostTensor, ParamGroup, RestoreMode, SgdConfig};
 use proptest::prelude::*;
 
 use crate::{Case, Objective};
@@ -63,6 +63,28 @@ pub fn sgd() -> impl Strategy<Value = SgdConfig> {
     ]
 }
 
+/// The base optimiser: SGD (`None`, two cases in three) or one of Adam,
+/// AdamW, AMSGrad and Adam with other betas and eps.
+pub fn adam() -> impl Strategy<Value = Option<AdamConfig>> {
+    prop_oneof![
+        6 => Just(None),
+        1 => Just(Some(AdamConfig::adam())),
+        1 => Just(Some(AdamConfig::adamw())),
+        1 => Just(Some(AdamConfig::adamw().amsgrad(true))),
+        1 => Just(Some(AdamConfig::adam().betas(0.5, 0.9).eps(1e-6))),
+    ]
+}
+
+/// The cost-cutting recipes `(interval, start_step)`: mostly off (perturb
+/// every step), else perturbing every second or third step, or from step 1
+/// or 2 on.
+pub fn recipes() -> impl Strategy<Value = (u64, u64)> {
+    prop_oneof![
+        4 => Just((1, 0)),
+        1 => (2u64..=3, 0u64..=2),
+    ]
+}
+
 /// ε, including 0 and radii that always or never clip.
 pub fn epsilon() -> impl Strategy<Value = f64> {
     prop_oneof![
@@ -92,8 +114,11 @@ pub fn case(max_tensors: usize, max_steps: usize) -> impl Strategy<Value = Case>
         prop_oneof![Just(0.0), Just(0.5)],
         (0.0f64..0.3, epsilon(), 0.0f64..2.0, 0usize..=3),
         prop_oneof![Just(0.0), Just(1e-4), Just(1e-2)],
-        prop_oneof![Just(RestoreMode::Copy), Just(RestoreMode::Subtract)],
-        sgd(),
+        (
+            prop_oneof![Just(RestoreMode::Copy), Just(RestoreMode::Subtract)],
+            recipes(),
+        ),
+        (sgd(), adam()),
         1..=max_steps.max(1),
         (
             proptest::bool::ANY,
@@ -109,8 +134,8 @@ pub fn case(max_tensors: usize, max_steps: usize) -> impl Strategy<Value = Case>
                 coupling,
                 (lr, epsilon, inner_lr, inner_iter),
                 weight_decay,
-                restore,
-                sgd,
+                (restore, (interval, start_step)),
+                (sgd, adam),
                 steps,
                 (use_groups, membership, g0, g1),
             )| {
@@ -142,7 +167,9 @@ pub fn case(max_tensors: usize, max_steps: usize) -> impl Strategy<Value = Case>
                     .inner_lr(inner_lr)
                     .inner_iter(inner_iter)
                     .weight_decay(weight_decay)
-                    .restore(restore);
+                    .restore(restore)
+                    .interval(interval)
+                    .start_step(start_step);
                 if use_groups && n >= 2 {
                     let mut members = [Vec::new(), Vec::new()];
                     for (i, &second) in membership[..n].iter().enumerate() {
@@ -173,6 +200,7 @@ pub fn case(max_tensors: usize, max_steps: usize) -> impl Strategy<Value = Case>
                     objective,
                     config,
                     sgd,
+                    adam,
                     steps,
                 }
             },

@@ -1,111 +1,23 @@
 //! [`Amp`]: the adversarial-model-perturbation step, written once over
 //! [`ParamStore`] and [`BaseOptimizer`].
 
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+mod groups;
+mod mode;
+mod split;
+mod step;
 
 use num_traits::One;
 
-use crate::config::{check_hyper_in, AmpConfig, NonFinitePolicy, ParamGroup, RestoreMode};
+use crate::adam::{Adam, AdamConfig};
+use crate::config::{check_hyper_in, AmpConfig, EpsilonSchedule};
 use crate::error::{AmpError, Result};
-use crate::grad_fn::{GradFn, Pass};
-use crate::optimizer::{BaseOptimizer, Sgd, SgdConfig, StepContext};
-use crate::report::StepReport;
+use crate::optimizer::{BaseOptimizer, Sgd, SgdConfig};
 use crate::state::{AmpState, BaseState, GroupState, StateOptions};
-use crate::store::{check_len, BufferId, ParamStore, Scalar, Slot, PROJECTION_GUARD};
+use crate::store::{ParamStore, Scalar};
 
-/// How a step perturbs the weights and brings θ back, decided from the
-/// configuration when the optimiser is built (its buffers with it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    /// `inner_iter = 0`: one base step with the clean gradient.
-    Erm,
-    /// Copy-restore with one inner iteration: the snapshot is taken and
-    /// θ + δ formed by one fused store operation; δ is never stored.
-    FusedCopy { snapshot: BufferId },
-    /// Copy-restore with several inner iterations: δ is kept across them.
-    Copy { snapshot: BufferId, delta: BufferId },
-    /// Subtract-restore: θ + δ − δ.
-    Subtract { delta: BufferId },
-}
-
-impl Mode {
-    fn build<S: ParamStore>(store: &mut S, config: &AmpConfig) -> Result<Self> {
-        if config.inner_iter == 0 {
-            return Ok(Mode::Erm);
-        }
-        match (config.restore, config.inner_iter) {
-            (RestoreMode::Copy, 1) => Ok(Mode::FusedCopy {
-                snapshot: store.alloc_buffer()?,
-            }),
-            (RestoreMode::Copy, _) => {
-                let snapshot = store.alloc_buffer()?;
-                match store.alloc_buffer() {
-                    Ok(delta) => Ok(Mode::Copy { snapshot, delta }),
-                    Err(error) => {
-                        let _ = store.free_buffer(snapshot);
-                        Err(error)
-                    }
-                }
-            }
-            (RestoreMode::Subtract, _) => Ok(Mode::Subtract {
-                delta: store.alloc_buffer()?,
-            }),
-        }
-    }
-
-    fn buffers(self) -> Vec<BufferId> {
-        match self {
-            Mode::Erm => vec![],
-            Mode::FusedCopy { snapshot } => vec![snapshot],
-            Mode::Copy { snapshot, delta } => vec![snapshot, delta],
-            Mode::Subtract { delta } => vec![delta],
-        }
-    }
-
-    fn snapshot(self) -> Option<Slot> {
-        match self {
-            Mode::FusedCopy { snapshot } | Mode::Copy { snapshot, .. } => {
-                Some(Slot::Buffer(snapshot))
-            }
-            Mode::Erm | Mode::Subtract { .. } => None,
-        }
-    }
-
-    /// δ when it is kept in a buffer of its own.
-    fn delta(self) -> Option<Slot> {
-        match self {
-            Mode::Copy { delta, .. } | Mode::Subtract { delta } => Some(Slot::Buffer(delta)),
-            Mode::Erm | Mode::FusedCopy { .. } => None,
-        }
-    }
-}
-
-/// How far a step has come, kept outside the code that may fail or panic so
-/// that θ can be brought back afterwards.
-#[derive(Debug, Default)]
-struct Progress {
-    /// The tensors the step works on (those with a clean gradient).
-    active: Vec<bool>,
-    /// `true` while the parameters may hold something other than θ that
-    /// the mode can undo: θ + δ, or (copy modes) a base update in progress.
-    moved: bool,
-}
-
-/// A failed step: the error, and the report when the clean pass got that
-/// far (a skipped step returns it).
-struct Failure<O> {
-    error: AmpError,
-    report: Option<Box<StepReport<O>>>,
-}
-
-impl<O> From<AmpError> for Failure<O> {
-    fn from(error: AmpError) -> Self {
-        Failure {
-            error,
-            report: None,
-        }
-    }
-}
+use self::groups::resolve_groups;
+use self::mode::Mode;
+pub use self::split::{External, Perturbed};
 
 /// Adversarial Model Perturbation (Zheng, Zhang & Mao, CVPR 2021).
 ///
@@ -141,8 +53,9 @@ impl<O> From<AmpError> for Failure<O> {
 /// [`RestoreMode::Copy`], within a few ulps with [`RestoreMode::Subtract`].
 /// A panic is caught, θ is brought back, and the panic resumes. (Inside the
 /// base optimiser's own update, θ comes back from the snapshot in copy mode;
-/// with subtract-restore or `inner_iter = 0` there is no copy of θ to bring
-/// back, so a panic there leaves the update part-way.)
+/// with subtract-restore, `inner_iter = 0` or a plain step of the recipes
+/// ([`AmpConfig::interval`], [`AmpConfig::start_step`]) there is no copy of
+/// θ to bring back, so a panic there leaves the update part-way.)
 ///
 /// Hyper-parameters are validated against the store's scalar type (an `lr`
 /// that overflows `f32` is refused). The weights a successful step writes
@@ -212,6 +125,9 @@ pub struct Amp<S: ParamStore, O: BaseOptimizer<S> = Sgd> {
     weight_decay: Vec<S::Scalar>,
     ones: Vec<S::Scalar>,
     neg_ones: Vec<S::Scalar>,
+    /// Per group: the learning rate it was configured with (what
+    /// [`EpsilonSchedule::FollowLr`] divides by).
+    configured_lr: Vec<f64>,
     steps: u64,
     skipped_steps: u64,
 }
@@ -220,6 +136,15 @@ impl<S: ParamStore> Amp<S, Sgd> {
     /// AMP over SGD with PyTorch semantics: the paper's setting.
     pub fn sgd(store: S, config: AmpConfig, sgd: SgdConfig) -> Result<Self> {
         Amp::new(store, config, Sgd::new(sgd)?)
+    }
+}
+
+impl<S: ParamStore> Amp<S, Adam> {
+    /// AMP over Adam or AdamW with PyTorch semantics
+    /// ([`AdamConfig::adam`], [`AdamConfig::adamw`]); the weight decay is
+    /// [`AmpConfig::weight_decay`] (and the groups').
+    pub fn adam(store: S, config: AmpConfig, adam: AdamConfig) -> Result<Self> {
+        Amp::new(store, config, Adam::new(adam)?)
     }
 }
 
@@ -236,6 +161,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         }
         let groups = resolve_groups(&config, n)?;
         let mode = Mode::build(&mut store, &config)?;
+        let configured_lr: Vec<f64> = groups.iter().map(|g| g.lr).collect();
         for buffer in mode.buffers() {
             store.pin_buffer(buffer, true)?;
         }
@@ -251,6 +177,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             weight_decay: Vec::new(),
             ones: vec![S::Scalar::one(); n],
             neg_ones: vec![-S::Scalar::one(); n],
+            configured_lr,
             steps: 0,
             skipped_steps: 0,
         };
@@ -270,7 +197,16 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             out
         };
         self.lr = spread(|g| g.lr);
-        self.epsilon = spread(|g| g.epsilon);
+        self.epsilon = vec![S::Scalar::from_f64_rounded(0.0); n];
+        for (group, &configured) in self.groups.iter().zip(&self.configured_lr) {
+            let epsilon = match self.config.epsilon_schedule {
+                EpsilonSchedule::Constant => group.epsilon,
+                EpsilonSchedule::FollowLr => group.epsilon * (group.lr / configured),
+            };
+            for &i in &group.tensors {
+                self.epsilon[i] = S::Scalar::from_f64_rounded(epsilon);
+            }
+        }
         self.inner_lr = spread(|g| g.inner_lr);
         self.weight_decay = spread(|g| g.weight_decay);
     }
@@ -470,336 +406,4 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
     pub fn validate_state(&self, state: &AmpState, options: &StateOptions) -> Result<()> {
         crate::state_check::check(self, state, options)
     }
-
-    /// One AMP step with a closure `|store, pass| -> Result<(output, loss), E>`.
-    /// See [`Amp`] for the algorithm and [`GradFn`] for the contract.
-    pub fn step<F, Out, E>(&mut self, mut closure: F) -> Result<StepReport<Out>>
-    where
-        F: FnMut(&mut S, Pass) -> std::result::Result<(Out, f64), E>,
-        E: Into<crate::error::BoxError>,
-    {
-        self.step_with(&mut closure)
-    }
-
-    /// One AMP step with any [`GradFn`].
-    pub fn step_with<G: GradFn<S>>(&mut self, grad_fn: &mut G) -> Result<StepReport<G::Output>> {
-        // Either counter may be the one this step increments.
-        if self.steps == u64::MAX {
-            return Err(AmpError::CounterOverflow("steps"));
-        }
-        if self.skipped_steps == u64::MAX {
-            return Err(AmpError::CounterOverflow("skipped_steps"));
-        }
-        let mut progress = Progress::default();
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.run(grad_fn, &mut progress)));
-        let failure = match outcome {
-            Ok(Ok(report)) => {
-                self.steps += 1;
-                return Ok(report);
-            }
-            Ok(Err(failure)) => failure,
-            Err(panic) => {
-                // θ back before the panic goes on; a second panic while
-                // restoring must not abort the process.
-                let _ = catch_unwind(AssertUnwindSafe(|| self.restore(&progress)));
-                resume_unwind(panic);
-            }
-        };
-        // A failure to restore is reported over the error that caused it:
-        // the weights are then not θ and the caller must know.
-        self.restore(&progress)?;
-        match (failure.error, failure.report) {
-            (
-                error @ (AmpError::NonFiniteLoss { .. } | AmpError::NonFiniteGradient { .. }),
-                Some(mut report),
-            ) if self.config.non_finite == NonFinitePolicy::Skip => {
-                self.skipped_steps += 1;
-                report.skipped = Some(error);
-                Ok(*report)
-            }
-            (error, _) => Err(error),
-        }
-    }
-
-    /// Brings θ back after a failed or panicked step, as far as the mode
-    /// allows (see [`Amp`]).
-    fn restore(&mut self, progress: &Progress) -> Result<()> {
-        if !progress.moved {
-            return Ok(());
-        }
-        match self.mode {
-            Mode::FusedCopy { snapshot } | Mode::Copy { snapshot, .. } => {
-                self.store
-                    .copy(Slot::Params, Slot::Buffer(snapshot), &progress.active)
-            }
-            Mode::Subtract { delta } => self.store.axpy(
-                Slot::Params,
-                &self.neg_ones,
-                Slot::Buffer(delta),
-                &progress.active,
-            ),
-            Mode::Erm => Ok(()),
-        }
-    }
-
-    /// The step proper; it leaves restoring θ to [`Amp::step_with`].
-    fn run<G: GradFn<S>>(
-        &mut self,
-        grad_fn: &mut G,
-        progress: &mut Progress,
-    ) -> std::result::Result<StepReport<G::Output>, Failure<G::Output>> {
-        self.store.zero_grads()?;
-        self.store.prepare_pass(Pass::Clean)?;
-        let (output, loss) = grad_fn
-            .evaluate(&mut self.store, Pass::Clean)
-            .map_err(|source| AmpError::Closure {
-                pass: Pass::Clean,
-                source,
-            })?;
-        let mut report = StepReport {
-            output,
-            loss,
-            perturbed_losses: Vec::new(),
-            perturbation_norms: vec![0.0; self.store.num_tensors()],
-            clipped: 0,
-            closure_calls: 1,
-            skipped: None,
-        };
-        match self.finish(grad_fn, progress, &mut report) {
-            Ok(()) => Ok(report),
-            Err(error) => Err(Failure {
-                error,
-                report: Some(Box::new(report)),
-            }),
-        }
-    }
-
-    /// Everything after the clean closure call.
-    fn finish<G: GradFn<S>>(
-        &mut self,
-        grad_fn: &mut G,
-        progress: &mut Progress,
-        report: &mut StepReport<G::Output>,
-    ) -> Result<()> {
-        check_loss(Pass::Clean, report.loss)?;
-        let active = self.store.grad_mask()?;
-        if active.len() != self.store.num_tensors() {
-            return Err(AmpError::contract(format!(
-                "grad_mask returned {} entries for {} tensors",
-                active.len(),
-                self.store.num_tensors()
-            )));
-        }
-        if !active.iter().any(|&a| a) {
-            return Err(AmpError::NoGradient);
-        }
-        self.check_gradients(Pass::Clean, &active)?;
-        progress.active = active.clone();
-
-        if self.mode != Mode::Erm {
-            self.inner_loop(grad_fn, &active, progress, report)?;
-        }
-        let ctx = StepContext {
-            lr: &self.lr,
-            weight_decay: &self.weight_decay,
-            mask: &active,
-            step: self.steps,
-        };
-        match self.mode {
-            // With copy-restore the base step reads θ from the snapshot and
-            // writes over θ + δ: restoring costs no pass of its own, and on
-            // failure θ comes back from the snapshot (`progress.moved`).
-            Mode::FusedCopy { snapshot } | Mode::Copy { snapshot, .. } => {
-                self.base
-                    .step_from(&mut self.store, &ctx, Slot::Buffer(snapshot))
-            }
-            Mode::Subtract { delta } => {
-                self.store
-                    .axpy(Slot::Params, &self.neg_ones, Slot::Buffer(delta), &active)?;
-                progress.moved = false;
-                self.base.step(&mut self.store, &ctx)
-            }
-            Mode::Erm => self.base.step(&mut self.store, &ctx),
-        }
-    }
-
-    /// Checks a gradient mask against the clean pass's and the gradients for
-    /// finiteness.
-    fn check_gradients(&mut self, pass: Pass, active: &[bool]) -> Result<()> {
-        if pass.is_perturbed() {
-            let mask = self.store.grad_mask()?;
-            check_len("gradient mask", active.len(), mask.len())?;
-            if let Some(index) = (0..active.len()).find(|&i| active[i] && !mask[i]) {
-                return Err(AmpError::MissingGradient { pass, index });
-            }
-        }
-        if self.store.all_finite(Slot::Grads, active)? {
-            Ok(())
-        } else {
-            Err(AmpError::NonFiniteGradient { pass })
-        }
-    }
-
-    /// Steps 2–3: the inner loop. On success θ + δ_K is in the parameters.
-    fn inner_loop<G: GradFn<S>>(
-        &mut self,
-        grad_fn: &mut G,
-        active: &[bool],
-        progress: &mut Progress,
-        report: &mut StepReport<G::Output>,
-    ) -> Result<()> {
-        let inner_iter = self.config.inner_iter;
-        let (snapshot, delta) = (self.mode.snapshot(), self.mode.delta());
-        let mut last_norms = None;
-        for k in 1..=inner_iter {
-            let pass = Pass::Perturbed { k, of: inner_iter };
-            if k == 1 {
-                // δ = clip(ζ·g) from δ = 0, the snapshot of θ and θ ← θ + δ
-                // in one fused store operation; θ is untouched if it fails.
-                let norms = self.store.perturb_from_grads(
-                    snapshot,
-                    delta,
-                    &self.inner_lr,
-                    &self.epsilon,
-                    active,
-                )?;
-                progress.moved = true;
-                last_norms = Some(norms);
-            } else {
-                let Some(delta) = delta else {
-                    // `Mode::build` gives every mode with K ≥ 2 a δ buffer.
-                    return Err(AmpError::contract("no δ buffer for inner_iter ≥ 2"));
-                };
-                if snapshot.is_none() {
-                    // Subtract mode: step back from θ + δ_{k−1} before δ changes.
-                    self.store
-                        .axpy(Slot::Params, &self.neg_ones, delta, active)?;
-                    progress.moved = false;
-                }
-                // Ascent δ ← δ + ζ·g, then the projection onto each tensor's
-                // ε-ball.
-                self.store
-                    .axpy(delta, &self.inner_lr, Slot::Grads, active)?;
-                let norms = self.store.norms(delta, active)?;
-                self.store
-                    .clip_to_norms(delta, &norms, &self.epsilon, active)?;
-                // Weights to θ + δ.
-                if let Some(snapshot) = snapshot {
-                    self.store.copy(Slot::Params, snapshot, active)?;
-                }
-                self.store.axpy(Slot::Params, &self.ones, delta, active)?;
-                progress.moved = true;
-                last_norms = Some(norms);
-            }
-
-            self.store.zero_grads()?;
-            self.store.prepare_pass(pass)?;
-            report.closure_calls += 1;
-            let (_, loss) = grad_fn
-                .evaluate(&mut self.store, pass)
-                .map_err(|source| AmpError::Closure { pass, source })?;
-            report.perturbed_losses.push(loss);
-            check_loss(pass, loss)?;
-            self.check_gradients(pass, active)?;
-        }
-        if let Some(norms) = last_norms {
-            let norms = self.store.norms_to_host(&norms)?;
-            check_len("norms", active.len(), norms.len())?;
-            report.clipped = 0;
-            for (i, &norm) in norms.iter().enumerate() {
-                if !active[i] {
-                    continue;
-                }
-                let epsilon = self.epsilon[i].widen();
-                let coefficient = (epsilon / (norm + PROJECTION_GUARD)).min(1.0);
-                if coefficient < 1.0 {
-                    report.clipped += 1;
-                }
-                report.perturbation_norms[i] = norm * coefficient;
-            }
-        }
-        Ok(())
-    }
-}
-
-fn check_loss(pass: Pass, value: f64) -> Result<()> {
-    if value.is_finite() {
-        Ok(())
-    } else {
-        Err(AmpError::NonFiniteLoss { pass, value })
-    }
-}
-
-fn resolve_groups(config: &AmpConfig, n: usize) -> Result<Vec<GroupState>> {
-    let inherit = |tensors: Vec<usize>, g: Option<&ParamGroup>| GroupState {
-        tensors,
-        lr: g.and_then(|g| g.lr).unwrap_or(config.lr),
-        epsilon: g.and_then(|g| g.epsilon).unwrap_or(config.epsilon),
-        inner_lr: g.and_then(|g| g.inner_lr).unwrap_or(config.inner_lr),
-        weight_decay: g
-            .and_then(|g| g.weight_decay)
-            .unwrap_or(config.weight_decay),
-    };
-    if config.groups.is_empty() {
-        return Ok(vec![inherit((0..n).collect(), None)]);
-    }
-    let mut owner = vec![None; n];
-    let mut rest = None;
-    for (g, group) in config.groups.iter().enumerate() {
-        if group.rest {
-            if let Some(other) = rest.replace(g) {
-                return Err(AmpError::config(
-                    "groups",
-                    format!("groups {other} and {g} are both the rest"),
-                ));
-            }
-        } else if group.tensors.is_empty() {
-            return Err(AmpError::config(
-                "groups",
-                format!("group {g} holds no tensor"),
-            ));
-        }
-        for &i in &group.tensors {
-            let slot = owner.get_mut(i).ok_or_else(|| {
-                AmpError::config(
-                    "groups",
-                    format!("group {g} names tensor {i}, but the store holds {n} tensors"),
-                )
-            })?;
-            if let Some(other) = *slot {
-                return Err(AmpError::config(
-                    "groups",
-                    format!("tensor {i} is in group {other} and in group {g}"),
-                ));
-            }
-            *slot = Some(g);
-        }
-    }
-    let unlisted: Vec<usize> = (0..n).filter(|&i| owner[i].is_none()).collect();
-    match (rest, unlisted.first()) {
-        (None, Some(i)) => {
-            return Err(AmpError::config(
-                "groups",
-                format!("tensor {i} is in no group"),
-            ))
-        }
-        (Some(g), None) if config.groups[g].tensors.is_empty() => {
-            return Err(AmpError::config(
-                "groups",
-                format!("group {g} is the rest, but every tensor is in another group"),
-            ))
-        }
-        _ => {}
-    }
-    Ok(config
-        .groups
-        .iter()
-        .map(|g| {
-            let mut tensors = g.tensors.clone();
-            if g.rest {
-                tensors.extend(&unlisted);
-            }
-            inherit(tensors, Some(g))
-        })
-        .collect())
 }

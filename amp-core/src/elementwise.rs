@@ -1,0 +1,61 @@
+//! The element formulas of the operations that Adam-type optimisers need
+//! ([`ParamStore::addcmul`](crate::ParamStore::addcmul),
+//! [`ParamStore::addcdiv_sqrt`](crate::ParamStore::addcdiv_sqrt),
+//! [`ParamStore::maximum`](crate::ParamStore::maximum)), written once.
+//!
+//! Each is evaluated in the order written, one rounding per operation, as
+//! ATen's CPU kernels evaluate `addcmul_`, `addcdiv_` and `maximum`. A
+//! backend that runs them its own way (a tensor library's kernels) must give
+//! the same bits for `f32` and `f64`; the conformance suite checks it
+//! against the host default in [`composed`](crate::composed), which calls
+//! these functions.
+
+use num_traits::Float;
+
+/// `d + (alpha · a) · b`.
+#[inline]
+pub fn addcmul<T: Float>(d: T, alpha: T, a: T, b: T) -> T {
+    d + alpha * a * b
+}
+
+/// `d + (alpha · num) / (√den / divisor + eps)`: Adam's update with its
+/// denominator.
+#[inline]
+pub fn addcdiv_sqrt<T: Float>(d: T, alpha: T, num: T, den: T, divisor: T, eps: T) -> T {
+    d + alpha * num / (den.sqrt() / divisor + eps)
+}
+
+/// `max(a, b)`, NaN if either is NaN (as `torch.maximum`); of two equal
+/// values (`-0` and `+0`) the first.
+#[inline]
+pub fn maximum<T: Float>(a: T, b: T) -> T {
+    if a.is_nan() || b.is_nan() {
+        T::nan()
+    } else if a < b {
+        b
+    } else {
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maximum_propagates_nan_and_keeps_the_first_of_equal_zeros() {
+        assert!(maximum(f64::NAN, 1.0).is_nan());
+        assert!(maximum(1.0, f64::NAN).is_nan());
+        assert_eq!(maximum(-0.0f64, 0.0).to_bits(), (-0.0f64).to_bits());
+        assert_eq!(maximum(1.0f32, 2.0), 2.0);
+    }
+
+    #[test]
+    fn formulas_round_in_the_order_written() {
+        // (alpha · a) · b in f32 differs from alpha · (a · b) here.
+        let (alpha, a, b) = (0.1f32, 3.0e-3f32, 7.0f32);
+        assert_eq!(addcmul(0.0, alpha, a, b), (alpha * a) * b);
+        let got = addcdiv_sqrt(1.0f64, -0.5, 2.0, 16.0, 2.0, 1e-8);
+        assert_eq!(got, 1.0 + (-0.5 * 2.0) / (4.0 / 2.0 + 1e-8));
+    }
+}
