@@ -7,9 +7,10 @@
 //! this file by path).
 #![allow(dead_code)]
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use amp::{Amp, AmpConfig, BoxError, ParamStore, Pass, Sgd, SgdConfig};
+use amp::{Adam, AdamConfig, Amp, AmpConfig, BaseOptimizer, BoxError, ParamStore, Pass, Sgd, SgdConfig};
 
 use crate::metered::Metered;
 
@@ -45,25 +46,65 @@ impl Timing {
     }
 }
 
-/// The settings every timed run shares: SGD with Nesterov momentum 0.9, no
-/// weight decay, ζ = 1, copy-restore; `inner_iter` 0 is ERM, 1 is AMP.
+/// What a whole run of the report times: the base optimiser of every
+/// trainer and the AMP trainers' `interval`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Settings {
+    /// `None`: SGD with Nesterov momentum 0.9; `Some`: Adam or AdamW.
+    pub adam: Option<AdamConfig>,
+    /// Perturb every `interval`-th step (1: every step).
+    pub interval: u64,
+}
+
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+
+/// Sets the run's [`Settings`], once, before any trainer is built.
+pub fn configure(settings: Settings) {
+    let _ = SETTINGS.set(settings);
+}
+
+/// The run's [`Settings`].
+pub fn current_settings() -> Settings {
+    settings()
+}
+
+fn settings() -> Settings {
+    SETTINGS.get().copied().unwrap_or(Settings {
+        adam: None,
+        interval: 1,
+    })
+}
+
+/// The settings every timed run shares: no weight decay, ζ = 1,
+/// copy-restore, the run's `interval`; `inner_iter` 0 is ERM, 1 is AMP.
 pub fn amp_config(inner_iter: usize, lr: f64, epsilon: f64) -> AmpConfig {
     AmpConfig::new(lr, epsilon)
         .inner_lr(1.0)
         .inner_iter(inner_iter)
         .weight_decay(0.0)
+        .interval(settings().interval)
+}
+
+/// The run's base optimiser: SGD with Nesterov momentum 0.9, or the Adam
+/// of [`Settings`].
+fn base<S: ParamStore>() -> Result<Box<dyn BaseOptimizer<S>>, BoxError> {
+    Ok(match settings().adam {
+        None => Box::new(Sgd::new(SgdConfig::nesterov(0.9))?),
+        Some(adam) => Box::new(Adam::new(adam)?),
+    })
 }
 
 /// An optimiser with its closure.
 pub struct Trainer<S: ParamStore> {
     /// The optimiser (ERM when `inner_iter` is 0).
-    pub amp: Amp<S, Sgd>,
+    pub amp: Amp<S, Box<dyn BaseOptimizer<S>>>,
     closure: Closure<S>,
     sync: SyncFn<S>,
 }
 
 impl<S: ParamStore> Trainer<S> {
-    /// Builds the optimiser over `store` with `config` and SGD-Nesterov 0.9.
+    /// Builds the optimiser over `store` with `config` and the run's base
+    /// optimiser.
     pub fn new(
         store: S,
         config: AmpConfig,
@@ -71,7 +112,7 @@ impl<S: ParamStore> Trainer<S> {
         sync: SyncFn<S>,
     ) -> Result<Self, BoxError> {
         Ok(Trainer {
-            amp: Amp::sgd(store, config, SgdConfig::nesterov(0.9))?,
+            amp: Amp::new(store, config, base()?)?,
             closure,
             sync,
         })

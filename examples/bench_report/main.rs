@@ -17,7 +17,9 @@
 //! * **AMP/ERM step time** on three MLPs (64 inputs, 10 classes): 40 hidden
 //!   layers of width 32 at batch 16 (84 tensors), 4 × 512 at batch 128,
 //!   2 × 2048 at batch 256. ERM is `inner_iter = 0`, AMP `inner_iter = 1`,
-//!   both SGD with Nesterov momentum 0.9 and the very same closure. ERM and
+//!   both SGD with Nesterov momentum 0.9 (`--optimizer adam|adamw` for Adam
+//!   or AdamW) and the very same closure; `--interval k` makes the AMP
+//!   trainers perturb every k-th step only. ERM and
 //!   AMP blocks alternate (A B A B …) after a warm-up; the figure is the
 //!   median of the per-pair ratios.
 //! * **Optimizer-only throughput**: an AMP step (K = 1, copy-restore) over
@@ -75,6 +77,12 @@ struct Args {
     /// Interleaved rounds (default 11, 5 with --quick).
     #[arg(long)]
     rounds: Option<usize>,
+    /// Base optimiser of every trainer: sgd (Nesterov 0.9), adam or adamw.
+    #[arg(long, default_value = "sgd")]
+    optimizer: String,
+    /// The AMP trainers perturb every k-th step only (`AmpConfig::interval`).
+    #[arg(long, default_value_t = 1)]
+    interval: u64,
 }
 
 type MlpPair = (Box<dyn Steps>, Box<dyn Steps>);
@@ -159,6 +167,9 @@ struct SizeResult {
     bytes: u64,
     opt_secs: f64,
     fraction: Vec<f64>,
+    /// The base optimiser's step alone (`inner_iter = 0`), as a fraction of
+    /// the floor counting only the bytes it must move.
+    base_fraction: Vec<f64>,
     floor: Vec<f64>,
     floor_1t: Vec<f64>,
 }
@@ -204,9 +215,19 @@ fn run_size(backend: &Backend, n: usize, plan: &Plan) -> Result<(SizeResult, usi
         bytes,
         opt_secs: 0.0,
         fraction: Vec::new(),
+        base_fraction: Vec::new(),
         floor: Vec::new(),
         floor_1t: Vec::new(),
     };
+    // The base step alone: at 1e7 only (the figure the targets name).
+    let mut alone = if n == SIZES[3] {
+        let mut t = (backend.opt)(&[n], 0)?;
+        let per = warm_up(t.as_mut(), plan.warmup_secs)?;
+        Some((t, block_len(per, plan)))
+    } else {
+        None
+    };
+    let must = (must_move_passes() * 4 * n) as f64;
     let mut opt_secs = Vec::new();
     for _ in 0..plan.rounds {
         let (one, two) = floor.bandwidth(reps);
@@ -214,11 +235,26 @@ fn run_size(backend: &Backend, n: usize, plan: &Plan) -> Result<(SizeResult, usi
         let best = one.max(two);
         opt_secs.push(t);
         out.fraction.push(bytes as f64 / t / best);
+        if let Some((base, base_steps)) = alone.as_mut() {
+            let t = base.run(*base_steps)?.optimizer_per_step();
+            out.base_fraction.push(must / t / best);
+        }
         out.floor.push(best);
         out.floor_1t.push(one);
     }
     out.opt_secs = median(&opt_secs);
     Ok((out, opt.amp_buffers_held()))
+}
+
+/// Passes over parameter-sized f32 memory the base optimiser cannot avoid:
+/// SGD with Nesterov momentum reads θ, g and the momentum and writes θ and
+/// the momentum (5); Adam(W) reads θ, g, m and v and writes θ, m and v (7).
+fn must_move_passes() -> usize {
+    match fixtures::current_settings().adam {
+        None => 5,
+        Some(adam) if adam.amsgrad => 9,
+        Some(_) => 7,
+    }
 }
 
 fn run_counts(backend: &Backend, plan: &Plan) -> Result<CountTimes, BoxError> {
@@ -298,6 +334,19 @@ fn gbs(bytes_per_sec: f64) -> String {
 
 fn main() -> Result<(), BoxError> {
     let args = Args::parse();
+    let adam = match args.optimizer.as_str() {
+        "sgd" => None,
+        "adam" => Some(amp::AdamConfig::adam()),
+        "adamw" => Some(amp::AdamConfig::adamw()),
+        other => return Err(format!("--optimizer: expected sgd, adam or adamw, got {other}").into()),
+    };
+    if args.interval == 0 {
+        return Err("--interval must be at least 1".into());
+    }
+    fixtures::configure(fixtures::Settings {
+        adam,
+        interval: args.interval,
+    });
     let plan = if args.quick {
         Plan {
             block_secs: 0.03,
@@ -318,9 +367,11 @@ fn main() -> Result<(), BoxError> {
     let start_load = load();
     let started = std::time::Instant::now();
     eprintln!(
-        "bench_report: {} mode, backends {:?}, load {start_load}",
+        "bench_report: {} mode, backends {:?}, base {}, interval {}, load {start_load}",
         if args.quick { "quick" } else { "full" },
-        selected.iter().map(|b| b.name).collect::<Vec<_>>()
+        selected.iter().map(|b| b.name).collect::<Vec<_>>(),
+        args.optimizer,
+        args.interval
     );
 
     let mut results = Vec::new();
@@ -393,11 +444,14 @@ fn render(
     let _ = writeln!(
         out,
         "\nAMP (adversarial model perturbation) cost report — {} run, {} rounds of >= {:.2} s blocks \
-         (MLPs: {:.2} s), {cores} cores{extra}\nload average at start {start_load}, at end {}; run took {secs:.0} s\n",
+         (MLPs: {:.2} s), {cores} cores{extra}\nbase optimiser {}, AMP perturbs every {} step(s)\n\
+         load average at start {start_load}, at end {}; run took {secs:.0} s\n",
         if args.quick { "QUICK" } else { "full" },
         plan.rounds,
         plan.block_secs,
         4.0 * plan.block_secs,
+        if args.optimizer == "sgd" { "SGD (Nesterov 0.9)" } else { args.optimizer.as_str() },
+        args.interval,
         load()
     );
 
@@ -509,6 +563,31 @@ fn render(
             );
             out.push_str(&line);
         }
+        let mut line = format!(
+            "{:<46}",
+            format!("base step alone, 1e7 f32: fraction ({} passes)", must_move_passes())
+        );
+        for r in results {
+            let cell = match r.sizes.get(3) {
+                Some(Ok(s)) if !s.base_fraction.is_empty() => {
+                    let f = median(&s.base_fraction);
+                    let mark = if r.name == "ndarray" && args.optimizer != "sgd" {
+                        format!(" {}", verdict(f >= 0.5))
+                    } else {
+                        String::new()
+                    };
+                    format!("{f:.2}{mark}")
+                }
+                _ => "-".into(),
+            };
+            let _ = write!(line, "{cell:<width$}");
+        }
+        let _ = writeln!(
+            line,
+            "{}",
+            if args.optimizer == "sgd" { "" } else { "ndarray >= 0.50" }
+        );
+        out.push_str(&line);
         let mut line = format!("{:<46}", "  copy floor at 1e7: GB/s best (1 thread)");
         for r in results {
             let cell = match r.sizes.get(3) {

@@ -145,6 +145,36 @@ impl<S: ParamStore> ParamStore for Metered<S> {
     fn axpy(&mut self, dst: Slot, alpha: &[Self::Scalar], src: Slot, mask: &[bool]) -> Result<()> {
         self.record(2, 3, mask, |s| s.axpy(dst, alpha, src, mask))
     }
+    fn addcmul(
+        &mut self,
+        dst: Slot,
+        alpha: &[Self::Scalar],
+        a: Slot,
+        b: Slot,
+        mask: &[bool],
+    ) -> Result<()> {
+        // Reads dst, a and b (once when they are one slot), writes dst.
+        let passes = if a == b { 3 } else { 4 };
+        self.record(9, passes, mask, |s| s.addcmul(dst, alpha, a, b, mask))
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn addcdiv_sqrt(
+        &mut self,
+        dst: Slot,
+        alpha: &[Self::Scalar],
+        num: Slot,
+        den: Slot,
+        divisor: &[Self::Scalar],
+        eps: &[Self::Scalar],
+        mask: &[bool],
+    ) -> Result<()> {
+        self.record(9, 4, mask, |s| {
+            s.addcdiv_sqrt(dst, alpha, num, den, divisor, eps, mask)
+        })
+    }
+    fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
+        self.record(9, 3, mask, |s| s.maximum(dst, src, mask))
+    }
     fn axpy_from(
         &mut self,
         dst: Slot,

@@ -3,17 +3,17 @@
 //! the closure with `CandleStore::backward`.
 
 use amp::backend::candle::CandleStore;
-use amp::{Amp, BoxError, DType, HostTensor, ParamStore, Sgd};
+use amp::{Amp, BoxError, DType, HostTensor, ParamStore};
 use candle_core::{Device, Module, Tensor, D};
 use candle_nn::Linear;
 
 use crate::data::{Data, Split};
-use crate::model::{DeviceKind, Model, Setup, Which};
+use crate::model::{AmpOf, DeviceKind, Model, Setup, Which};
 
 /// An MLP (linear → ReLU → … → linear) trained by AMP over a `CandleStore`.
 /// Tensor `2l` is layer `l`'s weight `[out, in]`, tensor `2l + 1` its bias.
 pub struct CandleMlp {
-    amp: Amp<CandleStore, Sgd>,
+    amp: AmpOf<CandleStore>,
     layers: Vec<Linear>,
     device: Device,
     train_x: Tensor,
@@ -60,7 +60,7 @@ impl CandleMlp {
         let data: &Data = setup.data;
         let train_y: Vec<u32> = data.train.y.iter().map(|&y| y as u32).collect();
         Ok(CandleMlp {
-            amp: Amp::sgd(store, setup.amp, setup.sgd)?,
+            amp: Amp::new(store, setup.amp, setup.base.build()?)?,
             layers,
             train_x: features(&data.train, &device)?,
             train_y: Tensor::from_vec(train_y, data.train.len(), &device)?,
@@ -138,7 +138,7 @@ mod tests {
             data: &data,
             layers: init_layers(&sizes, 5),
             amp,
-            sgd: amp::SgdConfig::nesterov(0.9),
+            base: crate::model::Base::Sgd(amp::SgdConfig::nesterov(0.9)),
             clip_norm: Some(50.0),
             device: DeviceKind::Cpu,
         };

@@ -2,16 +2,16 @@
 //! and the backward pass is written by hand (ndarray has no autograd).
 
 use amp::backend::ndarray::NdStore;
-use amp::{Amp, AmpError, BoxError, ParamStore, Sgd};
+use amp::{Amp, AmpError, BoxError, ParamStore};
 use ndarray::{Array2, ArrayD, ArrayView2, Axis, Ix1, Ix2};
 
 use crate::data::Data;
-use crate::model::{Model, Setup, Which};
+use crate::model::{AmpOf, Model, Setup, Which};
 
 /// An MLP (linear → ReLU → … → linear) trained by AMP over `NdStore<f32>`.
 /// Tensor `2l` is layer `l`'s weight `[out, in]`, tensor `2l + 1` its bias.
 pub struct NdMlp<'a> {
-    amp: Amp<NdStore<f32>, Sgd>,
+    amp: AmpOf<NdStore<f32>>,
     data: &'a Data,
     clip_norm: Option<f64>,
 }
@@ -30,7 +30,7 @@ impl<'a> NdMlp<'a> {
             );
             params.push(ndarray::Array1::from(layer.bias.clone()).into_dyn());
         }
-        let amp = Amp::sgd(NdStore::new(params), setup.amp, setup.sgd)?;
+        let amp = Amp::new(NdStore::new(params), setup.amp, setup.base.build()?)?;
         Ok(NdMlp {
             amp,
             data: setup.data,

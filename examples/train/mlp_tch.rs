@@ -4,15 +4,15 @@
 
 use amp::backend::tch::tch::{self, Device, Kind, Tensor};
 use amp::backend::tch::TchStore;
-use amp::{Amp, AmpError, BoxError, DType, HostTensor, ParamStore, Sgd};
+use amp::{Amp, AmpError, BoxError, DType, HostTensor, ParamStore};
 
 use crate::data::Split;
-use crate::model::{DeviceKind, Model, Setup, Which};
+use crate::model::{AmpOf, DeviceKind, Model, Setup, Which};
 
 /// An MLP (linear → ReLU → … → linear) trained by AMP over a `TchStore`.
 /// Tensor `2l` is layer `l`'s weight `[out, in]`, tensor `2l + 1` its bias.
 pub struct TchMlp {
-    amp: Amp<TchStore, Sgd>,
+    amp: AmpOf<TchStore>,
     device: Device,
     train_x: Tensor,
     train_y: Tensor,
@@ -65,7 +65,7 @@ impl TchMlp {
         let data = setup.data;
         let train_y: Vec<i64> = data.train.y.iter().map(|&y| y as i64).collect();
         Ok(TchMlp {
-            amp: Amp::sgd(store, setup.amp, setup.sgd)?,
+            amp: Amp::new(store, setup.amp, setup.base.build()?)?,
             train_x: features(&data.train, device),
             train_y: Tensor::from_slice(&train_y).to_device(device),
             val_x: features(&data.val, device),

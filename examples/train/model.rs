@@ -3,7 +3,7 @@
 //! the settings of a run, and the small [`Model`] trait the training loop
 //! drives.
 
-use amp::{AmpConfig, BoxError, SgdConfig};
+use amp::{Adam, AdamConfig, AmpConfig, AmpError, BaseOptimizer, BoxError, ParamStore, Sgd, SgdConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -40,6 +40,29 @@ impl BackendKind {
         }
     }
 }
+
+/// The base optimiser of a run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Base {
+    /// SGD (the paper's: momentum, Nesterov).
+    Sgd(SgdConfig),
+    /// Adam or AdamW.
+    Adam(AdamConfig),
+}
+
+impl Base {
+    /// The optimiser, boxed, so that a backend's `Amp` type does not depend
+    /// on the choice.
+    pub fn build<S: ParamStore>(self) -> Result<Box<dyn BaseOptimizer<S>>, AmpError> {
+        Ok(match self {
+            Base::Sgd(sgd) => Box::new(Sgd::new(sgd)?),
+            Base::Adam(adam) => Box::new(Adam::new(adam)?),
+        })
+    }
+}
+
+/// `Amp` over a backend's store with the run's base optimiser.
+pub type AmpOf<S> = amp::Amp<S, Box<dyn BaseOptimizer<S>>>;
 
 /// Where the tensors live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -115,8 +138,8 @@ pub struct Setup<'a> {
     pub layers: Vec<HostLayer>,
     /// AMP's settings (`inner_iter = 0` for ERM).
     pub amp: AmpConfig,
-    /// The base optimiser's settings.
-    pub sgd: SgdConfig,
+    /// The base optimiser.
+    pub base: Base,
     /// Clip the global gradient norm to this inside the closure, on every
     /// pass, with `ParamStore::clip_grads_to_norm` (the paper clips at 50).
     pub clip_norm: Option<f64>,
