@@ -719,8 +719,7 @@ impl ParamStore for CandleStore {
 
     fn addcmul(&mut self, dst: Slot, alpha: &[f64], a: Slot, b: Slot, mask: &[bool]) -> Result<()> {
         self.check_mask(mask)?;
-        check_len("addcmul coefficients", mask.len(), alpha.len())?;
-        amp_core::composed::check_sources("addcmul", dst, &[a, b])?;
+        amp_core::composed::check_addcmul(mask.len(), dst, alpha, a, b)?;
         for slot in [dst, a, b] {
             self.check_slot(slot)?;
         }
@@ -751,10 +750,7 @@ impl ParamStore for CandleStore {
         mask: &[bool],
     ) -> Result<()> {
         self.check_mask(mask)?;
-        check_len("addcdiv coefficients", mask.len(), alpha.len())?;
-        check_len("addcdiv divisors", mask.len(), divisor.len())?;
-        check_len("addcdiv eps", mask.len(), eps.len())?;
-        amp_core::composed::check_sources("addcdiv_sqrt", dst, &[num, den])?;
+        amp_core::composed::check_addcdiv_sqrt(mask.len(), dst, (alpha, divisor, eps), num, den)?;
         for slot in [dst, num, den] {
             self.check_slot(slot)?;
         }

@@ -1,6 +1,7 @@
 //! [`Adam`]: Adam and AdamW with PyTorch's semantics, written once against
 //! [`ParamStore`].
 
+use crate::elementwise::{AdamCoefficients, AdamSlots};
 use crate::error::{AmpError, Result};
 use crate::optimizer::{BaseOptimizer, OptimizerState, StepContext};
 use crate::store::{check_len, check_shape, BufferId, ParamStore, Scalar, Slot};
@@ -308,50 +309,40 @@ impl<S: ParamStore> BaseOptimizer<S> for Adam {
         let lr: Vec<f64> = ctx.lr.iter().map(|x| x.widen()).collect();
         let wd: Vec<f64> = ctx.weight_decay.iter().map(|x| x.widen()).collect();
 
-        let decay_mask: Vec<bool> = (0..n).map(|i| mask[i] && wd[i] != 0.0).collect();
-        if decay_mask.contains(&true) {
-            if c.decoupled_weight_decay {
-                let shrink: Vec<S::Scalar> = (0..n).map(|i| scalar(1.0 - lr[i] * wd[i])).collect();
-                store.scale(Slot::Params, &shrink, &decay_mask)?;
-            } else {
-                store.axpy(Slot::Grads, ctx.weight_decay, Slot::Params, &decay_mask)?;
-            }
-        }
-        let (m, v) = (
-            Slot::Buffer(moments.exp_avg),
-            Slot::Buffer(moments.exp_avg_sq),
-        );
-        store.scale(m, &vec![scalar(c.beta1); n], mask)?;
-        store.axpy(m, &vec![scalar(1.0 - c.beta1); n], Slot::Grads, mask)?;
-        store.scale(v, &vec![scalar(c.beta2); n], mask)?;
-        store.addcmul(
-            v,
-            &vec![scalar(1.0 - c.beta2); n],
-            Slot::Grads,
-            Slot::Grads,
-            mask,
-        )?;
-        let den = match moments.max_exp_avg_sq {
-            Some(max) => {
-                store.maximum(Slot::Buffer(max), v, mask)?;
-                Slot::Buffer(max)
-            }
-            None => v,
-        };
         // Bias corrections in f64 from each tensor's own step count, as
         // PyTorch computes them, rounded once to the store's scalar type.
-        let mut alpha = vec![scalar(0.0); n];
-        let mut divisor = vec![scalar(1.0); n];
-        for i in (0..n).filter(|&i| mask[i]) {
-            // `powf`, not `powi`: the C library's `pow`, as `std::pow`.
-            let t = steps[i] as f64;
-            let correction1 = 1.0 - c.beta1.powf(t);
-            let correction2 = 1.0 - c.beta2.powf(t);
-            alpha[i] = scalar(-(lr[i] / correction1));
-            divisor[i] = scalar(correction2.sqrt());
-        }
-        let eps = vec![scalar(c.eps); n];
-        store.addcdiv_sqrt(Slot::Params, &alpha, m, den, &divisor, &eps, mask)?;
+        let coefficients: Vec<AdamCoefficients<S::Scalar>> = (0..n)
+            .map(|i| {
+                // `powf`, not `powi`: the C library's `pow`, as `std::pow`.
+                let t = steps[i] as f64;
+                let correction1 = 1.0 - c.beta1.powf(t);
+                let correction2 = 1.0 - c.beta2.powf(t);
+                let decays = mask[i] && wd[i] != 0.0;
+                AdamCoefficients {
+                    shrink: scalar(if decays && c.decoupled_weight_decay {
+                        1.0 - lr[i] * wd[i]
+                    } else {
+                        1.0
+                    }),
+                    l2: if decays && !c.decoupled_weight_decay {
+                        ctx.weight_decay[i]
+                    } else {
+                        scalar(0.0)
+                    },
+                    beta1: (scalar(c.beta1), scalar(1.0 - c.beta1)),
+                    beta2: (scalar(c.beta2), scalar(1.0 - c.beta2)),
+                    step: scalar(-(lr[i] / correction1)),
+                    divisor: scalar(correction2.sqrt()),
+                    eps: scalar(c.eps),
+                }
+            })
+            .collect();
+        let slots = AdamSlots {
+            exp_avg: Slot::Buffer(moments.exp_avg),
+            exp_avg_sq: Slot::Buffer(moments.exp_avg_sq),
+            max_exp_avg_sq: moments.max_exp_avg_sq.map(Slot::Buffer),
+        };
+        store.adam_update(slots, &coefficients, mask)?;
         self.steps = steps;
         Ok(())
     }

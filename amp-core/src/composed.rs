@@ -9,9 +9,9 @@
 //! (say, dense CPU tensors) calls the function here for the others, and the
 //! workspace's conformance suite checks that both give the same bits.
 
-use num_traits::One;
+use num_traits::{One, Zero};
 
-use crate::elementwise;
+use crate::elementwise::{self, AdamCoefficients, AdamSlots};
 use crate::error::{AmpError, Result};
 use crate::store::{check_len, DType, HostTensor, ParamStore, Scalar, Slot};
 
@@ -113,6 +113,28 @@ pub fn check_sources(operation: &str, dst: Slot, sources: &[Slot]) -> Result<()>
     Ok(())
 }
 
+/// The argument checks of [`ParamStore::addcmul`] for `n` tensors: one
+/// coefficient per tensor, `dst` neither source.
+pub fn check_addcmul<T>(n: usize, dst: Slot, alpha: &[T], a: Slot, b: Slot) -> Result<()> {
+    check_len("addcmul coefficients", n, alpha.len())?;
+    check_sources("addcmul", dst, &[a, b])
+}
+
+/// The argument checks of [`ParamStore::addcdiv_sqrt`] for `n` tensors:
+/// one coefficient, divisor and eps per tensor, `dst` neither source.
+pub fn check_addcdiv_sqrt<T>(
+    n: usize,
+    dst: Slot,
+    (alpha, divisor, eps): (&[T], &[T], &[T]),
+    num: Slot,
+    den: Slot,
+) -> Result<()> {
+    check_len("addcdiv coefficients", n, alpha.len())?;
+    check_len("addcdiv divisors", n, divisor.len())?;
+    check_len("addcdiv eps", n, eps.len())?;
+    check_sources("addcdiv_sqrt", dst, &[num, den])
+}
+
 /// Runs `op` over the masked-in tensors on the host: reads `dst` and the
 /// `sources`, lets `op` compute the new values of `dst` (in `f64` for an
 /// `f64` store, in `f32` otherwise: `wide` says which), writes them back.
@@ -146,8 +168,7 @@ pub fn addcmul<S: ParamStore + ?Sized>(
     b: Slot,
     mask: &[bool],
 ) -> Result<()> {
-    check_len("addcmul coefficients", store.num_tensors(), alpha.len())?;
-    check_sources("addcmul", dst, &[a, b])?;
+    check_addcmul(store.num_tensors(), dst, alpha, a, b)?;
     on_host(store, dst, &[a, b], mask, |i, wide, d, inputs| {
         let (x, y, al) = (&inputs[0].data, &inputs[1].data, alpha[i].widen());
         for j in 0..d.len() {
@@ -174,10 +195,7 @@ pub fn addcdiv_sqrt<S: ParamStore + ?Sized>(
     mask: &[bool],
 ) -> Result<()> {
     let n = store.num_tensors();
-    check_len("addcdiv coefficients", n, alpha.len())?;
-    check_len("addcdiv divisors", n, divisor.len())?;
-    check_len("addcdiv eps", n, eps.len())?;
-    check_sources("addcdiv_sqrt", dst, &[num, den])?;
+    check_addcdiv_sqrt(n, dst, (alpha, divisor, eps), num, den)?;
     on_host(store, dst, &[num, den], mask, |i, wide, d, inputs| {
         let (x, y) = (&inputs[0].data, &inputs[1].data);
         let (al, c, e) = (alpha[i].widen(), divisor[i].widen(), eps[i].widen());
@@ -213,4 +231,77 @@ pub fn maximum<S: ParamStore + ?Sized>(
             *d = elementwise::maximum(*d, x);
         }
     })
+}
+
+/// Checks the slots and lengths of [`ParamStore::adam_update`]: the moments
+/// are distinct buffers, one coefficient set per tensor.
+pub fn check_adam_update<T>(
+    n: usize,
+    slots: AdamSlots,
+    coefficients: &[AdamCoefficients<T>],
+    mask: &[bool],
+) -> Result<()> {
+    check_len("mask", n, mask.len())?;
+    check_len("Adam coefficients", n, coefficients.len())?;
+    let mut moments = vec![slots.exp_avg, slots.exp_avg_sq];
+    moments.extend(slots.max_exp_avg_sq);
+    for (k, slot) in moments.iter().enumerate() {
+        if matches!(slot, Slot::Params | Slot::Grads) || moments[..k].contains(slot) {
+            return Err(AmpError::backend(format!(
+                "adam_update: the moments must be distinct buffers, got {moments:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// [`ParamStore::adam_update`] as the sequence of store operations whose
+/// element arithmetic [`elementwise::adam`] fuses: scale θ (decoupled
+/// decay), axpy into g (L2 decay), scale and axpy m, scale v and addcmul,
+/// maximum (AMSGrad), addcdiv_sqrt into θ.
+pub fn adam_update<S: ParamStore + ?Sized>(
+    store: &mut S,
+    slots: AdamSlots,
+    coefficients: &[AdamCoefficients<S::Scalar>],
+    mask: &[bool],
+) -> Result<()> {
+    let n = store.num_tensors();
+    check_adam_update(n, slots, coefficients, mask)?;
+    let get = |f: fn(&AdamCoefficients<S::Scalar>) -> S::Scalar| -> Vec<S::Scalar> {
+        coefficients.iter().map(f).collect()
+    };
+    let (one, zero) = (S::Scalar::one(), S::Scalar::zero());
+    let shrink_mask: Vec<bool> = (0..n)
+        .map(|i| mask[i] && coefficients[i].shrink != one)
+        .collect();
+    if shrink_mask.contains(&true) {
+        store.scale(Slot::Params, &get(|c| c.shrink), &shrink_mask)?;
+    }
+    let l2_mask: Vec<bool> = (0..n)
+        .map(|i| mask[i] && coefficients[i].l2 != zero)
+        .collect();
+    if l2_mask.contains(&true) {
+        store.axpy(Slot::Grads, &get(|c| c.l2), Slot::Params, &l2_mask)?;
+    }
+    let (m, v) = (slots.exp_avg, slots.exp_avg_sq);
+    store.scale(m, &get(|c| c.beta1.0), mask)?;
+    store.axpy(m, &get(|c| c.beta1.1), Slot::Grads, mask)?;
+    store.scale(v, &get(|c| c.beta2.0), mask)?;
+    store.addcmul(v, &get(|c| c.beta2.1), Slot::Grads, Slot::Grads, mask)?;
+    let den = match slots.max_exp_avg_sq {
+        Some(max) => {
+            store.maximum(max, v, mask)?;
+            max
+        }
+        None => v,
+    };
+    store.addcdiv_sqrt(
+        Slot::Params,
+        &get(|c| c.step),
+        m,
+        den,
+        &get(|c| c.divisor),
+        &get(|c| c.eps),
+        mask,
+    )
 }

@@ -38,6 +38,81 @@ pub fn maximum<T: Float>(a: T, b: T) -> T {
     }
 }
 
+/// The buffers of Adam's moments, for
+/// [`ParamStore::adam_update`](crate::ParamStore::adam_update): three
+/// distinct buffers (two without AMSGrad).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdamSlots {
+    /// The first moment m.
+    pub exp_avg: crate::Slot,
+    /// The second moment v.
+    pub exp_avg_sq: crate::Slot,
+    /// AMSGrad's running maximum of v.
+    pub max_exp_avg_sq: Option<crate::Slot>,
+}
+
+/// The per-tensor coefficients of one Adam step on one tensor, in the
+/// store's scalar type: what [`adam`] and
+/// [`ParamStore::adam_update`](crate::ParamStore::adam_update) apply.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamCoefficients<T> {
+    /// Decoupled weight decay: θ is multiplied by this first (AdamW's
+    /// `1 − lr·λ`; 1 for none).
+    pub shrink: T,
+    /// L2 weight decay: `λ·θ` is added to the gradient (Adam's λ; 0 for
+    /// none).
+    pub l2: T,
+    /// β₁ and `1 − β₁`.
+    pub beta1: (T, T),
+    /// β₂ and `1 − β₂`.
+    pub beta2: (T, T),
+    /// `−lr / (1 − β₁ᵗ)`.
+    pub step: T,
+    /// `√(1 − β₂ᵗ)`.
+    pub divisor: T,
+    /// Added to the denominator.
+    pub eps: T,
+}
+
+/// One Adam step on one element, exactly as the sequence of store
+/// operations [`composed::adam_update`](crate::composed::adam_update) runs
+/// it: θ shrunk (when `shrink ≠ 1`), `g + λθ` (when `l2 ≠ 0`), the moments
+/// (`m·β₁ + (1−β₁)·g`, `v·β₂ + ((1−β₂)·g)·g`), AMSGrad's maximum when
+/// `max` is given, then [`addcdiv_sqrt`]. Returns θ, m, v (and the maximum
+/// through `max`).
+#[inline]
+pub fn adam<T: Float>(
+    theta: T,
+    g: T,
+    m: T,
+    v: T,
+    max: Option<&mut T>,
+    c: &AdamCoefficients<T>,
+) -> (T, T, T) {
+    let theta = if c.shrink != T::one() {
+        theta * c.shrink
+    } else {
+        theta
+    };
+    let g = if c.l2 != T::zero() {
+        g + c.l2 * theta
+    } else {
+        g
+    };
+    let m = m * c.beta1.0;
+    let m = m + c.beta1.1 * g;
+    let v = v * c.beta2.0;
+    let v = addcmul(v, c.beta2.1, g, g);
+    let den = match max {
+        Some(max) => {
+            *max = maximum(*max, v);
+            *max
+        }
+        None => v,
+    };
+    (addcdiv_sqrt(theta, c.step, m, den, c.divisor, c.eps), m, v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

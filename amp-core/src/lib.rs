@@ -62,6 +62,7 @@ mod tensor_store;
 pub use crate::adam::{Adam, AdamConfig};
 pub use crate::amp::{Amp, External, Perturbed};
 pub use crate::config::{AmpConfig, EpsilonSchedule, NonFinitePolicy, ParamGroup, RestoreMode};
+pub use crate::elementwise::{AdamCoefficients, AdamSlots};
 pub use crate::error::{AmpError, BoxError, Result};
 pub use crate::grad_fn::{GradFn, Pass};
 pub use crate::optimizer::{BaseOptimizer, OptimizerState, Sgd, SgdConfig, StepContext};

@@ -363,6 +363,24 @@ pub trait ParamStore {
         crate::composed::maximum(self, dst, src, mask)
     }
 
+    /// One Adam step of the masked-in tensors, fused: per element,
+    /// [`elementwise::adam`](crate::elementwise::adam) with the tensor's
+    /// [`AdamCoefficients`](crate::elementwise::AdamCoefficients), reading
+    /// θ, g, m and v (and AMSGrad's maximum) once and writing θ, m and v
+    /// (and the maximum) once — seven passes over the parameters where the
+    /// default ([`composed::adam_update`](crate::composed::adam_update), a
+    /// sequence of the operations above) makes about sixteen. It must give
+    /// the default's bits. Afterwards the gradient slot holds g or g + λθ
+    /// (callers must not rely on which).
+    fn adam_update(
+        &mut self,
+        slots: crate::elementwise::AdamSlots,
+        coefficients: &[crate::elementwise::AdamCoefficients<Self::Scalar>],
+        mask: &[bool],
+    ) -> Result<()> {
+        crate::composed::adam_update(self, slots, coefficients, mask)
+    }
+
     /// Pins (`true`) or unpins a buffer: a pinned buffer cannot be freed
     /// ([`ParamStore::free_buffer`] returns [`AmpError::BufferInUse`]).
     /// [`Amp`](crate::Amp) and [`Sgd`](crate::Sgd) pin the buffers they hold

@@ -317,8 +317,7 @@ impl<O: TensorOps> ParamStore for TensorStore<O> {
         mask: &[bool],
     ) -> Result<()> {
         self.check_mask(mask)?;
-        check_len("addcmul coefficients", mask.len(), alpha.len())?;
-        crate::composed::check_sources("addcmul", dst, &[a, b])?;
+        crate::composed::check_addcmul(mask.len(), dst, alpha, a, b)?;
         for slot in [dst, a, b] {
             self.check_slot(slot)?;
         }
@@ -339,10 +338,7 @@ impl<O: TensorOps> ParamStore for TensorStore<O> {
         mask: &[bool],
     ) -> Result<()> {
         self.check_mask(mask)?;
-        check_len("addcdiv coefficients", mask.len(), alpha.len())?;
-        check_len("addcdiv divisors", mask.len(), divisor.len())?;
-        check_len("addcdiv eps", mask.len(), eps.len())?;
-        crate::composed::check_sources("addcdiv_sqrt", dst, &[num, den])?;
+        crate::composed::check_addcdiv_sqrt(mask.len(), dst, (alpha, divisor, eps), num, den)?;
         for slot in [dst, num, den] {
             self.check_slot(slot)?;
         }

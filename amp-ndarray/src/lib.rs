@@ -59,8 +59,8 @@
 pub use ndarray;
 
 use amp_core::{
-    check_len, check_shape, composed, elementwise, AmpError, BufferId, Buffers, DType, HostTensor,
-    ParamStore, Result, Scalar, Slot, PROJECTION_GUARD,
+    check_len, check_shape, composed, elementwise, AdamCoefficients, AdamSlots, AmpError, BufferId,
+    Buffers, DType, HostTensor, ParamStore, Result, Scalar, Slot, PROJECTION_GUARD,
 };
 use ndarray::{ArrayD, IxDyn, NdFloat, Zip};
 
@@ -393,8 +393,7 @@ impl<T: Element> ParamStore for NdStore<T> {
 
     fn addcmul(&mut self, dst: Slot, alpha: &[T], a: Slot, b: Slot, mask: &[bool]) -> Result<()> {
         self.check_mask(mask)?;
-        check_len("addcmul coefficients", mask.len(), alpha.len())?;
-        composed::check_sources("addcmul", dst, &[a, b])?;
+        composed::check_addcmul(mask.len(), dst, alpha, a, b)?;
         self.slot(a)?;
         self.slot(b)?;
         self.with_taken(dst, |store, d| {
@@ -421,10 +420,7 @@ impl<T: Element> ParamStore for NdStore<T> {
         mask: &[bool],
     ) -> Result<()> {
         self.check_mask(mask)?;
-        check_len("addcdiv coefficients", mask.len(), alpha.len())?;
-        check_len("addcdiv divisors", mask.len(), divisor.len())?;
-        check_len("addcdiv eps", mask.len(), eps.len())?;
-        composed::check_sources("addcdiv_sqrt", dst, &[num, den])?;
+        composed::check_addcdiv_sqrt(mask.len(), dst, (alpha, divisor, eps), num, den)?;
         self.slot(num)?;
         self.slot(den)?;
         self.with_taken(dst, |store, d| {
@@ -438,6 +434,49 @@ impl<T: Element> ParamStore for NdStore<T> {
             }
             Ok(())
         })
+    }
+
+    /// One loop over θ, g, m and v (and the maximum) per tensor.
+    fn adam_update(
+        &mut self,
+        slots: AdamSlots,
+        coefficients: &[AdamCoefficients<T>],
+        mask: &[bool],
+    ) -> Result<()> {
+        composed::check_adam_update(self.params.len(), slots, coefficients, mask)?;
+        let mut moments = vec![slots.exp_avg, slots.exp_avg_sq];
+        moments.extend(slots.max_exp_avg_sq);
+        for &slot in &moments {
+            self.slot(slot)?;
+        }
+        // The moments are taken out of the store while θ and g stay in it,
+        // and put back whatever happens.
+        let mut taken = Vec::with_capacity(moments.len());
+        for &slot in &moments {
+            taken.push(std::mem::take(self.slot_vec_mut(slot)?));
+        }
+        let (params, grads) = (&mut self.params, &self.grads);
+        if let [m, v, rest @ ..] = taken.as_mut_slice() {
+            for i in (0..mask.len()).filter(|&i| mask[i]) {
+                let c = &coefficients[i];
+                let zip = Zip::from(&mut params[i])
+                    .and(&grads[i])
+                    .and(&mut m[i])
+                    .and(&mut v[i]);
+                match rest.first_mut() {
+                    Some(max) => zip.and(&mut max[i]).for_each(|t, &g, m, v, max| {
+                        (*t, *m, *v) = elementwise::adam(*t, g, *m, *v, Some(max), c);
+                    }),
+                    None => zip.for_each(|t, &g, m, v| {
+                        (*t, *m, *v) = elementwise::adam(*t, g, *m, *v, None, c);
+                    }),
+                }
+            }
+        }
+        for (&slot, tensors) in moments.iter().zip(taken) {
+            *self.slot_vec_mut(slot)? = tensors;
+        }
+        Ok(())
     }
 
     fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {

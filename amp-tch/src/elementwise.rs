@@ -6,7 +6,7 @@
 //! the host default. (ATen's own `addcmul_`/`addcdiv_` may fuse the
 //! multiply and the add into one FMA, which rounds differently.)
 
-use amp_core::{check_len, composed::check_sources, Result, Slot};
+use amp_core::{check_len, composed, Result, Slot};
 use tch::Tensor;
 
 use crate::kinds::tch_error;
@@ -52,8 +52,7 @@ impl TchStore {
         b: Slot,
         mask: &[bool],
     ) -> Result<()> {
-        check_len("addcmul coefficients", self.params.len(), alpha.len())?;
-        check_sources("addcmul", dst, &[a, b])?;
+        composed::check_addcmul(self.params.len(), dst, alpha, a, b)?;
         self.each(dst, &[a, b], mask, |i, d, x| {
             let product = x[0].f_mul_scalar(alpha[i])?.f_mul(&x[1])?;
             d.f_add_(&product).map(drop)
@@ -71,11 +70,7 @@ impl TchStore {
         eps: &[f64],
         mask: &[bool],
     ) -> Result<()> {
-        let n = self.params.len();
-        check_len("addcdiv coefficients", n, alpha.len())?;
-        check_len("addcdiv divisors", n, divisor.len())?;
-        check_len("addcdiv eps", n, eps.len())?;
-        check_sources("addcdiv_sqrt", dst, &[num, den])?;
+        composed::check_addcdiv_sqrt(self.params.len(), dst, (alpha, divisor, eps), num, den)?;
         self.each(dst, &[num, den], mask, |i, d, x| {
             let denominator = x[1].f_sqrt()?.f_div_scalar(divisor[i])?;
             let denominator = denominator.f_add_scalar(eps[i])?;
@@ -85,7 +80,7 @@ impl TchStore {
     }
 
     pub(crate) fn maximum_each(&self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
-        check_sources("maximum", dst, &[src])?;
+        composed::check_sources("maximum", dst, &[src])?;
         self.each(dst, &[src], mask, |_, d, x| {
             let max = d.f_maximum(&x[0])?;
             d.f_copy_(&max)

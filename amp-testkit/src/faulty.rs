@@ -240,6 +240,18 @@ impl<S: ParamStore> ParamStore for FaultyStore<S> {
             .addcdiv_sqrt(dst, alpha, num, den, divisor, eps, mask)
     }
 
+    fn adam_update(
+        &mut self,
+        slots: amp_core::AdamSlots,
+        coefficients: &[amp_core::AdamCoefficients<S::Scalar>],
+        mask: &[bool],
+    ) -> Result<()> {
+        let mut writes = vec![Slot::Params, Slot::Grads, slots.exp_avg, slots.exp_avg_sq];
+        writes.extend(slots.max_exp_avg_sq);
+        self.tick(&writes)?;
+        self.inner.adam_update(slots, coefficients, mask)
+    }
+
     fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
         self.tick(&[dst])?;
         self.inner.maximum(dst, src, mask)

@@ -580,6 +580,28 @@ impl ParamStore for NdAny {
     fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
         forward!(self, s => s.maximum(dst, src, mask))
     }
+    fn adam_update(
+        &mut self,
+        slots: amp_core::AdamSlots,
+        coefficients: &[amp_core::AdamCoefficients<f64>],
+        mask: &[bool],
+    ) -> Result<()> {
+        fn round<T: amp_core::Scalar>(
+            c: &amp_core::AdamCoefficients<f64>,
+        ) -> amp_core::AdamCoefficients<T> {
+            let r = T::from_f64_rounded;
+            amp_core::AdamCoefficients {
+                shrink: r(c.shrink),
+                l2: r(c.l2),
+                beta1: (r(c.beta1.0), r(c.beta1.1)),
+                beta2: (r(c.beta2.0), r(c.beta2.1)),
+                step: r(c.step),
+                divisor: r(c.divisor),
+                eps: r(c.eps),
+            }
+        }
+        forward!(self, s => s.adam_update(slots, &coefficients.iter().map(round).collect::<Vec<_>>(), mask))
+    }
     fn scale(&mut self, dst: Slot, factor: &[f64], mask: &[bool]) -> Result<()> {
         forward!(self, s => s.scale(dst, &to(factor), mask))
     }
@@ -664,7 +686,8 @@ macro_rules! conformance_suite {
                 fused_ops_match_composed,
                 failure_leaves_state,
                 store_panic_leaves_state,
-                split_step_matches_step
+                split_step_matches_step,
+                adam_update_matches_composed
             );
         }
     };

@@ -12,7 +12,7 @@ use crate::{
     Fault, NdFactory, StoreFactory, Tolerance,
 };
 
-pub use crate::split::split_step_matches_step;
+pub use crate::split::{adam_update_matches_composed, split_step_matches_step};
 
 type Check = std::result::Result<(), String>;
 
@@ -699,7 +699,8 @@ pub fn all<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
     fused_ops_match_composed(factory, case, dtype)?;
     failure_leaves_state(factory, case, dtype)?;
     store_panic_leaves_state(factory, case, dtype)?;
-    split_step_matches_step(factory, case, dtype)
+    split_step_matches_step(factory, case, dtype)?;
+    adam_update_matches_composed(factory, case, dtype)
 }
 
 /// The store's gradients as the host sees them (for tests of backends).

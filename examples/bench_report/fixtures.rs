@@ -10,7 +10,9 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use amp::{Adam, AdamConfig, Amp, AmpConfig, BaseOptimizer, BoxError, ParamStore, Pass, Sgd, SgdConfig};
+use amp::{
+    Adam, AdamConfig, Amp, AmpConfig, BaseOptimizer, BoxError, ParamStore, Pass, Sgd, SgdConfig,
+};
 
 use crate::metered::Metered;
 
@@ -77,7 +79,14 @@ fn settings() -> Settings {
 
 /// The settings every timed run shares: no weight decay, ζ = 1,
 /// copy-restore, the run's `interval`; `inner_iter` 0 is ERM, 1 is AMP.
+/// With Adam the learning rate is a tenth of SGD's `lr` (Adam's steps are
+/// about lr per weight: the MLPs' SGD rate makes the widest diverge).
 pub fn amp_config(inner_iter: usize, lr: f64, epsilon: f64) -> AmpConfig {
+    let lr = if settings().adam.is_some() {
+        lr * 0.1
+    } else {
+        lr
+    };
     AmpConfig::new(lr, epsilon)
         .inner_lr(1.0)
         .inner_iter(inner_iter)

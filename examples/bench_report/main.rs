@@ -338,7 +338,9 @@ fn main() -> Result<(), BoxError> {
         "sgd" => None,
         "adam" => Some(amp::AdamConfig::adam()),
         "adamw" => Some(amp::AdamConfig::adamw()),
-        other => return Err(format!("--optimizer: expected sgd, adam or adamw, got {other}").into()),
+        other => {
+            return Err(format!("--optimizer: expected sgd, adam or adamw, got {other}").into())
+        }
     };
     if args.interval == 0 {
         return Err("--interval must be at least 1".into());
@@ -565,7 +567,10 @@ fn render(
         }
         let mut line = format!(
             "{:<46}",
-            format!("base step alone, 1e7 f32: fraction ({} passes)", must_move_passes())
+            format!(
+                "base step alone, 1e7 f32: fraction ({} passes)",
+                must_move_passes()
+            )
         );
         for r in results {
             let cell = match r.sizes.get(3) {
@@ -585,7 +590,11 @@ fn render(
         let _ = writeln!(
             line,
             "{}",
-            if args.optimizer == "sgd" { "" } else { "ndarray >= 0.50" }
+            if args.optimizer == "sgd" {
+                ""
+            } else {
+                "ndarray >= 0.50"
+            }
         );
         out.push_str(&line);
         let mut line = format!("{:<46}", "  copy floor at 1e7: GB/s best (1 thread)");

@@ -3,7 +3,9 @@
 //! the settings of a run, and the small [`Model`] trait the training loop
 //! drives.
 
-use amp::{Adam, AdamConfig, AmpConfig, AmpError, BaseOptimizer, BoxError, ParamStore, Sgd, SgdConfig};
+use amp::{
+    Adam, AdamConfig, AmpConfig, AmpError, BaseOptimizer, BoxError, ParamStore, Sgd, SgdConfig,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
