@@ -6,23 +6,17 @@
 //! the host default. (ATen's own `addcmul_`/`addcdiv_` may fuse the
 //! multiply and the add into one FMA, which rounds differently.)
 
-use amp_core::{check_len, composed, Result, Slot};
+use amp_core::{check_len, composed, ParamStore, Result, Slot};
 use tch::Tensor;
 
 use crate::kinds::tch_error;
 use crate::TchStore;
 
 impl TchStore {
-    /// Tensor `index` of `slot` as a source: a missing gradient is zeros.
-    fn source(&self, slot: Slot, index: usize) -> Result<Tensor> {
-        match self.slot_tensor(slot, index)? {
-            Some(t) => Ok(t),
-            None => self.params[index].f_zeros_like().map_err(tch_error),
-        }
-    }
-
     /// Runs `op` on every masked-in tensor of `dst` that exists, in place,
-    /// with autograd off.
+    /// with autograd off; `sources` are read as zeros where a gradient is
+    /// missing. Which gradients are present is read once for the call (in
+    /// the flat layout that is one pass over the flags, not one per tensor).
     fn each(
         &self,
         dst: Slot,
@@ -31,13 +25,28 @@ impl TchStore {
         op: impl Fn(usize, &mut Tensor, &[Tensor]) -> std::result::Result<(), tch::TchError>,
     ) -> Result<()> {
         check_len("mask", self.params.len(), mask.len())?;
+        let present = if dst == Slot::Grads || sources.contains(&Slot::Grads) {
+            Some(self.grad_mask()?)
+        } else {
+            None
+        };
+        let get = |slot: Slot, index: usize| -> Result<Option<Tensor>> {
+            match (slot, &present) {
+                (Slot::Grads, Some(present)) if !present[index] => Ok(None),
+                (Slot::Grads, _) => self.attached_grad(index),
+                _ => self.slot_tensor(slot, index),
+            }
+        };
         for index in (0..mask.len()).filter(|&i| mask[i]) {
-            let Some(mut d) = self.slot_tensor(dst, index)? else {
+            let Some(mut d) = get(dst, index)? else {
                 continue;
             };
             let inputs = sources
                 .iter()
-                .map(|&s| self.source(s, index))
+                .map(|&s| match get(s, index)? {
+                    Some(t) => Ok(t),
+                    None => self.params[index].f_zeros_like().map_err(tch_error),
+                })
                 .collect::<Result<Vec<_>>>()?;
             tch::no_grad(|| op(index, &mut d, &inputs)).map_err(tch_error)?;
         }
