@@ -258,6 +258,11 @@ impl<T: Element> NdStore<T> {
     }
 }
 
+/// Tensors from this many elements up have their fused Adam update split
+/// over rayon's threads; below it, handing work to threads costs more than
+/// the memory traffic they share.
+const PARALLEL_ADAM: usize = 1 << 18;
+
 /// Independent partial sums in [`sum_of_squares`]: enough to hide the
 /// latency of the f64 add, and a whole number of SIMD vectors.
 const LANES: usize = 8;
@@ -459,17 +464,35 @@ impl<T: Element> ParamStore for NdStore<T> {
         if let [m, v, rest @ ..] = taken.as_mut_slice() {
             for i in (0..mask.len()).filter(|&i| mask[i]) {
                 let c = &coefficients[i];
+                // Large tensors are split over rayon's threads: every
+                // element is computed on its own, so the bits are the same.
+                let parallel = params[i].len() >= PARALLEL_ADAM;
                 let zip = Zip::from(&mut params[i])
                     .and(&grads[i])
                     .and(&mut m[i])
                     .and(&mut v[i]);
                 match rest.first_mut() {
-                    Some(max) => zip.and(&mut max[i]).for_each(|t, &g, m, v, max| {
-                        (*t, *m, *v) = elementwise::adam(*t, g, *m, *v, Some(max), c);
-                    }),
-                    None => zip.for_each(|t, &g, m, v| {
-                        (*t, *m, *v) = elementwise::adam(*t, g, *m, *v, None, c);
-                    }),
+                    Some(max) => {
+                        let zip = zip.and(&mut max[i]);
+                        let step = |t: &mut T, &g: &T, m: &mut T, v: &mut T, max: &mut T| {
+                            (*t, *m, *v) = elementwise::adam(*t, g, *m, *v, Some(max), c);
+                        };
+                        if parallel {
+                            zip.par_for_each(step);
+                        } else {
+                            zip.for_each(step);
+                        }
+                    }
+                    None => {
+                        let step = |t: &mut T, &g: &T, m: &mut T, v: &mut T| {
+                            (*t, *m, *v) = elementwise::adam(*t, g, *m, *v, None, c);
+                        };
+                        if parallel {
+                            zip.par_for_each(step);
+                        } else {
+                            zip.for_each(step);
+                        }
+                    }
                 }
             }
         }

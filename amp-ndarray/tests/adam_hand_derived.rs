@@ -158,3 +158,64 @@ fn adam_state_round_trips_and_refuses_what_does_not_fit() {
     ));
     assert_eq!(fresh.buffers_held(), 1, "only AMP's snapshot, no moments");
 }
+
+#[test]
+fn the_threaded_update_of_large_tensors_matches_the_composed_one() {
+    use amp_core::{composed, AdamCoefficients, AdamSlots, ParamStore, Slot};
+    // 300 000 elements (past the size from which the fused update is split
+    // over threads), in two tensors, one of them not in standard layout.
+    let n = 300_000;
+    let wave = |k: f64| (0..n).map(move |i| ((i as f64) * k).sin());
+    let theta = ndarray::Array1::from_iter(wave(0.37)).into_dyn();
+    let square = ndarray::Array2::from_shape_vec((600, 500), wave(0.11).collect()).unwrap();
+    let transposed = square.reversed_axes().into_dyn();
+    assert!(!transposed.is_standard_layout());
+    let build = || -> NdStore<f64> {
+        let mut s = NdStore::new(vec![theta.clone(), transposed.clone()]);
+        s.set_grad(0, ndarray::Array1::from_iter(wave(0.53)).into_dyn())
+            .unwrap();
+        s.set_grad(1, ndarray::ArrayD::from_elem(vec![500, 600], 0.25))
+            .unwrap();
+        s
+    };
+    let c = AdamCoefficients {
+        shrink: 0.999,
+        l2: 0.0,
+        beta1: (0.9, 0.1),
+        beta2: (0.999, 0.001),
+        step: -0.01,
+        divisor: 0.05,
+        eps: 1e-8,
+    };
+    let run = |fused: bool, amsgrad: bool| {
+        let mut s = build();
+        let mask = [true, true];
+        let (m, v, max) = (
+            Slot::Buffer(s.alloc_buffer().unwrap()),
+            Slot::Buffer(s.alloc_buffer().unwrap()),
+            Slot::Buffer(s.alloc_buffer().unwrap()),
+        );
+        s.copy(m, Slot::Params, &mask).unwrap();
+        let slots = AdamSlots {
+            exp_avg: m,
+            exp_avg_sq: v,
+            max_exp_avg_sq: amsgrad.then_some(max),
+        };
+        if fused {
+            s.adam_update(slots, &[c, c], &mask).unwrap();
+        } else {
+            composed::adam_update(&mut s, slots, &[c, c], &mask).unwrap();
+        }
+        [Slot::Params, m, v, max].map(|slot| {
+            (0..2)
+                .map(|i| s.read(slot, i).unwrap().data)
+                .collect::<Vec<_>>()
+        })
+    };
+    for amsgrad in [false, true] {
+        assert!(
+            run(true, amsgrad) == run(false, amsgrad),
+            "threaded and composed updates differ (amsgrad {amsgrad})"
+        );
+    }
+}
