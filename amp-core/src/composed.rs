@@ -170,15 +170,7 @@ pub fn addcmul<S: ParamStore + ?Sized>(
 ) -> Result<()> {
     check_addcmul(store.num_tensors(), dst, alpha, a, b)?;
     on_host(store, dst, &[a, b], mask, |i, wide, d, inputs| {
-        let (x, y, al) = (&inputs[0].data, &inputs[1].data, alpha[i].widen());
-        for j in 0..d.len() {
-            d[j] = if wide {
-                elementwise::addcmul(d[j], al, x[j], y[j])
-            } else {
-                let r = elementwise::addcmul(d[j] as f32, al as f32, x[j] as f32, y[j] as f32);
-                f64::from(r)
-            };
-        }
+        elementwise::addcmul_host(wide, d, alpha[i].widen(), &inputs[0].data, &inputs[1].data);
     })
 }
 
@@ -197,23 +189,8 @@ pub fn addcdiv_sqrt<S: ParamStore + ?Sized>(
     let n = store.num_tensors();
     check_addcdiv_sqrt(n, dst, (alpha, divisor, eps), num, den)?;
     on_host(store, dst, &[num, den], mask, |i, wide, d, inputs| {
-        let (x, y) = (&inputs[0].data, &inputs[1].data);
-        let (al, c, e) = (alpha[i].widen(), divisor[i].widen(), eps[i].widen());
-        for j in 0..d.len() {
-            d[j] = if wide {
-                elementwise::addcdiv_sqrt(d[j], al, x[j], y[j], c, e)
-            } else {
-                let r = elementwise::addcdiv_sqrt(
-                    d[j] as f32,
-                    al as f32,
-                    x[j] as f32,
-                    y[j] as f32,
-                    c as f32,
-                    e as f32,
-                );
-                f64::from(r)
-            };
-        }
+        let coefficients = (alpha[i].widen(), divisor[i].widen(), eps[i].widen());
+        elementwise::addcdiv_sqrt_host(wide, d, coefficients, &inputs[0].data, &inputs[1].data);
     })
 }
 
@@ -227,9 +204,7 @@ pub fn maximum<S: ParamStore + ?Sized>(
     check_sources("maximum", dst, &[src])?;
     // max is exact: f64 serves every dtype.
     on_host(store, dst, &[src], mask, |_, _, d, inputs| {
-        for (d, &x) in d.iter_mut().zip(&inputs[0].data) {
-            *d = elementwise::maximum(*d, x);
-        }
+        elementwise::maximum_host(d, &inputs[0].data);
     })
 }
 

@@ -38,6 +38,53 @@ pub fn maximum<T: Float>(a: T, b: T) -> T {
     }
 }
 
+/// [`addcmul`] over values copied to the host, in `f64` when `wide` (an
+/// `f64` tensor) and in `f32` otherwise: the arithmetic of the host defaults
+/// ([`composed::addcmul`](crate::composed::addcmul),
+/// [`TensorOps::addcmul`](crate::TensorOps::addcmul)).
+pub(crate) fn addcmul_host(wide: bool, d: &mut [f64], alpha: f64, x: &[f64], y: &[f64]) {
+    for ((d, &x), &y) in d.iter_mut().zip(x).zip(y) {
+        *d = if wide {
+            addcmul(*d, alpha, x, y)
+        } else {
+            f64::from(addcmul(*d as f32, alpha as f32, x as f32, y as f32))
+        };
+    }
+}
+
+/// [`addcdiv_sqrt`] over host values, as [`addcmul_host`]; the
+/// coefficients are `(alpha, divisor, eps)`.
+pub(crate) fn addcdiv_sqrt_host(
+    wide: bool,
+    d: &mut [f64],
+    (alpha, divisor, eps): (f64, f64, f64),
+    num: &[f64],
+    den: &[f64],
+) {
+    for ((d, &x), &y) in d.iter_mut().zip(num).zip(den) {
+        *d = if wide {
+            addcdiv_sqrt(*d, alpha, x, y, divisor, eps)
+        } else {
+            let (d32, x, y) = (*d as f32, x as f32, y as f32);
+            f64::from(addcdiv_sqrt(
+                d32,
+                alpha as f32,
+                x,
+                y,
+                divisor as f32,
+                eps as f32,
+            ))
+        };
+    }
+}
+
+/// [`maximum`] over host values (exact in `f64` for every dtype).
+pub(crate) fn maximum_host(d: &mut [f64], x: &[f64]) {
+    for (d, &x) in d.iter_mut().zip(x) {
+        *d = maximum(*d, x);
+    }
+}
+
 /// The buffers of Adam's moments, for
 /// [`ParamStore::adam_update`](crate::ParamStore::adam_update): three
 /// distinct buffers (two without AMSGrad).

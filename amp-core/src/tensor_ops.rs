@@ -108,16 +108,7 @@ pub trait TensorOps {
     ) -> Result<Self::Tensor> {
         let (mut d, x, z) = (self.to_host(y)?, self.to_host(a)?, self.to_host(b)?);
         let wide = self.dtype() == DType::F64;
-        let al = alpha.widen();
-        for ((d, &x), &z) in d.iter_mut().zip(&x).zip(&z) {
-            *d = if wide {
-                elementwise::addcmul(*d, al, x, z)
-            } else {
-                f64::from(elementwise::addcmul(
-                    *d as f32, al as f32, x as f32, z as f32,
-                ))
-            };
-        }
+        elementwise::addcmul_host(wide, &mut d, alpha.widen(), &x, &z);
         self.tensor_like(&d, y)
     }
 
@@ -136,17 +127,8 @@ pub trait TensorOps {
     ) -> Result<Self::Tensor> {
         let (mut d, x, z) = (self.to_host(y)?, self.to_host(num)?, self.to_host(den)?);
         let wide = self.dtype() == DType::F64;
-        let (al, c, e) = (alpha.widen(), divisor.widen(), eps.widen());
-        for ((d, &x), &z) in d.iter_mut().zip(&x).zip(&z) {
-            *d = if wide {
-                elementwise::addcdiv_sqrt(*d, al, x, z, c, e)
-            } else {
-                let (d32, x, z) = (*d as f32, x as f32, z as f32);
-                f64::from(elementwise::addcdiv_sqrt(
-                    d32, al as f32, x, z, c as f32, e as f32,
-                ))
-            };
-        }
+        let coefficients = (alpha.widen(), divisor.widen(), eps.widen());
+        elementwise::addcdiv_sqrt_host(wide, &mut d, coefficients, &x, &z);
         self.tensor_like(&d, y)
     }
 
@@ -155,9 +137,7 @@ pub trait TensorOps {
     /// running maximum. The default goes through the host.
     fn maximum(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
         let (mut d, x) = (self.to_host(a)?, self.to_host(b)?);
-        for (d, &x) in d.iter_mut().zip(&x) {
-            *d = elementwise::maximum(*d, x);
-        }
+        elementwise::maximum_host(&mut d, &x);
         self.tensor_like(&d, a)
     }
 }
