@@ -171,8 +171,8 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         let outcome = catch_unwind(AssertUnwindSafe(|| guard.ascend_all(grad_fn)));
         match outcome {
             Ok(Ok(())) => Ok(guard),
-            // The guard's drop brings θ back; an error restoring it is
-            // reported over the first.
+            // θ is brought back here rather than by the guard's drop, so
+            // that a failure to restore it is reported over the first error.
             Ok(Err(error)) => {
                 guard.restored = true;
                 guard.amp.restore(&guard.progress)?;
