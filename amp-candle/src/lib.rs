@@ -127,6 +127,18 @@ fn compute_dtype(storage: CDType) -> CDType {
     }
 }
 
+/// `tensor` converted to `dtype`. An empty tensor is made anew instead:
+/// candle's CUDA conversion launches a kernel even for zero elements, which
+/// the driver refuses (`CUDA_ERROR_INVALID_VALUE`), while the element-wise
+/// ops return empty inputs unchanged.
+fn cast(tensor: &Tensor, dtype: CDType) -> candle_core::Result<Tensor> {
+    if tensor.elem_count() == 0 && tensor.dtype() != dtype {
+        Tensor::zeros(tensor.shape(), dtype, tensor.device())
+    } else {
+        tensor.to_dtype(dtype)
+    }
+}
+
 fn backend(error: candle_core::Error) -> AmpError {
     AmpError::backend(error)
 }
@@ -580,12 +592,12 @@ impl CandleStore {
 
     /// Widens to the compute dtype (a no-op unless half precision).
     fn up(&self, tensor: &Tensor) -> Result<Tensor> {
-        tensor.to_dtype(self.compute).map_err(backend)
+        cast(tensor, self.compute).map_err(backend)
     }
 
     /// Rounds back to the storage dtype.
     fn down(&self, tensor: Tensor) -> Result<Tensor> {
-        tensor.to_dtype(self.dtype).map_err(backend)
+        cast(&tensor, self.dtype).map_err(backend)
     }
 
     /// One tensor of `dtype` and length `n` from per-tensor 0-d results of
@@ -615,7 +627,7 @@ fn host_to_tensor(value: &HostTensor, dtype: CDType, device: &Device) -> Result<
         });
     }
     Tensor::from_vec(value.data.clone(), value.shape.clone(), device)
-        .and_then(|t| t.to_dtype(dtype))
+        .and_then(|t| cast(&t, dtype))
         .map_err(backend)
 }
 
@@ -831,7 +843,7 @@ impl ParamStore for CandleStore {
         let max_norm = Tensor::from_slice(max_norm, max_norm.len(), &self.device)
             .and_then(|t| t.to_dtype(self.compute))
             .map_err(backend)?;
-        let norms = norms.norms.to_dtype(self.compute).map_err(backend)?;
+        let norms = cast(&norms.norms, self.compute).map_err(backend)?;
         let coefficients = norms
             .affine(1.0, PROJECTION_GUARD)
             .and_then(|guarded| max_norm.div(&guarded))
@@ -851,9 +863,7 @@ impl ParamStore for CandleStore {
     }
 
     fn norms_to_host(&self, norms: &CandleNorms) -> Result<Vec<f64>> {
-        norms
-            .norms
-            .to_dtype(CDType::F64)
+        cast(&norms.norms, CDType::F64)
             .and_then(|n| n.to_vec1::<f64>())
             .map_err(backend)
     }
