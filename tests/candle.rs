@@ -4,9 +4,10 @@
 #![cfg(feature = "candle")]
 
 use amp_candle::CandleStore;
-use amp_core::{DType, HostTensor, Result};
-use amp_testkit::{conformance_suite, properties, StoreFactory};
-use candle_core::Device;
+use amp_core::{AmpError, DType, HostTensor, Result};
+use amp_testkit::autograd::AutogradFactory;
+use amp_testkit::{autograd_suite, conformance_suite, properties, Objective, StoreFactory};
+use candle_core::{DType as CDType, Device, Tensor};
 
 /// candle stores on one device.
 struct CandleFactory(Device);
@@ -26,6 +27,49 @@ impl StoreFactory for CandleFactory {
         format!("candle {:?}", self.0)
     }
 }
+
+/// The conformance objective written with candle's operations on the
+/// store's vars, in f64 (frozen tensors enter detached).
+fn objective_loss(store: &CandleStore, objective: &Objective) -> candle_core::Result<Tensor> {
+    let device = store.device();
+    let constant = |values: &[f64]| Tensor::from_slice(values, values.len(), device);
+    let mut loss = Tensor::zeros((), CDType::F64, device)?;
+    let mut s = Tensor::zeros((), CDType::F64, device)?;
+    for (i, var) in store.vars().iter().enumerate() {
+        let theta = if objective.frozen[i] {
+            var.as_tensor().detach()
+        } else {
+            var.as_tensor().clone()
+        };
+        let theta = theta.to_dtype(CDType::F64)?.flatten_all()?;
+        let d = theta.sub(&constant(&objective.center[i])?)?;
+        let term = constant(&objective.curvature[i])?
+            .mul(&d.sqr()?)?
+            .sum_all()?;
+        loss = loss.add(&term.affine(0.5, 0.0)?)?;
+        let coupled = constant(&objective.coupling_weights[i])?
+            .mul(&theta)?
+            .sum_all()?;
+        s = s.add(&coupled)?;
+    }
+    loss.add(&s.sqr()?.affine(0.5 * objective.coupling, 0.0)?)
+}
+
+impl AutogradFactory for CandleFactory {
+    fn loss_and_grads(&self, store: &mut CandleStore, objective: &Objective) -> Result<f64> {
+        let loss = objective_loss(store, objective).map_err(AmpError::backend)?;
+        store.backward(&loss)
+    }
+
+    fn model_loss(&self, store: &mut CandleStore, objective: &Objective) -> Result<f64> {
+        objective_loss(store, objective)
+            .and_then(|loss| loss.to_scalar::<f64>())
+            .map_err(AmpError::backend)
+    }
+}
+
+autograd_suite!(candle_autograd_f64, CandleFactory(Device::Cpu), DType::F64);
+autograd_suite!(candle_autograd_f32, CandleFactory(Device::Cpu), DType::F32);
 
 conformance_suite!(candle_cpu_f64, CandleFactory(Device::Cpu), DType::F64);
 conformance_suite!(candle_cpu_f32, CandleFactory(Device::Cpu), DType::F32);

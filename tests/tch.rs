@@ -3,10 +3,11 @@
 //! present; otherwise the CUDA test prints that it was skipped.
 #![cfg(feature = "tch")]
 
-use amp_core::{DType, HostTensor, Result};
+use amp_core::{AmpError, DType, HostTensor, Result};
 use amp_tch::TchStore;
-use amp_testkit::{conformance_suite, properties, StoreFactory};
-use tch::Device;
+use amp_testkit::autograd::AutogradFactory;
+use amp_testkit::{autograd_suite, conformance_suite, properties, Objective, StoreFactory};
+use tch::{Device, Kind, Tensor};
 
 /// libtorch stores on one device, in the flat layout of
 /// [`TchStore::flatten`] when `flat` is set.
@@ -50,6 +51,62 @@ impl StoreFactory for TchFactory {
         format!("tch {:?}{layout}", self.device)
     }
 }
+
+/// The conformance objective written with libtorch's operations on the
+/// store's tensors, in f64 (frozen tensors enter detached).
+fn objective_loss(
+    store: &TchStore,
+    objective: &Objective,
+) -> std::result::Result<Tensor, tch::TchError> {
+    let device = store.device();
+    let constant = |values: &[f64]| Tensor::f_from_slice(values)?.f_to_device(device);
+    let mut loss = Tensor::f_zeros([], (Kind::Double, device))?;
+    let mut s = Tensor::f_zeros([], (Kind::Double, device))?;
+    for (i, tensor) in store.tensors().iter().enumerate() {
+        let theta = if objective.frozen[i] {
+            tensor.detach()
+        } else {
+            tensor.shallow_clone()
+        };
+        let theta = theta.f_to_kind(Kind::Double)?.f_reshape([-1])?;
+        let d = theta.f_sub(&constant(&objective.center[i])?)?;
+        let term = constant(&objective.curvature[i])?
+            .f_mul(&d.f_square()?)?
+            .f_sum(Kind::Double)?;
+        loss = loss.f_add(&term.f_mul_scalar(0.5)?)?;
+        let coupled = constant(&objective.coupling_weights[i])?
+            .f_mul(&theta)?
+            .f_sum(Kind::Double)?;
+        s = s.f_add(&coupled)?;
+    }
+    loss.f_add(&s.f_square()?.f_mul_scalar(0.5 * objective.coupling)?)
+}
+
+impl AutogradFactory for TchFactory {
+    fn loss_and_grads(&self, store: &mut TchStore, objective: &Objective) -> Result<f64> {
+        let loss = objective_loss(store, objective).map_err(AmpError::backend)?;
+        loss.f_backward().map_err(AmpError::backend)?;
+        f64::try_from(&loss).map_err(AmpError::backend)
+    }
+
+    fn model_loss(&self, store: &mut TchStore, objective: &Objective) -> Result<f64> {
+        let loss = tch::no_grad(|| objective_loss(store, objective)).map_err(AmpError::backend)?;
+        f64::try_from(&loss).map_err(AmpError::backend)
+    }
+}
+
+autograd_suite!(tch_autograd_f64, TchFactory::on(Device::Cpu), DType::F64);
+autograd_suite!(tch_autograd_f32, TchFactory::on(Device::Cpu), DType::F32);
+autograd_suite!(
+    tch_autograd_flat_f64,
+    TchFactory::flat(Device::Cpu),
+    DType::F64
+);
+autograd_suite!(
+    tch_autograd_flat_f32,
+    TchFactory::flat(Device::Cpu),
+    DType::F32
+);
 
 conformance_suite!(tch_cpu_f64, TchFactory::on(Device::Cpu), DType::F64);
 conformance_suite!(tch_cpu_f32, TchFactory::on(Device::Cpu), DType::F32);

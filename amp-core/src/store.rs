@@ -176,9 +176,22 @@ impl<T: Float + Debug + Send + Sync + 'static> Scalar for T {}
 /// [`Amp::step`](crate::Amp::step) calls [`zero_grads`](ParamStore::zero_grads)
 /// before every closure call; afterwards [`grad_mask`](ParamStore::grad_mask)
 /// says which tensors received a gradient. How a gradient gets into the store
-/// is the backend's business: written by hand (ndarray), accumulated by
-/// autograd into each tensor (libtorch), or handed over from a gradient map
-/// returned by `backward()` (candle).
+/// is the backend's business: written from the host
+/// ([`write_grad`](ParamStore::write_grad)), accumulated by autograd into
+/// each tensor (libtorch), or handed over from a gradient map returned by
+/// `backward()` (candle).
+///
+/// The presence rules every store follows (the conformance suite's
+/// `gradient_presence` property checks them):
+/// - [`zero_grads`](ParamStore::zero_grads) makes every gradient absent;
+/// - writing [`Slot::Grads`] (through [`write`](ParamStore::write) or
+///   [`write_grad`](ParamStore::write_grad)) makes that tensor's gradient
+///   present, and so does the framework's backward pass for the tensors it
+///   reaches;
+/// - nothing else changes presence: operations with `Slot::Grads` as their
+///   destination (such as [`scale`](ParamStore::scale) for clipping) change
+///   values only;
+/// - an absent gradient reads as zeros.
 ///
 /// # Implementing it for your own tensor type
 /// Implement the required methods over your tensor type; the provided ones
@@ -258,8 +271,19 @@ pub trait ParamStore {
 
     /// Overwrites tensor `index` of `slot` with `value`, which must have the
     /// tensor's shape ([`AmpError::ShapeMismatch`] otherwise, and nothing is
-    /// written). Values are rounded to the store's dtype.
+    /// written). Values are rounded to the store's dtype. Writing
+    /// [`Slot::Grads`] also marks that gradient present (see
+    /// [Gradients](ParamStore#gradients)).
     fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()>;
+
+    /// Sets the gradient of tensor `index` from the host and marks it
+    /// present: `grad_mask()?[index]` is `true` until the next
+    /// [`zero_grads`](ParamStore::zero_grads). What a closure that computes
+    /// gradients on the host calls. The default is
+    /// [`write`](ParamStore::write) into [`Slot::Grads`].
+    fn write_grad(&mut self, index: usize, value: &HostTensor) -> Result<()> {
+        self.write(Slot::Grads, index, value)
+    }
 
     /// `dst[i] ← base[i] + alpha[i] · src[i]`: an [`axpy`](ParamStore::axpy)
     /// whose addend is read from `base` instead of `dst`, in one pass (one

@@ -6,6 +6,7 @@
 
 use crate::elementwise;
 use crate::error::Result;
+use crate::grad_fn::Pass;
 use crate::store::{DType, Scalar};
 
 /// The operations AMP needs on **one tensor** of a framework's tensor type.
@@ -139,5 +140,22 @@ pub trait TensorOps {
         let (mut d, x) = (self.to_host(a)?, self.to_host(b)?);
         elementwise::maximum_host(&mut d, &x);
         self.tensor_like(&d, a)
+    }
+
+    /// Called by [`TensorStore`](crate::TensorStore) before every closure
+    /// call with the weights that pass must see: θ on the clean pass, θ + δₖ
+    /// on perturbed pass k.
+    ///
+    /// For frameworks whose model owns its weights as immutable tensors
+    /// (module-owned parameters rebuilt by mapping), rebuild the model from
+    /// `params` here and keep it in `self`; the closure reaches it through
+    /// [`TensorStore::ops`](crate::TensorStore::ops). The weights change
+    /// only through the store's operations, so a rebuild is needed only
+    /// when a step has changed them since the last call. The default does
+    /// nothing: right for frameworks whose model reads the store's tensors
+    /// directly.
+    fn prepare_pass(&mut self, params: &[Self::Tensor], pass: Pass) -> Result<()> {
+        let _ = (params, pass);
+        Ok(())
     }
 }

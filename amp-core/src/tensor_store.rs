@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use num_traits::{Float, One, Zero};
 
 use crate::error::{AmpError, Result};
+use crate::grad_fn::Pass;
 use crate::store::{
     check_index, check_len, check_shape, BufferId, Buffers, DType, HostTensor, ParamStore, Scalar,
     Slot, PROJECTION_GUARD,
@@ -112,6 +113,13 @@ impl<O: TensorOps> TensorStore<O> {
     /// The operations the store runs on its tensors.
     pub fn ops(&self) -> &O {
         &self.ops
+    }
+
+    /// The operations, mutably: where a framework's model kept by
+    /// [`TensorOps::prepare_pass`] is reached between steps (to hand it back
+    /// after the last step, rebuild it from [`TensorStore::params`] first).
+    pub fn ops_mut(&mut self) -> &mut O {
+        &mut self.ops
     }
 
     /// The parameters, in store order: what a closure builds its model from.
@@ -255,6 +263,10 @@ impl<O: TensorOps> ParamStore for TensorStore<O> {
 
     fn grad_mask(&self) -> Result<Vec<bool>> {
         Ok(self.grads.iter().map(Option::is_some).collect())
+    }
+
+    fn prepare_pass(&mut self, pass: Pass) -> Result<()> {
+        self.ops.prepare_pass(&self.params, pass)
     }
 
     fn alloc_buffer(&mut self) -> Result<BufferId> {

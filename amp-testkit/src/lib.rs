@@ -16,9 +16,14 @@
 //! - [`properties`]: the invariants of the algorithm as functions that a
 //!   proptest body calls for any backend.
 //! - [`strategies`]: proptest generators of cases.
+//! - [`autograd`]: the framework side — runs whose gradients come from the
+//!   backend's own autograd, checking that the model sees θ + δ on every
+//!   perturbed pass and that gradients are collected as the loss demands.
 #![warn(missing_docs)]
 
+pub mod autograd;
 mod base;
+mod contract;
 pub mod faulty;
 pub mod properties;
 pub mod reference;
@@ -43,6 +48,12 @@ pub trait StoreFactory {
     fn make(&self, values: &[HostTensor], dtype: DType) -> Result<Self::Store>;
     /// A human-readable name, such as `"ndarray f32"`.
     fn name(&self) -> String;
+    /// Whether the framework has 0-d (scalar) tensors. When it has not,
+    /// the suites give every case's 0-d tensor the shape `[1]` instead
+    /// ([`Case::fitted_to`]).
+    fn zero_dim_tensors(&self) -> bool {
+        true
+    }
 }
 
 /// An analytic, non-separable loss over all parameter tensors:
@@ -123,7 +134,7 @@ impl Objective {
                         g[0] = f64::NAN;
                     }
                     let t = HostTensor::new(theta[i].shape.clone(), theta[i].dtype, g)?;
-                    store.write(Slot::Grads, i, &t)?;
+                    store.write_grad(i, &t)?;
                 }
             }
             if fault == Fault::NanLoss(call) {
@@ -207,6 +218,27 @@ impl Case {
         }
     }
 
+    /// This case with every 0-d tensor given the shape `[1]` (same value).
+    pub fn without_zero_dim(mut self) -> Case {
+        for tensor in &mut self.init {
+            if tensor.shape.is_empty() {
+                tensor.shape = vec![1];
+            }
+        }
+        self
+    }
+
+    /// This case as `factory`'s framework can hold it: unchanged, or
+    /// [`Case::without_zero_dim`] when the factory says the framework has
+    /// no 0-d tensors.
+    pub fn fitted_to<F: StoreFactory>(self, factory: &F) -> Case {
+        if factory.zero_dim_tensors() {
+            self
+        } else {
+            self.without_zero_dim()
+        }
+    }
+
     /// The optimiser of this case over `store`.
     pub fn build<S: ParamStore>(&self, store: S) -> Result<Amp<S, CaseBase>> {
         Amp::new(
@@ -257,9 +289,30 @@ pub fn base_state<S: ParamStore, O: BaseOptimizer<S>>(amp: &Amp<S, O>) -> Result
 
 /// Runs `case` on a store from `factory` with dtype `dtype`.
 pub fn run_case<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Result<Outcome> {
+    let calls = Cell::new(0);
+    let grad_fn = case.objective.grad_fn(&calls, Fault::None);
+    let mut out = run_case_with(factory, case, dtype, grad_fn, |_: &mut F::Store, _| Ok(()))?;
+    out.closure_calls = calls.get();
+    Ok(out)
+}
+
+/// Runs `case` on a store from `factory` with dtype `dtype` and the
+/// gradient function `grad_fn`; `after_step(store, step)` runs after each
+/// step (0-based). The outcome counts the closure calls.
+pub fn run_case_with<F, G, A>(
+    factory: &F,
+    case: &Case,
+    dtype: DType,
+    mut grad_fn: G,
+    mut after_step: A,
+) -> Result<Outcome>
+where
+    F: StoreFactory,
+    G: FnMut(&mut F::Store, Pass) -> Result<((), f64)>,
+    A: FnMut(&mut F::Store, usize) -> Result<()>,
+{
     let store = factory.make(&case.init, dtype)?;
     let mut amp = case.build(store)?;
-    let calls = Cell::new(0);
     let mut out = Outcome {
         params: Vec::new(),
         base_state: OptimizerState::default(),
@@ -269,16 +322,17 @@ pub fn run_case<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Resu
         clipped: Vec::new(),
         closure_calls: 0,
     };
-    for _ in 0..case.steps {
-        let report = amp.step(case.objective.grad_fn(&calls, Fault::None))?;
+    for step in 0..case.steps {
+        let report = amp.step(&mut grad_fn)?;
+        out.closure_calls += report.closure_calls;
         out.losses.push(report.loss);
         out.perturbed_losses.push(report.perturbed_losses);
         out.perturbation_norms.push(report.perturbation_norms);
         out.clipped.push(report.clipped);
+        after_step(amp.store_mut(), step)?;
     }
     out.params = read_slot(amp.store(), Slot::Params)?;
     out.base_state = base_state(&amp)?;
-    out.closure_calls = calls.get();
     Ok(out)
 }
 
@@ -687,7 +741,8 @@ macro_rules! conformance_suite {
                 failure_leaves_state,
                 store_panic_leaves_state,
                 split_step_matches_step,
-                adam_update_matches_composed
+                adam_update_matches_composed,
+                gradient_presence
             );
         }
     };
@@ -698,6 +753,7 @@ macro_rules! conformance_suite {
                 #[test]
                 fn $property(case in strategies::case(5, 4)) {
                     let factory = $factory;
+                    let case = case.fitted_to(&factory);
                     if let Err(message) = properties::$property(&factory, &case, $dtype) {
                         prop_assert!(false, "{}", message);
                     }

@@ -12,11 +12,13 @@ use crate::{
     Fault, NdFactory, StoreFactory, Tolerance,
 };
 
+pub use crate::contract::gradient_presence;
 pub use crate::split::{adam_update_matches_composed, split_step_matches_step};
 
-type Check = std::result::Result<(), String>;
+/// What a property returns: `Err` with a message saying what broke.
+pub type Check = std::result::Result<(), String>;
 
-fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+pub(crate) fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
@@ -700,7 +702,8 @@ pub fn all<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
     failure_leaves_state(factory, case, dtype)?;
     store_panic_leaves_state(factory, case, dtype)?;
     split_step_matches_step(factory, case, dtype)?;
-    adam_update_matches_composed(factory, case, dtype)
+    adam_update_matches_composed(factory, case, dtype)?;
+    gradient_presence(factory, case, dtype)
 }
 
 /// The store's gradients as the host sees them (for tests of backends).
@@ -728,6 +731,7 @@ pub fn devices_agree<A: StoreFactory, B: StoreFactory>(
 pub fn device_suite<A: StoreFactory, B: StoreFactory>(device: &A, cpu: &B, dtype: DType) {
     let mut runner = proptest::test_runner::TestRunner::new(crate::proptest_config());
     let result = runner.run(&crate::strategies::case(5, 4), |case| {
+        let case = case.fitted_to(device);
         all(device, &case, dtype)
             .and_then(|()| devices_agree(device, cpu, &case, dtype))
             .map_err(proptest::test_runner::TestCaseError::fail)
