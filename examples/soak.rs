@@ -89,7 +89,7 @@ fn soak<S: ParamStore>(name: &str, make: impl FnOnce() -> Result<S>, steps: u64)
                 let a = 1.0 + i as f64 * 0.25;
                 let c = 0.1 * (t as f64 * 0.01 + i as f64).sin();
                 let grad = theta
-                    .data
+                    .data()
                     .iter()
                     .map(|&x| {
                         loss += 0.5 * a * x * x + c * x;
@@ -99,7 +99,7 @@ fn soak<S: ParamStore>(name: &str, make: impl FnOnce() -> Result<S>, steps: u64)
                 store.write(
                     Slot::Grads,
                     i,
-                    &HostTensor::new(theta.shape, theta.dtype, grad)?,
+                    &HostTensor::new(theta.shape().to_vec(), theta.dtype(), grad)?,
                 )?;
             }
             Ok(((), if poisoned { f64::NAN } else { loss }))
@@ -160,8 +160,8 @@ fn main() -> std::result::Result<(), AmpError> {
             let arrays = init
                 .into_iter()
                 .map(|t| {
-                    let data = t.data.iter().map(|&x| T::from_f64_rounded(x)).collect();
-                    ndarray::ArrayD::from_shape_vec(t.shape, data).map_err(AmpError::backend)
+                    let data = t.data().iter().map(|&x| T::from_f64_rounded(x)).collect();
+                    ndarray::ArrayD::from_shape_vec(t.shape(), data).map_err(AmpError::backend)
                 })
                 .collect::<Result<Vec<_>>>()?;
             Ok(NdStore::new(arrays))

@@ -16,10 +16,7 @@ impl StoreFactory for CandleFactory {
     type Store = CandleStore;
 
     fn make(&self, values: &[HostTensor], dtype: DType) -> Result<CandleStore> {
-        let values: Vec<HostTensor> = values
-            .iter()
-            .map(|v| HostTensor { dtype, ..v.clone() })
-            .collect();
+        let values: Vec<HostTensor> = values.iter().map(|v| v.clone().with_dtype(dtype)).collect();
         CandleStore::from_host(&values, &self.0)
     }
 

@@ -128,7 +128,7 @@ fn train_step<S: ParamStore>(amp: &mut Amp<S>, t: u64) -> Result<()> {
             let theta = store.read(Slot::Params, i)?;
             let a = 1.0 + i as f64 * 0.5;
             let mut grad = Vec::with_capacity(theta.numel());
-            for (j, &x) in theta.data.iter().enumerate() {
+            for (j, &x) in theta.data().iter().enumerate() {
                 let c = 0.2 * (t as f64 * 1.3 + i as f64 * 0.7 + j as f64 * 0.11).sin();
                 loss += 0.5 * a * x * x - x.cos() + c * x;
                 grad.push(a * x + x.sin() + c);
@@ -136,7 +136,7 @@ fn train_step<S: ParamStore>(amp: &mut Amp<S>, t: u64) -> Result<()> {
             store.write(
                 Slot::Grads,
                 i,
-                &HostTensor::new(theta.shape, theta.dtype, grad)?,
+                &HostTensor::new(theta.shape().to_vec(), theta.dtype(), grad)?,
             )?;
         }
         Ok(((), loss))
@@ -156,7 +156,7 @@ struct Fingerprint {
 }
 
 fn bits(tensor: &HostTensor) -> Vec<u64> {
-    tensor.data.iter().map(|x| x.to_bits()).collect()
+    tensor.data().iter().map(|x| x.to_bits()).collect()
 }
 
 fn fingerprint<S: ParamStore>(amp: &Amp<S>) -> Fingerprint {
@@ -510,8 +510,8 @@ fn nd<T: amp::backend::ndarray::Element>(init: &[HostTensor]) -> NdStore<T> {
         init.iter()
             .map(|t| {
                 ndarray::ArrayD::from_shape_vec(
-                    t.shape.clone(),
-                    t.data.iter().map(|&x| T::from_f64_rounded(x)).collect(),
+                    t.shape().to_vec(),
+                    t.data().iter().map(|&x| T::from_f64_rounded(x)).collect(),
                 )
                 .expect("shape matches")
             })
@@ -525,9 +525,7 @@ checkpoint_suite!(ndarray_f64, nd::<f64>);
 /// Host values with their dtype set, for the backends' `from_host`.
 #[cfg(any(feature = "candle", feature = "tch"))]
 fn as_dtype(init: &[HostTensor], dtype: DType) -> Vec<HostTensor> {
-    init.iter()
-        .map(|t| HostTensor { dtype, ..t.clone() })
-        .collect()
+    init.iter().map(|t| t.clone().with_dtype(dtype)).collect()
 }
 
 #[cfg(feature = "candle")]
@@ -840,17 +838,17 @@ impl ParamStore for HostStore {
     }
     fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()> {
         let expected = self.shape(index)?;
-        if value.shape != expected {
+        if value.shape() != expected {
             return Err(AmpError::ShapeMismatch {
                 index,
                 expected,
-                found: value.shape.clone(),
+                found: value.shape().to_vec(),
             });
         }
         let tensors = self.slots[Self::index(slot)]
             .as_mut()
             .ok_or(AmpError::UnknownBuffer(0))?;
-        tensors[index] = value.data.clone();
+        tensors[index] = value.data().to_vec();
         Ok(())
     }
 }
@@ -904,8 +902,8 @@ fn half_precision_tensors_are_stored_as_f16_and_bf16() {
         .expect("valid");
         checkpoint::from_bytes(&mut back, &bytes).expect("same dtype");
         let loaded = back.store().read(Slot::Params, 0).expect("read");
-        assert_eq!(loaded.data, values[0].1);
-        assert!(back.store().read(Slot::Params, 1).expect("read").data[0].is_sign_negative());
+        assert_eq!(loaded.data(), values[0].1);
+        assert!(back.store().read(Slot::Params, 1).expect("read").data()[0].is_sign_negative());
 
         // Half → f32 is lossless.
         let mut wide = Amp::sgd(

@@ -181,15 +181,15 @@ impl ParamStore for VecStore {
     }
     fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()> {
         let expected = self.shape(index)?;
-        if value.shape != expected {
+        if value.shape() != expected {
             return Err(AmpError::ShapeMismatch {
                 index,
                 expected,
-                found: value.shape.clone(),
+                found: value.shape().to_vec(),
             });
         }
         let mut all = self.get(slot)?;
-        all[index] = value.data.clone();
+        all[index] = value.data().to_vec();
         let mut mask = vec![false; self.params.len()];
         mask[index] = true;
         self.put(slot, all, &mask)
@@ -205,8 +205,8 @@ impl StoreFactory for VecFactory {
             return Err(AmpError::backend("VecStore holds f64 only"));
         }
         Ok(VecStore::new(
-            values.iter().map(|v| v.shape.clone()).collect(),
-            values.iter().map(|v| v.data.clone()).collect(),
+            values.iter().map(|v| v.shape().to_vec()).collect(),
+            values.iter().map(|v| v.data().to_vec()).collect(),
         ))
     }
     fn name(&self) -> String {

@@ -74,8 +74,8 @@ impl StoreFactory for DenseFactory {
         let tensors = values
             .iter()
             .map(|v| Dense {
-                shape: v.shape.clone(),
-                data: v.data.clone(),
+                shape: v.shape().to_vec(),
+                data: v.data().to_vec(),
             })
             .collect();
         Ok(TensorStore::new(DenseOps, tensors))

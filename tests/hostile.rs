@@ -28,7 +28,7 @@ fn quadratic<S: ParamStore>(s: &mut S, _pass: Pass) -> Result<((), f64), AmpErro
     let mut loss = 0.0;
     for i in 0..s.num_tensors() {
         let theta = s.read(Slot::Params, i)?;
-        loss += 0.5 * theta.data.iter().map(|x| x * x).sum::<f64>();
+        loss += 0.5 * theta.data().iter().map(|x| x * x).sum::<f64>();
         s.write(Slot::Grads, i, &theta)?;
     }
     Ok(((), loss))
@@ -133,7 +133,10 @@ fn non_finite_optimiser_state_is_refused() {
     for bad in [f64::NAN, f64::INFINITY, 1e39] {
         let mut state = amp.state().expect("state");
         let momentum = &mut state.base.state.buffers[0].1[0];
-        momentum.as_mut().expect("momentum after two steps").data[1] = bad;
+        momentum
+            .as_mut()
+            .expect("momentum after two steps")
+            .data_mut()[1] = bad;
         let error = amp.load_state(&state).unwrap_err();
         assert!(matches!(error, AmpError::InvalidState(_)), "{bad}: {error}");
         assert_eq!(snapshot(&amp), before, "{bad}");
@@ -219,7 +222,7 @@ fn a_failed_state_load_leaves_the_momentum_whole() {
     let before = amp.state().expect("state");
     let mut next = before.clone();
     for tensor in next.base.state.buffers[0].1.iter_mut().flatten() {
-        tensor.data.iter_mut().for_each(|x| *x += 1.0);
+        tensor.data_mut().iter_mut().for_each(|x| *x += 1.0);
     }
     // Each store operation of the load in turn fails.
     for n in 0..8 {
@@ -389,7 +392,7 @@ proptest::proptest! {
         }
         let mut values = momentum.into_iter();
         for tensor in state.base.state.buffers[0].1.iter_mut().flatten() {
-            for x in &mut tensor.data {
+            for x in tensor.data_mut() {
                 *x = values.next().unwrap_or(*x);
             }
         }
@@ -401,7 +404,7 @@ proptest::proptest! {
         let options = amp::StateOptions::default().keep_hyperparameters(keep);
         let moderate = lr.abs() <= 1e6
             && state.groups[0].epsilon.abs() <= 1e6
-            && state.base.state.buffers[0].1.iter().flatten().all(|t| t.data.iter().all(|x| x.abs() <= 1e6));
+            && state.base.state.buffers[0].1.iter().flatten().all(|t| t.data().iter().all(|x| x.abs() <= 1e6));
         let before = snapshot(&amp);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             match amp.load_state_with(&state, &options) {
@@ -424,4 +427,21 @@ proptest::proptest! {
         }));
         proptest::prop_assert!(outcome.is_ok(), "panicked");
     }
+}
+
+#[test]
+fn a_host_tensor_whose_data_does_not_fit_its_shape_cannot_be_deserialised() {
+    let t = amp::HostTensor::new(vec![2, 2], amp::DType::F32, vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+    let mut json = serde_json::to_value(&t).unwrap();
+    let back: amp::HostTensor = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(back, t);
+    json["shape"] = serde_json::json!([2, 3]);
+    let error = serde_json::from_value::<amp::HostTensor>(json.clone()).unwrap_err();
+    assert!(
+        error.to_string().contains("host tensor elements"),
+        "{error}"
+    );
+    // A shape whose element count overflows is refused, not wrapped.
+    json["shape"] = serde_json::json!([usize::MAX, 2]);
+    assert!(serde_json::from_value::<amp::HostTensor>(json).is_err());
 }

@@ -96,7 +96,7 @@ fn step<S: ParamStore>(amp: &mut Amp<S>, t: u64, fault: Option<Fault>) -> Result
             let theta = store.read(Slot::Params, i)?;
             let a = 1.0 + i as f64;
             let mut grad = Vec::with_capacity(theta.numel());
-            for (j, &x) in theta.data.iter().enumerate() {
+            for (j, &x) in theta.data().iter().enumerate() {
                 let c = 0.3 * (t as f64 + i as f64 * 0.7 + j as f64 * 0.3).cos();
                 loss += 0.5 * a * x * x + c * x;
                 grad.push(a * x + c);
@@ -113,7 +113,7 @@ fn step<S: ParamStore>(amp: &mut Amp<S>, t: u64, fault: Option<Fault>) -> Result
             store.write(
                 Slot::Grads,
                 i,
-                &HostTensor::new(theta.shape, theta.dtype, grad)?,
+                &HostTensor::new(theta.shape().to_vec(), theta.dtype(), grad)?,
             )?;
         }
         if let Some(Fault {
@@ -137,7 +137,7 @@ struct Fingerprint {
 }
 
 fn fingerprint<S: ParamStore>(amp: &Amp<S>) -> Fingerprint {
-    let bits = |t: &HostTensor| t.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let bits = |t: &HostTensor| t.data().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let state = amp.state().expect("state reads").base.state;
     let momentum = state
         .buffers

@@ -35,10 +35,7 @@ impl StoreFactory for TchFactory {
     type Store = TchStore;
 
     fn make(&self, values: &[HostTensor], dtype: DType) -> Result<TchStore> {
-        let values: Vec<HostTensor> = values
-            .iter()
-            .map(|v| HostTensor { dtype, ..v.clone() })
-            .collect();
+        let values: Vec<HostTensor> = values.iter().map(|v| v.clone().with_dtype(dtype)).collect();
         let mut store = TchStore::from_host(&values, self.device)?;
         if self.flat {
             store.flatten()?;

@@ -67,7 +67,7 @@ fn refused_load_after_new_storage_keeps_the_pre_load_weights() {
     }
     let before = values(&[&a, &b]);
     let seen_before: Vec<Vec<f64>> = (0..2)
-        .map(|i| amp.store().read(Slot::Params, i).unwrap().data)
+        .map(|i| amp.store().read(Slot::Params, i).unwrap().into_data())
         .collect();
 
     let keep = checkpoint::LoadOptions::default().keep_hyperparameters(true);
@@ -80,7 +80,7 @@ fn refused_load_after_new_storage_keeps_the_pre_load_weights() {
         "a refused load changed the weights"
     );
     let seen_after: Vec<Vec<f64>> = (0..2)
-        .map(|i| amp.store().read(Slot::Params, i).unwrap().data)
+        .map(|i| amp.store().read(Slot::Params, i).unwrap().into_data())
         .collect();
     assert_eq!(seen_after, seen_before);
 

@@ -304,10 +304,10 @@ impl CandleStore {
             .iter()
             .enumerate()
             .map(|(index, value)| {
-                let dtype = candle_dtype(value.dtype).ok_or_else(|| AmpError::DTypeMismatch {
+                let dtype = candle_dtype(value.dtype()).ok_or_else(|| AmpError::DTypeMismatch {
                     index,
                     expected: "a dtype candle supports".into(),
-                    found: value.dtype.to_string(),
+                    found: value.dtype().to_string(),
                 })?;
                 let tensor = host_to_tensor(value, dtype, device)?;
                 Var::from_tensor(&tensor).map_err(backend)
@@ -618,15 +618,15 @@ impl CandleStore {
 /// Builds a tensor of `dtype` on `device` from host values, checking that
 /// the data fits the shape.
 fn host_to_tensor(value: &HostTensor, dtype: CDType, device: &Device) -> Result<Tensor> {
-    let numel: usize = value.shape.iter().product();
-    if numel != value.data.len() {
+    let numel: usize = value.shape().iter().product();
+    if numel != value.data().len() {
         return Err(AmpError::CountMismatch {
             what: "host tensor elements",
             expected: numel,
-            found: value.data.len(),
+            found: value.data().len(),
         });
     }
-    Tensor::from_vec(value.data.clone(), value.shape.clone(), device)
+    Tensor::from_vec(value.data().to_vec(), value.shape().to_vec(), device)
         .and_then(|t| cast(&t, dtype))
         .map_err(backend)
 }
@@ -918,7 +918,7 @@ impl ParamStore for CandleStore {
     }
 
     fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()> {
-        check_shape(index, &self.shape(index)?, &value.shape)?;
+        check_shape(index, &self.shape(index)?, value.shape())?;
         self.check_slot(slot)?;
         let tensor = host_to_tensor(value, self.dtype, &self.device)?;
         self.put(slot, index, tensor)?;

@@ -146,7 +146,7 @@ fn backward_captures_the_grads_of_the_stores_vars() {
     let doubled = store.read(Slot::Grads, 1).unwrap();
     store.absorb_grads(&expected).unwrap();
     let single = store.read(Slot::Grads, 1).unwrap();
-    for (d, s) in doubled.data.iter().zip(&single.data) {
+    for (d, s) in doubled.data().iter().zip(single.data()) {
         assert_eq!(*d, 2.0 * s);
     }
 

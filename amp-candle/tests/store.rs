@@ -36,8 +36,8 @@ fn host_round_trip_is_exact_for_every_dtype() {
         assert_eq!(store.dtype(), dtype);
         for i in 0..store.num_tensors() {
             let theta = store.read(Slot::Params, i).unwrap();
-            assert_eq!(theta.dtype, dtype);
-            assert_eq!(theta.shape, common::SHAPES[i]);
+            assert_eq!(theta.dtype(), dtype);
+            assert_eq!(theta.shape(), common::SHAPES[i]);
             // Values already rounded to the dtype come back bit for bit.
             store.write(Slot::Grads, i, &theta).unwrap();
             assert_eq!(store.read(Slot::Grads, i).unwrap(), theta);
@@ -60,7 +60,7 @@ fn writes_round_to_the_dtype() {
             &host(&[2], DType::F64, &[1.0 + 1.0 / 1024.0, 2.0]),
         )
         .unwrap();
-    assert_eq!(store.read(Slot::Params, 0).unwrap().data, [1.0, 2.0]);
+    assert_eq!(store.read(Slot::Params, 0).unwrap().data(), [1.0, 2.0]);
 }
 
 #[test]
@@ -68,7 +68,7 @@ fn gradient_mask_follows_writes_and_zero_grads() {
     let mut store = small(DType::F32);
     assert_eq!(store.grad_mask().unwrap(), [false; 3]);
     // A missing gradient reads as zeros.
-    assert_eq!(store.read(Slot::Grads, 0).unwrap().data, [0.0, 0.0]);
+    assert_eq!(store.read(Slot::Grads, 0).unwrap().data(), [0.0, 0.0]);
     store
         .write(Slot::Grads, 1, &host(&[], DType::F32, &[2.0]))
         .unwrap();
@@ -77,10 +77,10 @@ fn gradient_mask_follows_writes_and_zero_grads() {
     // Ops that write gradients do not add to the mask.
     store.scale(Slot::Grads, &[2.0; 3], &[true; 3]).unwrap();
     assert_eq!(store.grad_mask().unwrap(), [false, true, false]);
-    assert_eq!(store.read(Slot::Grads, 1).unwrap().data, [4.0]);
+    assert_eq!(store.read(Slot::Grads, 1).unwrap().data(), [4.0]);
     store.zero_grads().unwrap();
     assert_eq!(store.grad_mask().unwrap(), [false; 3]);
-    assert_eq!(store.read(Slot::Grads, 1).unwrap().data, [0.0]);
+    assert_eq!(store.read(Slot::Grads, 1).unwrap().data(), [0.0]);
 }
 
 #[test]
@@ -97,14 +97,14 @@ fn norms_and_projection_by_hand() {
         store
             .clip_to_norms(Slot::Params, &norms, &[1.0, 24.0, 1.0], &mask)
             .unwrap();
-        let clipped = store.read(Slot::Params, 0).unwrap().data;
+        let clipped = store.read(Slot::Params, 0).unwrap().into_data();
         let tol = match dtype {
             DType::F64 => 1e-12,
             DType::F32 => 1e-7,
             _ => 4e-3,
         };
         assert!((clipped[0] - 0.6).abs() < tol && (clipped[1] - 0.8).abs() < tol);
-        assert_eq!(store.read(Slot::Params, 1).unwrap().data, [12.0]);
+        assert_eq!(store.read(Slot::Params, 1).unwrap().data(), [12.0]);
         // Masked-out entries are 0 and stay untouched.
         let norms = store.norms(Slot::Params, &[false, true, false]).unwrap();
         assert_eq!(store.norms_to_host(&norms).unwrap(), [0.0, 12.0, 0.0]);
@@ -116,28 +116,28 @@ fn axpy_scale_copy_by_hand() {
     let mut store = small(DType::F64);
     let mask = [true, true, true];
     let b = store.alloc_buffer().unwrap();
-    assert_eq!(store.read(Slot::Buffer(b), 0).unwrap().data, [0.0, 0.0]);
+    assert_eq!(store.read(Slot::Buffer(b), 0).unwrap().data(), [0.0, 0.0]);
     // b ← θ (a copy), then θ ← θ + 0.5·b = 1.5·θ: b must not follow θ.
     store.copy(Slot::Buffer(b), Slot::Params, &mask).unwrap();
     store
         .axpy(Slot::Params, &[0.5; 3], Slot::Buffer(b), &mask)
         .unwrap();
-    assert_eq!(store.read(Slot::Params, 0).unwrap().data, [4.5, 6.0]);
-    assert_eq!(store.read(Slot::Buffer(b), 0).unwrap().data, [3.0, 4.0]);
+    assert_eq!(store.read(Slot::Params, 0).unwrap().data(), [4.5, 6.0]);
+    assert_eq!(store.read(Slot::Buffer(b), 0).unwrap().data(), [3.0, 4.0]);
     // Masked-out tensors are left alone: only the scalar is scaled.
     store
         .scale(Slot::Params, &[2.0, -1.0, 2.0], &[false, true, false])
         .unwrap();
-    assert_eq!(store.read(Slot::Params, 1).unwrap().data, [-18.0]);
-    assert_eq!(store.read(Slot::Params, 0).unwrap().data, [4.5, 6.0]);
+    assert_eq!(store.read(Slot::Params, 1).unwrap().data(), [-18.0]);
+    assert_eq!(store.read(Slot::Params, 0).unwrap().data(), [4.5, 6.0]);
     // θ ← b back (copy into the vars, in place).
     store.copy(Slot::Params, Slot::Buffer(b), &mask).unwrap();
-    assert_eq!(store.read(Slot::Params, 1).unwrap().data, [12.0]);
+    assert_eq!(store.read(Slot::Params, 1).unwrap().data(), [12.0]);
     // ±1 coefficients take the add/sub path.
     store
         .axpy(Slot::Buffer(b), &[-1.0; 3], Slot::Params, &mask)
         .unwrap();
-    assert_eq!(store.read(Slot::Buffer(b), 0).unwrap().data, [0.0, 0.0]);
+    assert_eq!(store.read(Slot::Buffer(b), 0).unwrap().data(), [0.0, 0.0]);
 }
 
 #[test]
@@ -279,8 +279,8 @@ fn a_gradient_aliasing_a_var_is_copied() {
     // The var itself handed over as its own gradient.
     store.set_grad(0, var.as_tensor()).unwrap();
     store.scale(Slot::Params, &[10.0], &[true]).unwrap();
-    assert_eq!(store.read(Slot::Params, 0).unwrap().data, [10.0, 20.0]);
-    assert_eq!(store.read(Slot::Grads, 0).unwrap().data, [1.0, 2.0]);
+    assert_eq!(store.read(Slot::Params, 0).unwrap().data(), [10.0, 20.0]);
+    assert_eq!(store.read(Slot::Grads, 0).unwrap().data(), [1.0, 2.0]);
 }
 
 #[test]
@@ -296,7 +296,7 @@ fn clip_grad_norm_uses_the_global_norm() {
     // 6.5/(13 + 1e-6).
     let total = store.clip_grad_norm(6.5, &[true; 3]).unwrap();
     assert_eq!(total, 13.0);
-    let g = store.read(Slot::Grads, 1).unwrap().data[0];
+    let g = store.read(Slot::Grads, 1).unwrap().data()[0];
     assert!((g - 12.0 * 6.5 / (13.0 + 1e-6)).abs() < 1e-12);
 }
 
@@ -325,7 +325,7 @@ fn zero_learning_rate_leaves_weights_bit_exact() {
                         DType::F32 => 1e-6,
                         _ => 2e-2,
                     };
-                    for (x, y) in after.data.iter().zip(&b.data) {
+                    for (x, y) in after.data().iter().zip(b.data()) {
                         assert!((x - y).abs() <= ulp * 4.0, "{dtype} tensor {i}");
                     }
                 }

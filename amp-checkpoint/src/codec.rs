@@ -18,20 +18,20 @@ pub(crate) struct Encoded {
 impl Encoded {
     pub(crate) fn new(tensor: &HostTensor) -> Result<Self> {
         let numel = tensor
-            .shape
+            .shape()
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        if numel != Some(tensor.data.len()) {
+        if numel != Some(tensor.data().len()) {
             return Err(AmpError::CountMismatch {
                 what: "host tensor elements",
                 expected: numel.unwrap_or(usize::MAX),
-                found: tensor.data.len(),
+                found: tensor.data().len(),
             });
         }
-        let data = &tensor.data;
+        let data = tensor.data();
         // Values come from a store of the dtype, so each is exactly
         // representable and every conversion below is exact.
-        let (dtype, bytes): (Dtype, Vec<u8>) = match tensor.dtype {
+        let (dtype, bytes): (Dtype, Vec<u8>) = match tensor.dtype() {
             DType::F64 => (
                 Dtype::F64,
                 data.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -62,7 +62,7 @@ impl Encoded {
         };
         Ok(Encoded {
             dtype,
-            shape: tensor.shape.clone(),
+            shape: tensor.shape().to_vec(),
             bytes,
         })
     }

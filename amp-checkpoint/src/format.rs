@@ -93,7 +93,7 @@ pub(crate) fn encode(dtype: DType, params: &[HostTensor], state: &AmpState) -> R
     let meta = Meta {
         format_version: FORMAT_VERSION,
         dtype,
-        shapes: params.iter().map(|p| p.shape.clone()).collect(),
+        shapes: params.iter().map(|p| p.shape().to_vec()).collect(),
         steps: state.steps,
         skipped_steps: state.skipped_steps,
         config: state.config.clone(),

@@ -303,7 +303,7 @@ pub fn inspect(bytes: &[u8]) -> Result<CheckpointInfo> {
     Ok(CheckpointInfo {
         format_version: FORMAT_VERSION,
         dtype: parsed.dtype,
-        shapes: parsed.params.iter().map(|p| p.shape.clone()).collect(),
+        shapes: parsed.params.iter().map(|p| p.shape().to_vec()).collect(),
         state: parsed.state,
     })
 }

@@ -125,24 +125,24 @@ impl Plan {
         }
         for (i, tensor) in parsed.params.iter().enumerate() {
             let expected = store.shape(i)?;
-            if tensor.shape != expected {
+            if tensor.shape() != expected {
                 return Err(AmpError::ShapeMismatch {
                     index: i,
                     expected,
-                    found: tensor.shape.clone(),
+                    found: tensor.shape().to_vec(),
                 });
             }
         }
         let accept = |index: usize, tensor: &HostTensor| -> Result<()> {
-            if !options.dtype.accepts(tensor.dtype, target) {
+            if !options.dtype.accepts(tensor.dtype(), target) {
                 return Err(AmpError::DTypeMismatch {
                     index,
                     expected: target.name().to_string(),
-                    found: tensor.dtype.name().to_string(),
+                    found: tensor.dtype().name().to_string(),
                 });
             }
             // Only a narrowing conversion can overflow.
-            if DTypeConversion::Lossless.accepts(tensor.dtype, target) {
+            if DTypeConversion::Lossless.accepts(tensor.dtype(), target) {
                 Ok(())
             } else {
                 check_range(index, tensor, target)
@@ -212,7 +212,7 @@ fn check_range(index: usize, tensor: &HostTensor, target: DType) -> Result<()> {
         return Ok(());
     };
     if let Some(value) = tensor
-        .data
+        .data()
         .iter()
         .find(|x| x.is_finite() && x.abs() >= limit)
     {

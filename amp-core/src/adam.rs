@@ -399,7 +399,7 @@ impl<S: ParamStore> BaseOptimizer<S> for Adam {
             check_len("Adam state tensors", n, values.len())?;
             for (i, value) in values.iter().enumerate() {
                 match value {
-                    Some(t) => check_shape(i, &store.shape(i)?, &t.shape)?,
+                    Some(t) => check_shape(i, &store.shape(i)?, t.shape())?,
                     None if steps[i] > 0 => {
                         return Err(AmpError::state(format!(
                             "{name:?} of tensor {i} is missing though it took {} steps",

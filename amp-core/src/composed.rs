@@ -153,7 +153,7 @@ fn on_host<S: ParamStore + ?Sized>(
             .iter()
             .map(|&s| store.read(s, i))
             .collect::<Result<Vec<_>>>()?;
-        op(i, wide, &mut d.data, &inputs);
+        op(i, wide, d.data_mut(), &inputs);
         store.write(dst, i, &d)?;
     }
     Ok(())
@@ -170,7 +170,13 @@ pub fn addcmul<S: ParamStore + ?Sized>(
 ) -> Result<()> {
     check_addcmul(store.num_tensors(), dst, alpha, a, b)?;
     on_host(store, dst, &[a, b], mask, |i, wide, d, inputs| {
-        elementwise::addcmul_host(wide, d, alpha[i].widen(), &inputs[0].data, &inputs[1].data);
+        elementwise::addcmul_host(
+            wide,
+            d,
+            alpha[i].widen(),
+            inputs[0].data(),
+            inputs[1].data(),
+        );
     })
 }
 
@@ -190,7 +196,7 @@ pub fn addcdiv_sqrt<S: ParamStore + ?Sized>(
     check_addcdiv_sqrt(n, dst, (alpha, divisor, eps), num, den)?;
     on_host(store, dst, &[num, den], mask, |i, wide, d, inputs| {
         let coefficients = (alpha[i].widen(), divisor[i].widen(), eps[i].widen());
-        elementwise::addcdiv_sqrt_host(wide, d, coefficients, &inputs[0].data, &inputs[1].data);
+        elementwise::addcdiv_sqrt_host(wide, d, coefficients, inputs[0].data(), inputs[1].data());
     })
 }
 
@@ -204,7 +210,7 @@ pub fn maximum<S: ParamStore + ?Sized>(
     check_sources("maximum", dst, &[src])?;
     // max is exact: f64 serves every dtype.
     on_host(store, dst, &[src], mask, |_, _, d, inputs| {
-        elementwise::maximum_host(d, &inputs[0].data);
+        elementwise::maximum_host(d, inputs[0].data());
     })
 }
 

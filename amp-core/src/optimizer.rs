@@ -420,7 +420,7 @@ impl<S: ParamStore> BaseOptimizer<S> for Sgd {
         crate::store::check_len("momentum buffers", n, tensors.len())?;
         for (i, t) in tensors.iter().enumerate() {
             if let Some(t) = t {
-                crate::store::check_shape(i, &store.shape(i)?, &t.shape)?;
+                crate::store::check_shape(i, &store.shape(i)?, t.shape())?;
             }
         }
         // Written into a fresh buffer, which replaces the old one only once

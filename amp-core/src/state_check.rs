@@ -117,7 +117,7 @@ pub(crate) fn check<S: ParamStore, O: BaseOptimizer<S>>(
         }
         for (i, tensor) in tensors.iter().enumerate() {
             let Some(tensor) = tensor else { continue };
-            if let Some(x) = tensor.data.iter().find(|&&x| !representable::<S>(x)) {
+            if let Some(x) = tensor.data().iter().find(|&&x| !representable::<S>(x)) {
                 return Err(AmpError::state(format!(
                     "buffer {name:?} of tensor {i} holds {x}, which is not finite in the \
                      store's scalar type"

@@ -105,22 +105,51 @@ impl std::fmt::Display for DType {
 ///
 /// Values are held as `f64`, which represents every `f16`, `bf16` and `f32`
 /// value exactly, so a round trip through `HostTensor` is bit-exact for every
-/// [`DType`] (NaN payloads aside).
+/// [`DType`] (NaN payloads aside). It always holds exactly as many values as
+/// its shape has elements: [`HostTensor::new`] checks it, and so does
+/// deserialisation.
+///
+/// ```
+/// use amp_core::{DType, HostTensor};
+///
+/// let t = HostTensor::new(vec![2, 3], DType::F32, vec![0.5; 6])?;
+/// assert_eq!((t.shape(), t.dtype(), t.numel()), (&[2, 3][..], DType::F32, 6));
+/// assert!(HostTensor::new(vec![2, 3], DType::F32, vec![0.5; 5]).is_err());
+/// # Ok::<(), amp_core::AmpError>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(try_from = "HostTensorFields"))]
 pub struct HostTensor {
-    /// The shape; empty for a 0-d scalar.
-    pub shape: Vec<usize>,
-    /// The dtype the values came from and go back to.
-    pub dtype: DType,
-    /// The values in row-major (C) order; `shape.iter().product()` of them.
-    pub data: Vec<f64>,
+    shape: Vec<usize>,
+    dtype: DType,
+    data: Vec<f64>,
+}
+
+/// A [`HostTensor`] as deserialised, before its check.
+#[cfg(feature = "serde")]
+#[derive(serde::Deserialize)]
+struct HostTensorFields {
+    shape: Vec<usize>,
+    dtype: DType,
+    data: Vec<f64>,
+}
+
+#[cfg(feature = "serde")]
+impl TryFrom<HostTensorFields> for HostTensor {
+    type Error = AmpError;
+
+    fn try_from(fields: HostTensorFields) -> Result<Self> {
+        HostTensor::new(fields.shape, fields.dtype, fields.data)
+    }
 }
 
 impl HostTensor {
-    /// Builds a host tensor, checking that `data` fits `shape`.
+    /// Builds a host tensor, checking that `data` fits `shape`
+    /// ([`AmpError::CountMismatch`] otherwise). `data` is in row-major (C)
+    /// order; an empty `shape` is a 0-d scalar with one value.
     pub fn new(shape: Vec<usize>, dtype: DType, data: Vec<f64>) -> Result<Self> {
-        let numel: usize = shape.iter().product();
+        let numel = checked_numel(&shape)?;
         if numel != data.len() {
             return Err(AmpError::CountMismatch {
                 what: "host tensor elements",
@@ -131,10 +160,77 @@ impl HostTensor {
         Ok(HostTensor { shape, dtype, data })
     }
 
+    /// A tensor of zeros.
+    pub fn zeros(shape: Vec<usize>, dtype: DType) -> Result<Self> {
+        let numel = checked_numel(&shape)?;
+        Ok(HostTensor {
+            shape,
+            dtype,
+            data: vec![0.0; numel],
+        })
+    }
+
+    /// The shape; empty for a 0-d scalar.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The dtype the values came from and go back to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The values in row-major (C) order.
+    pub fn data(&self) -> &[f64] {
+        &self.data
+    }
+
+    /// The values, to change in place (their number is fixed).
+    pub fn data_mut(&mut self) -> &mut [f64] {
+        &mut self.data
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.data.len()
     }
+
+    /// The same values tagged with another dtype. They are not rounded to
+    /// it here: a store rounds what it is given on
+    /// [`ParamStore::write`].
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// The same values under another shape with as many elements
+    /// ([`AmpError::CountMismatch`] otherwise).
+    pub fn reshaped(self, shape: Vec<usize>) -> Result<Self> {
+        HostTensor::new(shape, self.dtype, self.data)
+    }
+
+    /// The values, giving up the shape.
+    pub fn into_data(self) -> Vec<f64> {
+        self.data
+    }
+
+    /// Shape, dtype and values.
+    pub fn into_parts(self) -> (Vec<usize>, DType, Vec<f64>) {
+        (self.shape, self.dtype, self.data)
+    }
+}
+
+/// The number of elements of `shape`, refusing one that overflows `usize`.
+fn checked_numel(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| {
+            AmpError::config(
+                "shape",
+                format!("{shape:?} has more elements than fit in memory"),
+            )
+        })
 }
 
 /// The scalar type a [`ParamStore`] computes in.

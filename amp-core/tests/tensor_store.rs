@@ -105,7 +105,7 @@ fn slot_bits<S: ParamStore>(store: &S, slot: Slot) -> Vec<Vec<u64>> {
     (0..store.num_tensors())
         .map(|i| {
             let t = store.read(slot, i).unwrap();
-            t.data.iter().map(|x| x.to_bits()).collect()
+            t.data().iter().map(|x| x.to_bits()).collect()
         })
         .collect()
 }
@@ -208,13 +208,11 @@ fn wrong_lengths_are_count_mismatches() {
         "clip norms",
     );
     is_count(s.clip_to_norms(b, &norms, &c[..3], &ok), "clip radii");
-    // A host tensor whose data does not fit its (right) shape.
-    let bad = HostTensor {
-        shape: vec![3],
-        dtype: DType::F64,
-        data: vec![1.0; 2],
-    };
-    is_count(s.write(Slot::Params, 3, &bad), "write data");
+    // A host tensor whose data does not fit its shape cannot be built.
+    assert!(matches!(
+        HostTensor::new(vec![3], DType::F64, vec![1.0; 2]),
+        Err(AmpError::CountMismatch { .. })
+    ));
 }
 
 #[test]
@@ -283,18 +281,18 @@ fn gradient_presence_follows_set_grad_write_and_zero_grads() {
     assert_eq!(s.grad(1), Some(&dense(&[], &[7.0])));
     // A missing gradient reads as zeros, copies as zeros, has norm 0, and no
     // operation makes it present.
-    assert_eq!(s.read(Slot::Grads, 0).unwrap().data, vec![0.0; 4]);
+    assert_eq!(s.read(Slot::Grads, 0).unwrap().data(), vec![0.0; 4]);
     let b = Slot::Buffer(s.alloc_buffer().unwrap());
     s.copy(b, Slot::Params, &[true; 4]).unwrap();
     s.copy(b, Slot::Grads, &[true; 4]).unwrap();
-    assert_eq!(s.read(b, 0).unwrap().data, vec![0.0; 4]);
-    assert_eq!(s.read(b, 1).unwrap().data, vec![7.0]);
+    assert_eq!(s.read(b, 0).unwrap().data(), vec![0.0; 4]);
+    assert_eq!(s.read(b, 1).unwrap().data(), vec![7.0]);
     let norms = s.norms(Slot::Grads, &[true; 4]).unwrap();
     assert_eq!(norms, vec![0.0, 7.0, 0.0, 3f64.sqrt()]);
     s.copy(Slot::Grads, Slot::Params, &[true; 4]).unwrap();
     s.scale(Slot::Grads, &[3.0; 4], &[true; 4]).unwrap();
     assert_eq!(s.grad_mask().unwrap(), vec![false, true, false, true]);
-    assert_eq!(s.read(Slot::Grads, 1).unwrap().data, vec![-6.0]);
+    assert_eq!(s.read(Slot::Grads, 1).unwrap().data(), vec![-6.0]);
     s.zero_grads().unwrap();
     assert_eq!(s.grad_mask().unwrap(), vec![false; 4]);
     assert_eq!(s.grad(1), None);

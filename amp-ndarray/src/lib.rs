@@ -577,10 +577,14 @@ impl<T: Element> ParamStore for NdStore<T> {
     }
 
     fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()> {
-        check_shape(index, &self.shape(index)?, &value.shape)?;
+        check_shape(index, &self.shape(index)?, value.shape())?;
         let array = ArrayD::from_shape_vec(
-            IxDyn(&value.shape),
-            value.data.iter().map(|&x| T::from_f64_rounded(x)).collect(),
+            IxDyn(value.shape()),
+            value
+                .data()
+                .iter()
+                .map(|&x| T::from_f64_rounded(x))
+                .collect(),
         )
         .map_err(AmpError::backend)?;
         if slot == Slot::Grads {

@@ -208,7 +208,7 @@ fn the_threaded_update_of_large_tensors_matches_the_composed_one() {
         }
         [Slot::Params, m, v, max].map(|slot| {
             (0..2)
-                .map(|i| s.read(slot, i).unwrap().data)
+                .map(|i| s.read(slot, i).unwrap().into_data())
                 .collect::<Vec<_>>()
         })
     };

@@ -429,7 +429,7 @@ fn store_rejects_bad_masks_buffers_and_aliasing() {
     s.copy(Slot::Buffer(b), Slot::Params, &[true]).unwrap();
     s.axpy(Slot::Buffer(c), &[2.0], Slot::Buffer(b), &[true])
         .unwrap();
-    assert_eq!(s.read(Slot::Buffer(c), 0).unwrap().data, vec![2.0, 4.0]);
+    assert_eq!(s.read(Slot::Buffer(c), 0).unwrap().data(), vec![2.0, 4.0]);
     s.free_buffer(b).unwrap();
     assert!(matches!(s.free_buffer(b), Err(AmpError::UnknownBuffer(_))));
     assert!(matches!(

@@ -111,7 +111,7 @@ impl TchStore {
     /// store.zero_grads()?;
     /// (&a * &a).sum(Kind::Float).backward(); // only `a` gets a gradient
     /// assert_eq!(store.grad_mask()?, vec![true, false]);
-    /// assert_eq!(store.read(Slot::Grads, 0)?.data, vec![2.0, 4.0]);
+    /// assert_eq!(store.read(Slot::Grads, 0)?.data(), [2.0, 4.0]);
     /// # Ok::<(), amp_core::AmpError>(())
     /// ```
     pub fn flatten(&mut self) -> Result<()> {

@@ -54,15 +54,15 @@ pub(crate) fn shape_of(tensor: &Tensor) -> Result<Vec<usize>> {
 pub(crate) fn host_to_tensor(value: &HostTensor, kind: Kind, device: Device) -> Result<Tensor> {
     check_len(
         "host tensor elements",
-        value.shape.iter().product(),
-        value.data.len(),
+        value.shape().iter().product(),
+        value.data().len(),
     )?;
     let shape = value
-        .shape
+        .shape()
         .iter()
         .map(|&d| i64::try_from(d).map_err(AmpError::backend))
         .collect::<Result<Vec<i64>>>()?;
-    Tensor::f_from_slice(&value.data)
+    Tensor::f_from_slice(value.data())
         .and_then(|t| t.f_view(shape.as_slice()))
         .and_then(|t| t.f_to_kind(kind))
         .and_then(|t| t.f_to_device(device))

@@ -375,7 +375,7 @@ impl ParamStore for TchStore {
     }
 
     fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()> {
-        check_shape(index, &self.shape(index)?, &value.shape)?;
+        check_shape(index, &self.shape(index)?, value.shape())?;
         let source = host_to_tensor(value, self.kind, self.device)?;
         match slot {
             Slot::Grads => match self.attached_grad(index)? {

@@ -124,7 +124,7 @@ impl TchStore {
         let tensors = values
             .iter()
             .map(|value| {
-                let kind = kind_of(value.dtype)?;
+                let kind = kind_of(value.dtype())?;
                 host_to_tensor(value, kind, device)?
                     .f_set_requires_grad(true)
                     .map_err(tch_error)

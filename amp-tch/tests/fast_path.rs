@@ -63,8 +63,8 @@ fn nd_store<T: Element>(values: &[HostTensor]) -> NdStore<T> {
             .iter()
             .map(|v| {
                 ArrayD::from_shape_vec(
-                    IxDyn(&v.shape),
-                    v.data.iter().map(|&x| T::from_f64_rounded(x)).collect(),
+                    IxDyn(v.shape()),
+                    v.data().iter().map(|&x| T::from_f64_rounded(x)).collect(),
                 )
                 .unwrap()
             })
@@ -81,7 +81,7 @@ fn snapshot<S: ParamStore>(store: &S, slots: &[Slot]) -> Vec<Vec<u64>> {
                 store
                     .read(slot, i)
                     .unwrap()
-                    .data
+                    .data()
                     .iter()
                     .map(|x| x.to_bits())
                     .collect()
@@ -279,7 +279,7 @@ fn all_finite_finds_every_bad_value() {
         .unwrap();
         // 1e30 overflows f16 and bf16 keeps it: whatever the kind, the answer
         // is the finiteness of what is stored.
-        let stored_finite = s.read(Slot::Params, 1).unwrap().data[0].is_finite();
+        let stored_finite = s.read(Slot::Params, 1).unwrap().data()[0].is_finite();
         assert_eq!(
             s.all_finite(Slot::Params, &[true, true]).unwrap(),
             stored_finite,
@@ -306,9 +306,9 @@ fn strided_tensors_take_the_aten_path() {
     s.axpy(Slot::Params, &[1.0, -1.0], Slot::Buffer(b), &all)
         .unwrap();
     // θ₀ = 2·θ₀ + θ₀ = 3·θ₀, θ₁ = θ₁/2 − θ₁ = −θ₁/2.
-    assert_eq!(s.read(Slot::Params, 0).unwrap().data, vec![9.0, 12.0]);
+    assert_eq!(s.read(Slot::Params, 0).unwrap().data(), vec![9.0, 12.0]);
     assert_eq!(
-        s.read(Slot::Params, 1).unwrap().data,
+        s.read(Slot::Params, 1).unwrap().data(),
         vec![-0.5, -2.0, -1.0, -2.5, -1.5, -3.0]
     );
     let norms = s.norms(Slot::Params, &all).unwrap();
@@ -317,7 +317,7 @@ fn strided_tensors_take_the_aten_path() {
     assert_eq!(host[0], 15.0);
     s.clip_to_norms(Slot::Params, &norms, &[5.0, 1e3], &all)
         .unwrap();
-    let clipped = s.read(Slot::Params, 0).unwrap().data;
+    let clipped = s.read(Slot::Params, 0).unwrap().into_data();
     assert!((clipped[0] - 3.0).abs() < 1e-12 && (clipped[1] - 4.0).abs() < 1e-12);
     assert!(s.all_finite(Slot::Params, &all).unwrap());
     // The writes went to the caller's tensors.
@@ -339,7 +339,7 @@ fn fast_path_bumps_versions() {
     let after = s.tensors()[0].internal_version();
     assert!(after > before, "version {before} -> {after}");
     assert_eq!(
-        s.read(Slot::Params, 0).unwrap().data,
+        s.read(Slot::Params, 0).unwrap().data(),
         vec![2.0, 4.0, 6.0, 8.0]
     );
 }
@@ -355,7 +355,7 @@ fn nan_norm_leaves_the_tensor_alone() {
         assert!(s.norms_to_host(&norms).unwrap()[0].is_nan());
         s.clip_to_norms(Slot::Params, &norms, &[0.5], &[true])
             .unwrap();
-        let data = s.read(Slot::Params, 0).unwrap().data;
+        let data = s.read(Slot::Params, 0).unwrap().into_data();
         assert_eq!((data[0], data[2]), (1.0, 2.0), "{dtype}");
         assert!(data[1].is_nan());
     }

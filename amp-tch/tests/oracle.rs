@@ -140,7 +140,7 @@ fn compare(device: Device, dtype: DType, tolerance: f64) {
                 }
                 let x = actual.store().read(Slot::Buffer(a), i).unwrap();
                 let y = expected.store().read(Slot::Buffer(e), i).unwrap();
-                for (p, q) in x.data.iter().zip(&y.data) {
+                for (p, q) in x.data().iter().zip(y.data()) {
                     assert!(
                         (p - q).abs() <= tolerance * q.abs().max(1.0),
                         "{name}: momentum"

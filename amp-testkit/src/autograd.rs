@@ -103,7 +103,9 @@ pub fn run_autograd<F: AutogradFactory>(
             let mask = store.grad_mask()?;
             empty_without_grad.borrow_mut().get_or_insert_with(|| {
                 (0..theta.len())
-                    .filter(|&i| theta[i].data.is_empty() && !mask.get(i).copied().unwrap_or(true))
+                    .filter(|&i| {
+                        theta[i].data().is_empty() && !mask.get(i).copied().unwrap_or(true)
+                    })
                     .collect()
             });
             check_grads(store, pass, objective, &theta, &want_grads, &violations)?;
@@ -130,7 +132,7 @@ pub fn run_autograd<F: AutogradFactory>(
         .init
         .iter()
         .zip(&objective.frozen)
-        .all(|(t, &frozen)| frozen || t.data.is_empty());
+        .all(|(t, &frozen)| frozen || t.data().is_empty());
     match outcome {
         Err(AmpError::NoGradient) if nothing_to_run => Ok(None),
         Err(e) => Err(e),
@@ -160,7 +162,7 @@ fn coupling_abs(objective: &Objective, theta: &[HostTensor]) -> f64 {
         .iter()
         .zip(&objective.coupling_weights)
         .map(|(t, w)| {
-            t.data
+            t.data()
                 .iter()
                 .zip(w)
                 .map(|(x, w)| (x * w).abs())
@@ -210,7 +212,7 @@ fn check_grads<S: ParamStore>(
             .fold(0.0f64, |m, w| m.max(w.abs()));
         let max_g = want.iter().fold(0.0f64, |m, g| m.max(g.abs()));
         let bound = (4.0 * u + 1e-9) * (1.0 + max_g + objective.coupling * s_abs * max_w);
-        if let Some((j, (g, w))) = got.data.iter().zip(want).enumerate().find(|(_, (g, w))| {
+        if let Some((j, (g, w))) = got.data().iter().zip(want).enumerate().find(|(_, (g, w))| {
             let gap = (*g - *w).abs();
             gap.is_nan() || gap > bound
         }) {

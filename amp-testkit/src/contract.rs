@@ -27,11 +27,11 @@ pub fn gradient_presence<F: StoreFactory>(factory: &F, case: &Case, dtype: DType
     let expect_zeros = |store: &F::Store, absent: &[bool], after: &str| -> Check {
         let grads = read_slot(store, Slot::Grads).map_err(fail("read"))?;
         for (i, g) in grads.iter().enumerate() {
-            if absent[i] && g.data.iter().any(|&x| x != 0.0) {
+            if absent[i] && g.data().iter().any(|&x| x != 0.0) {
                 return Err(format!(
                     "{}: after {after} the absent gradient {i} reads {:?}, not zeros",
                     name(),
-                    g.data
+                    g.data()
                 ));
             }
         }
@@ -51,8 +51,8 @@ pub fn gradient_presence<F: StoreFactory>(factory: &F, case: &Case, dtype: DType
     for &i in &written {
         let g = grads[i]
             .clone()
-            .unwrap_or_else(|| vec![0.5; theta[i].data.len()]);
-        let value = HostTensor::new(theta[i].shape.clone(), dtype, g).map_err(fail("host"))?;
+            .unwrap_or_else(|| vec![0.5; theta[i].data().len()]);
+        let value = HostTensor::new(theta[i].shape().to_vec(), dtype, g).map_err(fail("host"))?;
         store.write_grad(i, &value).map_err(fail("write_grad"))?;
         present[i] = true;
         expect_mask(&store, &present, &format!("write_grad({i})"))?;
@@ -69,13 +69,13 @@ pub fn gradient_presence<F: StoreFactory>(factory: &F, case: &Case, dtype: DType
     expect_mask(&store, &present, "scale(Grads)")?;
     let after = read_slot(&store, Slot::Grads).map_err(fail("read"))?;
     for &i in &written {
-        let doubled = before[i].data.iter().map(|x| 2.0 * x);
-        if after[i].data.iter().zip(doubled).any(|(a, b)| *a != b) {
+        let doubled = before[i].data().iter().map(|x| 2.0 * x);
+        if after[i].data().iter().zip(doubled).any(|(a, b)| *a != b) {
             return Err(format!(
                 "{}: scale(Grads, 2) made gradient {i} {:?} from {:?}",
                 name(),
-                after[i].data,
-                before[i].data
+                after[i].data(),
+                before[i].data()
             ));
         }
     }

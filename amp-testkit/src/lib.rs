@@ -133,7 +133,7 @@ impl Objective {
                     if fault == Fault::NanGradient(call) && !g.is_empty() {
                         g[0] = f64::NAN;
                     }
-                    let t = HostTensor::new(theta[i].shape.clone(), theta[i].dtype, g)?;
+                    let t = HostTensor::new(theta[i].shape().to_vec(), theta[i].dtype(), g)?;
                     store.write_grad(i, &t)?;
                 }
             }
@@ -220,11 +220,14 @@ impl Case {
 
     /// This case with every 0-d tensor given the shape `[1]` (same value).
     pub fn without_zero_dim(mut self) -> Case {
-        for tensor in &mut self.init {
-            if tensor.shape.is_empty() {
-                tensor.shape = vec![1];
-            }
-        }
+        self.init = self
+            .init
+            .into_iter()
+            .map(|t| match t.shape() {
+                [] => t.clone().reshaped(vec![1]).unwrap_or(t),
+                _ => t,
+            })
+            .collect();
         self
     }
 
@@ -279,7 +282,7 @@ pub fn read_slot<S: ParamStore>(store: &S, slot: Slot) -> Result<Vec<HostTensor>
 
 /// The flat values of host tensors.
 pub fn host_values(tensors: &[HostTensor]) -> Vec<Vec<f64>> {
-    tensors.iter().map(|t| t.data.clone()).collect()
+    tensors.iter().map(|t| t.data().to_vec()).collect()
 }
 
 /// The base optimiser's state, read to the host.
@@ -384,18 +387,19 @@ pub fn compare_tensors(
         ));
     }
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        if g.shape != w.shape {
+        if g.shape() != w.shape() {
             return Err(format!(
                 "{what}[{i}]: shape {:?}, expected {:?}",
-                g.shape, w.shape
+                g.shape(),
+                w.shape()
             ));
         }
-        let max_abs = |t: &HostTensor| t.data.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let max_abs = |t: &HostTensor| t.data().iter().fold(0.0f64, |m, x| m.max(x.abs()));
         let scale = max_abs(g)
             .max(max_abs(w))
             .max(reference_scale.get(i).map(max_abs).unwrap_or(0.0));
         let bound = tolerance.relative * steps.max(1) as f64 * (1.0 + scale);
-        for (j, (a, b)) in g.data.iter().zip(&w.data).enumerate() {
+        for (j, (a, b)) in g.data().iter().zip(w.data()).enumerate() {
             let ok = (a - b).abs() <= bound || (a.is_nan() && b.is_nan()) || a == b;
             if !ok {
                 return Err(format!(
@@ -490,10 +494,10 @@ pub fn compare_states(
         m.iter()
             .zip(like)
             .map(|(t, p)| {
-                t.clone().unwrap_or_else(|| HostTensor {
-                    shape: p.shape.clone(),
-                    dtype: p.dtype,
-                    data: vec![0.0; p.data.len()],
+                t.clone().unwrap_or_else(|| {
+                    let mut zeros = p.clone();
+                    zeros.data_mut().fill(0.0);
+                    zeros
                 })
             })
             .collect()
@@ -540,8 +544,8 @@ impl StoreFactory for NdFactory {
                 .iter()
                 .map(|v| {
                     ndarray::ArrayD::from_shape_vec(
-                        ndarray::IxDyn(&v.shape),
-                        v.data.iter().map(|&x| T::from_f64_rounded(x)).collect(),
+                        ndarray::IxDyn(v.shape()),
+                        v.data().iter().map(|&x| T::from_f64_rounded(x)).collect(),
                     )
                     .map_err(AmpError::backend)
                 })

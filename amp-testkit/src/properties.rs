@@ -64,10 +64,10 @@ pub fn oracle_matches_reference(case: &Case) -> Check {
         want.perturbation_norms.push(r.perturbation_norms);
         want.closure_calls += r.calls;
     }
-    let as_host = |v: &[f64], like: &HostTensor| HostTensor {
-        shape: like.shape.clone(),
-        dtype: DType::F64,
-        data: v.to_vec(),
+    let as_host = |v: &[f64], like: &HostTensor| {
+        let mut t = like.clone().with_dtype(DType::F64);
+        t.data_mut().copy_from_slice(v);
+        t
     };
     want.params = state
         .params
@@ -130,15 +130,15 @@ pub fn projection_bound<F: StoreFactory>(factory: &F, case: &Case, dtype: DType)
                 } else {
                     for (i, (p, t)) in now.iter().zip(clean.borrow().iter()).enumerate() {
                         let delta: f64 = p
-                            .data
+                            .data()
                             .iter()
-                            .zip(&t.data)
+                            .zip(t.data())
                             .map(|(a, b)| (a - b) * (a - b))
                             .sum::<f64>()
                             .sqrt();
-                        let max_abs = t.data.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                        let max_abs = t.data().iter().fold(0.0f64, |m, x| m.max(x.abs()));
                         let slack = eps[i] * 8.0 * u
-                            + (p.data.len() as f64).sqrt() * (max_abs + eps[i]) * 4.0 * u;
+                            + (p.data().len() as f64).sqrt() * (max_abs + eps[i]) * 4.0 * u;
                         if delta > eps[i] + slack {
                             *violation.borrow_mut() = Some(format!(
                                 "{pass}: ‖δ[{i}]‖ = {delta:e} > ε = {:e} (+ slack {slack:e})",
@@ -182,9 +182,9 @@ pub fn restore<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check
         RestoreMode::Copy => {
             for (i, (a, b)) in out.params.iter().zip(&initial).enumerate() {
                 let same = a
-                    .data
+                    .data()
                     .iter()
-                    .zip(&b.data)
+                    .zip(b.data())
                     .all(|(x, y)| x.to_bits() == y.to_bits());
                 if !same {
                     return Err(format!("copy-restore changed tensor {i}"));
@@ -197,7 +197,7 @@ pub fn restore<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check
             let u = unit_roundoff(dtype);
             let k = case.config.inner_iter as f64;
             for (i, (a, b)) in out.params.iter().zip(&initial).enumerate() {
-                for (x, y) in a.data.iter().zip(&b.data) {
+                for (x, y) in a.data().iter().zip(b.data()) {
                     // Each θ + δ − δ rounds twice per inner iteration.
                     let bound = 4.0 * (k + 1.0) * case.steps as f64 * u * (y.abs() + eps[i]);
                     if (x - y).abs() > bound {
@@ -228,7 +228,7 @@ pub fn k0_and_eps0_equal_base<F: StoreFactory>(factory: &F, case: &Case, dtype: 
     let b = run_case(factory, &eps0, dtype).map_err(fail("ε = 0 run"))?;
     let bits = |t: &[HostTensor]| -> Vec<Vec<u64>> {
         t.iter()
-            .map(|t| t.data.iter().map(|x| x.to_bits()).collect())
+            .map(|t| t.data().iter().map(|x| x.to_bits()).collect())
             .collect()
     };
     if bits(&a.params) != bits(&b.params) {
@@ -242,7 +242,7 @@ pub fn k0_and_eps0_equal_base<F: StoreFactory>(factory: &F, case: &Case, dtype: 
                     .iter()
                     .map(|t| {
                         t.as_ref()
-                            .map(|t| t.data.iter().map(|x| x.to_bits()).collect())
+                            .map(|t| t.data().iter().map(|x| x.to_bits()).collect())
                     })
                     .collect();
                 (name.clone(), tensors)
@@ -304,15 +304,12 @@ pub fn base_step_uses_perturbed_gradient<F: StoreFactory>(
         .iter()
         .zip(last_grads.borrow().iter())
         .enumerate()
-        .map(|(i, (t, g))| HostTensor {
-            shape: t.shape.clone(),
-            dtype: t.dtype,
-            data: t
-                .data
-                .iter()
-                .zip(&g.data)
-                .map(|(p, g)| p - lr[i] * g)
-                .collect(),
+        .map(|(i, (t, g))| {
+            let mut stepped = t.clone();
+            for (p, g) in stepped.data_mut().iter_mut().zip(g.data()) {
+                *p -= lr[i] * g;
+            }
+            stepped
         })
         .collect();
     crate::compare_tensors(
@@ -350,7 +347,7 @@ pub fn failure_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype: DT
                 .init
                 .iter()
                 .zip(&case.objective.frozen)
-                .any(|(t, &frozen)| !frozen && !t.data.is_empty());
+                .any(|(t, &frozen)| !frozen && !t.data().is_empty());
             if matches!(fault, Fault::NanGradient(_)) && !has_element {
                 continue;
             }
@@ -426,7 +423,7 @@ fn unchanged(case: &Case, dtype: DType, before: &[HostTensor], after: &[HostTens
     let u = unit_roundoff(dtype);
     let eps = epsilons(case);
     for (i, (a, b)) in after.iter().zip(before).enumerate() {
-        for (x, y) in a.data.iter().zip(&b.data) {
+        for (x, y) in a.data().iter().zip(b.data()) {
             let ok = match case.config.restore {
                 RestoreMode::Copy => x.to_bits() == y.to_bits(),
                 RestoreMode::Subtract => {
@@ -661,7 +658,7 @@ pub fn fused_ops_match_composed<F: StoreFactory>(factory: &F, case: &Case, dtype
     let u = unit_roundoff(dtype);
     for (k, (a, b)) in got.iter().zip(&want).enumerate() {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            for (j, (p, q)) in x.data.iter().zip(&y.data).enumerate() {
+            for (j, (p, q)) in x.data().iter().zip(y.data()).enumerate() {
                 if p.to_bits() == q.to_bits() {
                     continue;
                 }
@@ -671,8 +668,11 @@ pub fn fused_ops_match_composed<F: StoreFactory>(factory: &F, case: &Case, dtype
                 // ulp): a few ulps of the quotient and of θ are allowed
                 // there, and only there.
                 if k == 6 {
-                    let (theta, num, den) =
-                        (want[3][i].data[j], want[1][i].data[j], want[5][i].data[j]);
+                    let (theta, num, den) = (
+                        want[3][i].data()[j],
+                        want[1][i].data()[j],
+                        want[5][i].data()[j],
+                    );
                     let quotient = per.lr[i] * num / (den.sqrt() / 0.7 + 1e-8);
                     if (p - q).abs() <= 8.0 * u * (theta.abs() + quotient.abs()) {
                         continue;

@@ -67,7 +67,7 @@ pub fn split_step_matches_step<F: StoreFactory>(factory: &F, case: &Case, dtype:
             Ok(read_slot(s, Slot::Params)
                 .map_err(fail("read"))?
                 .iter()
-                .map(|t| t.data.iter().map(|x| x.to_bits()).collect())
+                .map(|t| t.data().iter().map(|x| x.to_bits()).collect())
                 .collect())
         };
         if bits(whole.store())? != bits(split.store())? {
@@ -154,7 +154,7 @@ pub fn adam_update_matches_composed<F: StoreFactory>(
             .map(|&slot| {
                 Ok(read_slot(&store, slot)?
                     .iter()
-                    .flat_map(|t| t.data.iter().map(|x| x.to_bits()))
+                    .flat_map(|t| t.data().iter().map(|x| x.to_bits()))
                     .collect())
             })
             .map(|r: amp_core::Result<Vec<u64>>| r.map(|v| vec![v]))

@@ -147,10 +147,9 @@ pub fn case(max_tensors: usize, max_steps: usize) -> impl Strategy<Value = Case>
                 frozen[0] = false;
                 let init = parts
                     .iter()
-                    .map(|(shape, v, ..)| HostTensor {
-                        shape: shape.clone(),
-                        dtype: DType::F64,
-                        data: v.clone(),
+                    .map(|(shape, v, ..)| {
+                        HostTensor::new(shape.clone(), DType::F64, v.clone())
+                            .expect("the strategy draws as many values as the shape has")
                     })
                     .collect();
                 let objective = Objective {

@@ -115,8 +115,8 @@ impl StoreFactory for Functional {
         let params: Vec<Dense> = values
             .iter()
             .map(|v| Dense {
-                shape: v.shape.clone(),
-                data: v.data.clone(),
+                shape: v.shape().to_vec(),
+                data: v.data().to_vec(),
             })
             .collect();
         let mut ops = ModelOps {

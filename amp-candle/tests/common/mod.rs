@@ -60,7 +60,7 @@ pub fn oracle_from(values: &[HostTensor]) -> NdStore<f64> {
     NdStore::new(
         values
             .iter()
-            .map(|v| ArrayD::from_shape_vec(IxDyn(&v.shape), v.data.clone()).unwrap())
+            .map(|v| ArrayD::from_shape_vec(IxDyn(v.shape()), v.data().to_vec()).unwrap())
             .collect(),
     )
 }
@@ -75,7 +75,12 @@ pub fn quartic(store: &mut impl ParamStore, _pass: Pass) -> Result<((), f64), Am
     for i in (0..store.num_tensors()).filter(|&i| i != NO_GRAD) {
         let theta = store.read(Slot::Params, i)?;
         let mut grad = theta.clone();
-        for (j, (&x, g)) in theta.data.iter().zip(grad.data.iter_mut()).enumerate() {
+        for (j, (&x, g)) in theta
+            .data()
+            .iter()
+            .zip(grad.data_mut().iter_mut())
+            .enumerate()
+        {
             let a = 1.0 + 0.5 * (j as f64).cos();
             let t = 0.3 * ((j + i) as f64).sin();
             loss += 0.5 * a * (x - t) * (x - t) + 0.025 * x.powi(4);
@@ -158,11 +163,11 @@ impl Tol {
 /// Largest violation of the tolerance over two host tensors, as a multiple
 /// of the bound (≤ 1 passes).
 pub fn excess(a: &HostTensor, b: &HostTensor, tol: Tol) -> f64 {
-    assert_eq!(a.shape, b.shape);
-    let largest = b.data.iter().fold(0.0f64, |m, y| m.max(y.abs()));
-    a.data
+    assert_eq!(a.shape(), b.shape());
+    let largest = b.data().iter().fold(0.0f64, |m, y| m.max(y.abs()));
+    a.data()
         .iter()
-        .zip(&b.data)
+        .zip(b.data())
         .map(|(x, y)| {
             let scale = if tol.per_tensor { largest } else { y.abs() };
             (x - y).abs() / (tol.value * (1.0 + scale))
@@ -256,7 +261,8 @@ pub fn run_against_oracle(
         .copied()
         .collect::<Vec<_>>();
     assert_eq!(
-        untouched.data, initial,
+        untouched.data(),
+        initial,
         "{what}: tensor without gradient moved"
     );
     worst

@@ -94,7 +94,7 @@ pub use self::split::{External, Perturbed};
 /// #     fn norms_to_host(&self, n: &Vec<f64>) -> Result<Vec<f64>> { Ok(n.clone()) }
 /// #     fn all_finite(&mut self, s: Slot, _: &[bool]) -> Result<bool> { Ok(self.get(s).iter().all(|x| x.is_finite())) }
 /// #     fn read(&self, s: Slot, _: usize) -> Result<HostTensor> { HostTensor::new(vec![self.p.len()], DType::F64, self.get(s)) }
-/// #     fn write(&mut self, s: Slot, _: usize, v: &HostTensor) -> Result<()> { self.set(s, v.data.clone()); Ok(()) }
+/// #     fn write(&mut self, s: Slot, _: usize, v: &HostTensor) -> Result<()> { self.set(s, v.data().to_vec()); Ok(()) }
 /// # }
 /// # let store = One { p: vec![3.0, -4.0], g: None, b: vec![] };
 /// // `store` holds θ = (3, −4); the loss is ½‖θ‖², whose gradient is θ.
@@ -269,7 +269,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
     /// #     fn norms_to_host(&self, n: &Vec<f64>) -> Result<Vec<f64>> { Ok(n.clone()) }
     /// #     fn all_finite(&mut self, _: Slot, _: &[bool]) -> Result<bool> { Ok(true) }
     /// #     fn read(&self, _: Slot, i: usize) -> Result<HostTensor> { HostTensor::new(vec![], DType::F64, vec![self.0[i]]) }
-    /// #     fn write(&mut self, _: Slot, i: usize, v: &HostTensor) -> Result<()> { self.0[i] = v.data[0]; Ok(()) }
+    /// #     fn write(&mut self, _: Slot, i: usize, v: &HostTensor) -> Result<()> { self.0[i] = v.data()[0]; Ok(()) }
     /// # }
     /// # let store = Scalars(vec![1.0, 2.0, 3.0]);
     /// // `store` holds three tensors; the biases (tensor 2) get a smaller ε.

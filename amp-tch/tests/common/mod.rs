@@ -61,7 +61,7 @@ pub fn host_loss<S: ParamStore>(store: &mut S) -> Result<((), f64)> {
     let mut loss = 0.0;
     for (t, &has) in HAS_GRAD.iter().enumerate() {
         let mut value = store.read(Slot::Params, t)?;
-        for (j, x) in value.data.iter_mut().enumerate() {
+        for (j, x) in value.data_mut().iter_mut().enumerate() {
             let a = 0.5 + 0.25 * (j % 3) as f64 + 0.1 * t as f64;
             let s = 0.3 + 0.05 * j as f64;
             loss += a * *x * *x / 2.0 + s * x.cos();
@@ -79,7 +79,7 @@ pub fn oracle(values: &[HostTensor]) -> NdStore<f64> {
     NdStore::new(
         values
             .iter()
-            .map(|v| ArrayD::from_shape_vec(IxDyn(&v.shape), v.data.clone()).unwrap())
+            .map(|v| ArrayD::from_shape_vec(IxDyn(v.shape()), v.data().to_vec()).unwrap())
             .collect(),
     )
 }
@@ -91,8 +91,8 @@ pub fn max_relative_difference<A: ParamStore, B: ParamStore>(a: &A, b: &B, slot:
     for i in 0..a.num_tensors() {
         let x = a.read(slot, i).unwrap();
         let y = b.read(slot, i).unwrap();
-        assert_eq!(x.shape, y.shape, "tensor {i}");
-        for (p, q) in x.data.iter().zip(&y.data) {
+        assert_eq!(x.shape(), y.shape(), "tensor {i}");
+        for (p, q) in x.data().iter().zip(y.data()) {
             let d = (p - q).abs() / q.abs().max(1.0);
             assert!(!d.is_nan(), "tensor {i}: {p} vs {q}");
             worst = worst.max(d);
