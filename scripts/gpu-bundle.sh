@@ -16,7 +16,12 @@
 #     binaries with CUDA tests: amp-tch's store, autograd, oracle and link
 #     tests, amp-candle's (`cuda` feature) cuda and store tests, the facade's
 #     tch and candle suites (whose CUDA tests hold the GPU-vs-CPU agreement
-#     properties); and the examples `train` and `gpu_bench`.
+#     properties); and the examples `train` and `gpu_bench`. amp-candle's
+#     other targets (its autograd and oracle tests, the `candle_mlp`
+#     example) are compiled and linked with the `cuda` feature too, so that
+#     every target of the crate links against the driver's API, but not
+#     packed. This is the CUDA compile-and-link check of
+#     `bash scripts/test.sh`.
 #  4. Runs the cuda build's device-selection tests against the stub driver
 #     (no GPU usable must give a clear error or the CPU, never a panic),
 #     unless AMP_CUDA_SKIP_RUN=1.
@@ -71,16 +76,18 @@ STUBS=$CUDA/lib/stubs
 # 3. Test binaries and examples, one invocation; the JSON messages name the
 # executables.
 TESTS=(--test store --test autograd --test oracle --test link --test cuda --test tch --test candle)
-log "cargo build --release ${TESTS[*]} --example train --example gpu_bench"
+EXAMPLES=(--example train --example gpu_bench --example candle_mlp)
+log "cargo build --release ${TESTS[*]} ${EXAMPLES[*]}"
 json=$(mktemp)
 trap 'rm -f "$json"' EXIT
 cargo build --release --locked "${PACKAGES[@]}" --features "$FEATURES" \
-  "${TESTS[@]}" --example train --example gpu_bench --message-format=json-render-diagnostics >"$json" \
+  "${TESTS[@]}" "${EXAMPLES[@]}" --message-format=json-render-diagnostics >"$json" \
   || die "build or link failed; an 'undefined reference to cu...' means a driver symbol the stub lacks"
 
 # name<TAB>path per binary: <package>--<target> for tests, the example's
 # name for examples. (amp-candle's autograd and oracle tests are built, as
-# target names select them in every package, but run on the CPU only.)
+# target names select them in every package, but run on the CPU only; so is
+# the candle_mlp example.)
 list=$(python3 - "$json" "$ROOT" <<'PY'
 import json, os, sys
 root = sys.argv[2]

@@ -3,17 +3,19 @@
 #
 # - libtorch for amp-tch: PyPI's torch wheel (pinned to the version tch
 #   expects) in a project-local virtualenv, .venv, created when missing;
-# - nvcc from PyPI and a stub libcuda for the CUDA compile check of
-#   amp-candle (scripts/check-cuda.sh).
+# - nvcc and the CUDA 13.0 libraries from PyPI, cached outside the clone
+#   (scripts/cuda-env.sh), for the GPU bundle.
 # Then: formatting, clippy, the whole test suite with every CPU backend
-# (ndarray, candle, tch), the CUDA compile check, and that
-# scripts/gpu-check.sh skips cleanly on a machine without a GPU. CUDA tests
-# skip with a printed notice on machines without a GPU. The GPU bundle
-# (scripts/gpu-bundle.sh) is built on demand, not here.
+# (ndarray, candle, tch), the GPU bundle (scripts/gpu-bundle.sh: every CUDA
+# target compiled and linked against a stand-in for the driver, the
+# device-selection tests run against it, the binaries packed into
+# gpu-bundle/ within 60 MiB), and that scripts/gpu-check.sh skips cleanly on
+# a machine without a GPU. CUDA tests skip with a printed notice on machines
+# without a GPU; on a GPU machine, scripts/gpu-check.sh runs the bundle.
 #
 # Environment: AMP_VENV (virtualenv path, default .venv),
 # AMP_PROPTEST_CASES (cases per property, default 128),
-# AMP_SKIP_CUDA_CHECK=1 to leave out the CUDA compile check.
+# AMP_SKIP_CUDA_CHECK=1 to leave out the GPU bundle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -40,8 +42,8 @@ step "cargo test (every crate, every CPU backend)"
 cargo test --workspace --features amp/tch
 
 if [ "${AMP_SKIP_CUDA_CHECK:-0}" != 1 ]; then
-    step "CUDA compile check of amp-candle"
-    bash scripts/check-cuda.sh
+    step "GPU bundle: every CUDA target built and linked, packed within 60 MiB"
+    bash scripts/gpu-bundle.sh gpu-bundle
 fi
 if ! command -v nvidia-smi >/dev/null; then
     step "gpu-check.sh without a GPU skips cleanly"
