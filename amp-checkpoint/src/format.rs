@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 
 use amp_core::{
-    AmpConfig, AmpError, AmpState, BaseState, DType, GroupState, HostTensor, OptimizerState, Result,
+    AmpConfig, AmpError, AmpState, BaseState, DType, GroupState, HostTensor, LossScaleState,
+    OptimizerState, Result,
 };
 use safetensors::tensor::{Metadata, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,9 @@ struct Meta {
     config: AmpConfig,
     groups: Vec<GroupState>,
     base: BaseMeta,
+    /// The loss scale, when the run scales its loss (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loss_scale: Option<LossScaleState>,
 }
 
 /// The base optimiser: what it is and its settings, with the names of its
@@ -104,6 +108,7 @@ pub(crate) fn encode(dtype: DType, params: &[HostTensor], state: &AmpState) -> R
             buffers,
             scalars,
         },
+        loss_scale: state.loss_scale,
     };
     let json = serde_json::to_string(&meta)
         .map_err(|e| AmpError::Checkpoint(format!("cannot encode the metadata: {e}")))?;
@@ -218,6 +223,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Parsed> {
                 settings: meta.base.settings,
                 state,
             },
+            loss_scale: meta.loss_scale,
         },
     })
 }

@@ -2,6 +2,7 @@
 //! groups, and how a step restores θ and treats non-finite values.
 
 use crate::error::{AmpError, Result};
+use crate::loss_scale::LossScaleConfig;
 use crate::store::Scalar;
 
 /// How the weights are brought back from θ + δ to θ after the inner loop.
@@ -230,6 +231,17 @@ pub struct AmpConfig {
     /// [`EpsilonSchedule::Constant`].
     #[cfg_attr(feature = "serde", serde(default))]
     pub epsilon_schedule: EpsilonSchedule,
+    /// Dynamic loss scaling for mixed-precision training (see
+    /// [`LossScaleConfig`] and [`Amp::loss_scale`](crate::Amp::loss_scale)):
+    /// the closure multiplies its loss by the step's scale, the step divides
+    /// every pass's gradients by it, and a step whose gradients (or loss)
+    /// overflow is skipped, the scale backed off. Default `None`: no
+    /// scaling.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub loss_scale: Option<LossScaleConfig>,
 }
 
 macro_rules! setter {
@@ -268,6 +280,7 @@ impl AmpConfig {
             interval: 1,
             start_step: 0,
             epsilon_schedule: EpsilonSchedule::Constant,
+            loss_scale: None,
         }
     }
 
@@ -284,6 +297,13 @@ impl AmpConfig {
     /// ```
     pub fn paper() -> Self {
         AmpConfig::new(0.1, 0.5).weight_decay(1e-4)
+    }
+
+    /// Scales the loss dynamically (mixed precision), with `config`'s
+    /// settings; sets [`AmpConfig::loss_scale`].
+    pub fn loss_scale(mut self, config: LossScaleConfig) -> Self {
+        self.loss_scale = Some(config);
+        self
     }
 
     setter! {
@@ -326,6 +346,9 @@ impl AmpConfig {
     }
 
     fn check_recipes(&self) -> Result<()> {
+        if let Some(loss_scale) = &self.loss_scale {
+            loss_scale.validate()?;
+        }
         if self.interval == 0 {
             return Err(AmpError::config(
                 "interval",

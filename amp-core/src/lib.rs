@@ -50,6 +50,7 @@ mod config;
 pub mod elementwise;
 mod error;
 mod grad_fn;
+mod loss_scale;
 mod optimizer;
 mod report;
 pub mod schedule;
@@ -65,6 +66,7 @@ pub use crate::config::{AmpConfig, EpsilonSchedule, NonFinitePolicy, ParamGroup,
 pub use crate::elementwise::{AdamCoefficients, AdamSlots};
 pub use crate::error::{AmpError, BoxError, Result};
 pub use crate::grad_fn::{GradFn, Pass};
+pub use crate::loss_scale::{LossScale, LossScaleConfig, LossScaleState, MAX_SCALE, MIN_SCALE};
 pub use crate::optimizer::{BaseOptimizer, OptimizerState, Sgd, SgdConfig, StepContext};
 pub use crate::report::StepReport;
 pub use crate::schedule::{Cosine, LrSchedule, MultiStep};

@@ -3,6 +3,7 @@
 //! [`Amp::load_state`](crate::Amp::load_state) restores.
 
 use crate::config::AmpConfig;
+use crate::loss_scale::LossScaleState;
 use crate::optimizer::OptimizerState;
 
 /// A parameter group as resolved against the store: every hyper-parameter
@@ -58,6 +59,7 @@ pub struct BaseState {
 ///     steps: 0,
 ///     skipped_steps: 0,
 ///     base: BaseState::default(),
+///     loss_scale: None,
 /// };
 /// assert_eq!(state.groups[0].tensors, [0]);
 /// ```
@@ -74,6 +76,13 @@ pub struct AmpState {
     pub skipped_steps: u64,
     /// The base optimiser's settings and state.
     pub base: BaseState,
+    /// The loss scale and its count towards the next growth, when the
+    /// configuration scales the loss ([`AmpConfig::loss_scale`]).
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub loss_scale: Option<LossScaleState>,
 }
 
 /// How [`Amp::load_state_with`](crate::Amp::load_state_with) treats

@@ -45,6 +45,16 @@ pub(crate) fn check<S: ParamStore, O: BaseOptimizer<S>>(
         }
     }
 
+    let config = amp.config();
+    crate::loss_scale::check_state(config.loss_scale.as_ref(), state.loss_scale.as_ref(), keep)?;
+    if !keep && state.config.loss_scale != config.loss_scale {
+        return Err(AmpError::state(format!(
+            "the loss scale is configured as {:?} in the state but {:?} here (load with \
+             `keep_hyperparameters` to keep this optimiser's)",
+            state.config.loss_scale, config.loss_scale
+        )));
+    }
+
     let base = amp.base();
     if state.base.kind != base.kind() {
         return Err(AmpError::state(format!(
@@ -54,7 +64,6 @@ pub(crate) fn check<S: ParamStore, O: BaseOptimizer<S>>(
         )));
     }
     if !keep {
-        let config = amp.config();
         if state.config.inner_iter != config.inner_iter {
             return Err(mismatch(
                 "`inner_iter`",

@@ -11,6 +11,7 @@ use num_traits::One;
 use crate::adam::{Adam, AdamConfig};
 use crate::config::{check_hyper_in, AmpConfig, EpsilonSchedule};
 use crate::error::{AmpError, Result};
+use crate::loss_scale::{LossScale, Scaler};
 use crate::optimizer::{BaseOptimizer, Sgd, SgdConfig};
 use crate::state::{AmpState, BaseState, GroupState, StateOptions};
 use crate::store::{ParamStore, Scalar};
@@ -128,6 +129,8 @@ pub struct Amp<S: ParamStore, O: BaseOptimizer<S> = Sgd> {
     /// Per group: the learning rate it was configured with (what
     /// [`EpsilonSchedule::FollowLr`] divides by).
     configured_lr: Vec<f64>,
+    /// The dynamic loss scale, when the configuration asks for one.
+    scaler: Option<Scaler>,
     steps: u64,
     skipped_steps: u64,
 }
@@ -162,6 +165,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         let groups = resolve_groups(&config, n)?;
         let mode = Mode::build(&mut store, &config)?;
         let configured_lr: Vec<f64> = groups.iter().map(|g| g.lr).collect();
+        let scaler = config.loss_scale.map(Scaler::new).transpose()?;
         for buffer in mode.buffers() {
             store.pin_buffer(buffer, true)?;
         }
@@ -178,6 +182,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             ones: vec![S::Scalar::one(); n],
             neg_ones: vec![-S::Scalar::one(); n],
             configured_lr,
+            scaler,
             steps: 0,
             skipped_steps: 0,
         };
@@ -331,9 +336,64 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         self.steps
     }
 
-    /// Steps skipped under [`NonFinitePolicy::Skip`].
+    /// Steps skipped: under [`NonFinitePolicy::Skip`], and, with a loss
+    /// scale, every step whose loss or gradients overflowed.
     pub fn skipped_steps(&self) -> u64 {
         self.skipped_steps
+    }
+
+    /// The loss scale shared with the closure, when the configuration has
+    /// one ([`AmpConfig::loss_scale`]); `None` otherwise.
+    ///
+    /// Take it before the step: within a step the scale does not change.
+    /// The closure multiplies its loss by [`LossScale::scale`] before the
+    /// backward pass and returns the loss *unscaled*; the step divides each
+    /// pass's gradients by the scale before using them (a closure that clips
+    /// gradients calls [`LossScale::unscale_grads`] first). A non-finite
+    /// loss or gradient at any pass skips the step — θ and the base
+    /// optimiser's state as they were, [`StepReport::skipped`] set, the
+    /// skip counted — and backs the scale off, whatever
+    /// [`AmpConfig::non_finite`] says; the scale grows after
+    /// [`LossScaleConfig::growth_interval`](crate::LossScaleConfig::growth_interval)
+    /// steps in a row without one.
+    ///
+    /// ```
+    /// use amp_core::{Amp, AmpConfig, AmpError, LossScaleConfig, SgdConfig, TensorStore};
+    /// # use amp_core::{DType, Result, TensorOps};
+    /// # #[derive(Clone, Copy)] struct Host;
+    /// # impl TensorOps for Host {
+    /// #     type Tensor = Vec<f64>; type Scalar = f64;
+    /// #     fn dtype(&self) -> DType { DType::F64 }
+    /// #     fn shape(&self, t: &Vec<f64>) -> Vec<usize> { vec![t.len()] }
+    /// #     fn scale(&self, t: &Vec<f64>, f: f64) -> Result<Vec<f64>> { Ok(t.iter().map(|x| f * x).collect()) }
+    /// #     fn axpy(&self, y: &Vec<f64>, a: f64, x: &Vec<f64>) -> Result<Vec<f64>> {
+    /// #         Ok(y.iter().zip(x).map(|(y, x)| y + a * x).collect()) }
+    /// #     fn sum_of_squares(&self, t: &Vec<f64>) -> Result<f64> { Ok(t.iter().map(|x| x * x).sum()) }
+    /// #     fn to_host(&self, t: &Vec<f64>) -> Result<Vec<f64>> { Ok(t.clone()) }
+    /// #     fn tensor_like(&self, d: &[f64], _: &Vec<f64>) -> Result<Vec<f64>> { Ok(d.to_vec()) }
+    /// # }
+    /// // ½‖θ − 1‖² over one tensor, its gradient written already scaled,
+    /// // as a backward pass of the scaled loss would.
+    /// let store = TensorStore::new(Host, vec![vec![0.0, 0.0]]);
+    /// let config = AmpConfig::new(0.5, 0.1).loss_scale(LossScaleConfig::default());
+    /// let mut amp = Amp::sgd(store, config, SgdConfig::default())?;
+    /// let scale = amp.loss_scale().expect("configured");
+    /// assert_eq!(scale.scale(), 65536.0);
+    /// let report = amp.step(|s: &mut TensorStore<Host>, _pass| {
+    ///     let theta = s.params()[0].clone();
+    ///     let loss: f64 = theta.iter().map(|x| 0.5 * (x - 1.0) * (x - 1.0)).sum();
+    ///     let grad = theta.iter().map(|x| (x - 1.0) * scale.scale()).collect();
+    ///     s.set_grad(0, grad)?;
+    ///     Ok::<_, AmpError>(((), loss))
+    /// })?;
+    /// assert!(report.skipped.is_none());
+    /// // The step used the unscaled gradient: θ moved by lr · (1 + δ-term),
+    /// // not by 65536 times that.
+    /// assert!(amp.store().params()[0][0] < 1.0);
+    /// # Ok::<(), AmpError>(())
+    /// ```
+    pub fn loss_scale(&self) -> Option<LossScale> {
+        self.scaler.as_ref().map(|s| s.handle.clone())
     }
 
     /// Parameter-sized buffers held between steps: AMP's own (snapshot, δ)
@@ -358,6 +418,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             groups: self.groups.clone(),
             steps: self.steps,
             skipped_steps: self.skipped_steps,
+            loss_scale: self.scaler.as_ref().map(Scaler::state),
             base: BaseState {
                 kind: self.base.kind().to_string(),
                 settings: self
@@ -397,6 +458,9 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         self.refresh_per_tensor();
         self.steps = state.steps;
         self.skipped_steps = state.skipped_steps;
+        if let (Some(scaler), Some(saved)) = (&mut self.scaler, state.loss_scale) {
+            scaler.load(saved);
+        }
         Ok(())
     }
 

@@ -156,6 +156,15 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         if self.steps == u64::MAX {
             return Err(AmpError::CounterOverflow("steps"));
         }
+        if self.scaler.is_some() {
+            // The clean gradient and the base step are the caller's: so is
+            // the loss scale, which must divide both (their framework's
+            // scaler), and the split step's ascent would see it scaled.
+            return Err(AmpError::config(
+                "loss_scale",
+                "the split step (perturb) does not support a loss scale; use Amp::step",
+            ));
+        }
         let n = self.store.num_tensors();
         let mut guard = Perturbed {
             progress: Progress::default(),

@@ -62,6 +62,9 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         let failure = match outcome {
             Ok(Ok(report)) => {
                 self.steps += 1;
+                if let Some(scaler) = &mut self.scaler {
+                    scaler.finite_step();
+                }
                 return Ok(report);
             }
             Ok(Err(failure)) => failure,
@@ -79,7 +82,12 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             (
                 error @ (AmpError::NonFiniteLoss { .. } | AmpError::NonFiniteGradient { .. }),
                 Some(mut report),
-            ) if self.config.non_finite == NonFinitePolicy::Skip => {
+            ) if self.scaler.is_some() || self.config.non_finite == NonFinitePolicy::Skip => {
+                // An overflow under a loss scale: one verdict for every
+                // pass of the step, which is skipped; the scale backs off.
+                if let Some(scaler) = &mut self.scaler {
+                    scaler.overflow();
+                }
                 self.skipped_steps += 1;
                 report.skipped = Some(error);
                 Ok(*report)
@@ -117,6 +125,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
     ) -> std::result::Result<StepReport<G::Output>, Failure<G::Output>> {
         self.store.zero_grads()?;
         self.store.prepare_pass(Pass::Clean)?;
+        self.begin_pass();
         let (output, loss) = grad_fn
             .evaluate(&mut self.store, Pass::Clean)
             .map_err(|source| AmpError::Closure {
@@ -227,8 +236,16 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         Ok(active)
     }
 
-    /// Checks a gradient mask against the clean pass's and the gradients for
-    /// finiteness.
+    /// Before a closure call: a loss scale's gradients are scaled again.
+    fn begin_pass(&self) {
+        if let Some(scaler) = &self.scaler {
+            scaler.handle.begin_pass();
+        }
+    }
+
+    /// Checks a gradient mask against the clean pass's, divides the
+    /// gradients by the loss scale (unless the closure did), and checks them
+    /// for finiteness.
     fn check_gradients(&mut self, pass: Pass, active: &[bool]) -> Result<()> {
         if pass.is_perturbed() {
             let mask = self.store.grad_mask()?;
@@ -236,6 +253,9 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             if let Some(index) = (0..active.len()).find(|&i| active[i] && !mask[i]) {
                 return Err(AmpError::MissingGradient { pass, index });
             }
+        }
+        if let Some(scaler) = &self.scaler {
+            scaler.handle.finish_pass(&mut self.store, active)?;
         }
         if self.store.all_finite(Slot::Grads, active)? {
             Ok(())
@@ -302,6 +322,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
     ) -> Result<()> {
         self.store.zero_grads()?;
         self.store.prepare_pass(pass)?;
+        self.begin_pass();
         report.closure_calls += 1;
         let (_, loss) = grad_fn
             .evaluate(&mut self.store, pass)
