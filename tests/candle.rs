@@ -4,7 +4,7 @@
 #![cfg(feature = "candle")]
 
 use amp_candle::CandleStore;
-use amp_core::{AmpError, DType, HostTensor, Result};
+use amp_core::{AmpError, DType, HostTensor, ParamStore, Result};
 use amp_testkit::autograd::AutogradFactory;
 use amp_testkit::{autograd_suite, conformance_suite, properties, Objective, StoreFactory};
 use candle_core::{DType as CDType, Device, Tensor};
@@ -24,6 +24,35 @@ impl StoreFactory for CandleFactory {
         format!("candle {:?}", self.0)
     }
 }
+
+/// Stores of half-precision vars (`model`) with f32 master weights on the
+/// CPU, started from the case's values rounded to f32: the optimiser works
+/// in f32, so the whole suite holds at the f32 tolerance.
+struct MasterFactory(CDType);
+
+impl StoreFactory for MasterFactory {
+    type Store = CandleStore;
+
+    fn make(&self, values: &[HostTensor], dtype: DType) -> Result<CandleStore> {
+        if dtype != DType::F32 {
+            return Err(AmpError::backend("master weights are f32"));
+        }
+        let model = amp_candle::amp_dtype(self.0).ok_or_else(|| AmpError::backend("dtype"))?;
+        let half: Vec<HostTensor> = values.iter().map(|v| v.clone().with_dtype(model)).collect();
+        let mut store = CandleStore::from_host(&half, &Device::Cpu)?.with_master_weights()?;
+        for (i, value) in values.iter().enumerate() {
+            store.write(amp_core::Slot::Params, i, value)?;
+        }
+        Ok(store)
+    }
+
+    fn name(&self) -> String {
+        format!("candle {:?} with f32 master weights", self.0)
+    }
+}
+
+conformance_suite!(candle_bf16_master, MasterFactory(CDType::BF16), DType::F32);
+conformance_suite!(candle_f16_master, MasterFactory(CDType::F16), DType::F32);
 
 /// The conformance objective written with candle's operations on the
 /// store's vars, in f64 (frozen tensors enter detached).

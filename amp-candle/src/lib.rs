@@ -92,6 +92,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType as CDType, Device, Tensor, Var};
 use candle_nn::VarMap;
 
+mod master;
+
 pub use candle_core;
 pub use candle_nn;
 
@@ -242,6 +244,9 @@ impl CandleNorms {
 ///   ([`ParamStore::write`] on [`Slot::Grads`]).
 /// * **Buffers** (momentum, δ, the snapshot of θ) are tensors of the
 ///   parameters' dtype and device.
+/// * **Master weights** ([`CandleStore::with_master_weights`], for f16 and
+///   bf16 vars): the store steps an f32 copy of θ and writes it, rounded,
+///   into the vars; gradients and buffers are f32.
 ///
 /// Every operation is a handful of candle ops per tensor (candle has no
 /// multi-tensor kernels): `axpy` is a scale and an add, `scale` one multiply,
@@ -267,6 +272,10 @@ pub struct CandleStore {
     /// Which tensors received a gradient since the last `zero_grads`.
     has_grad: Vec<bool>,
     buffers: Buffers<Vec<Tensor>>,
+    /// With master weights ([`CandleStore::with_master_weights`]): the f32
+    /// copy of θ the optimiser steps; the vars hold it rounded to their
+    /// half dtype.
+    master: Option<Vec<Tensor>>,
 }
 
 impl CandleStore {
@@ -370,6 +379,7 @@ impl CandleStore {
             grads: vec![None; n],
             has_grad: vec![false; n],
             buffers: Buffers::new(),
+            master: None,
         })
     }
 
@@ -400,9 +410,16 @@ impl CandleStore {
         &self.device
     }
 
-    /// The vars' dtype as candle names it.
+    /// The dtype the store steps its parameters in, as candle names it:
+    /// the vars' dtype, or `F32` with master weights.
     pub fn candle_dtype(&self) -> CDType {
         self.dtype
+    }
+
+    /// The vars' own dtype (the model's): the same as
+    /// [`CandleStore::candle_dtype`] unless the store keeps master weights.
+    pub fn model_dtype(&self) -> CDType {
+        self.vars.first().map_or(self.dtype, |v| v.dtype())
     }
 
     /// Gives the vars back.
@@ -502,7 +519,10 @@ impl CandleStore {
     fn accept_grad(&self, index: usize, grad: &Tensor) -> Result<Tensor> {
         let var = &self.vars[index];
         check_shape(index, var.dims(), grad.dims())?;
-        if grad.dtype() != self.dtype {
+        // With master weights the model's gradients come in its half dtype
+        // and are widened to the master weights' f32.
+        let widen = self.master.is_some() && grad.dtype() == var.dtype();
+        if grad.dtype() != self.dtype && !widen {
             return Err(AmpError::DTypeMismatch {
                 index,
                 expected: format!("{:?}", self.dtype),
@@ -517,7 +537,10 @@ impl CandleStore {
             });
         }
         let grad = grad.detach();
-        if self.vars.iter().any(|v| same_storage(v.as_tensor(), &grad)) {
+        if widen && grad.dtype() != self.dtype {
+            // A new tensor: it shares no storage with a var.
+            cast(&grad, self.dtype).map_err(backend)
+        } else if self.vars.iter().any(|v| same_storage(v.as_tensor(), &grad)) {
             grad.copy().map_err(backend)
         } else {
             Ok(grad)
@@ -555,7 +578,10 @@ impl CandleStore {
     /// detached but sharing the var's storage, a missing gradient as zeros.
     fn value(&self, slot: Slot, index: usize) -> Result<Tensor> {
         match slot {
-            Slot::Params => Ok(self.vars[index].as_tensor().detach()),
+            Slot::Params => match &self.master {
+                Some(master) => Ok(master[index].clone()),
+                None => Ok(self.vars[index].as_tensor().detach()),
+            },
             Slot::Grads => match &self.grads[index] {
                 Some(grad) => Ok(grad.clone()),
                 None => Tensor::zeros(self.vars[index].shape(), self.dtype, &self.device)
@@ -574,8 +600,15 @@ impl CandleStore {
                 // `Var::set` copies into the var's storage; an empty tensor
                 // has nothing to copy (and candle's ops return empty inputs
                 // unchanged, which `set` would reject as self-derived).
+                // With master weights the var gets θ rounded to its dtype,
+                // and the master copy the value itself.
                 if value.elem_count() > 0 {
-                    self.vars[index].set(&value).map_err(backend)?;
+                    let var = &self.vars[index];
+                    let rounded = cast(&value, var.dtype()).map_err(backend)?;
+                    var.set(&rounded).map_err(backend)?;
+                }
+                if let Some(master) = &mut self.master {
+                    master[index] = value;
                 }
                 Ok(())
             }
@@ -684,8 +717,9 @@ impl ParamStore for CandleStore {
         for index in (0..mask.len()).filter(|&i| mask[i]) {
             let mut value = self.value(src, index)?;
             // Vars change in place: anything else must own a copy of θ.
-            // (`Var::set` copies by itself.)
-            if src == Slot::Params {
+            // (`Var::set` copies by itself; master weights are replaced,
+            // never changed in place.)
+            if src == Slot::Params && self.master.is_none() {
                 value = value.copy().map_err(backend)?;
             }
             self.put(dst, index, value)?;
