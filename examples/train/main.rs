@@ -107,7 +107,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use amp::schedule::{Cosine, LrSchedule, MultiStep};
-use amp::{AdamConfig, AmpConfig, AmpError, BoxError, SgdConfig};
+use amp::{AdamConfig, AmpConfig, AmpError, BoxError, LossScaleConfig, SgdConfig};
 use clap::Parser;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use plotters::style::RGBColor;
@@ -116,7 +116,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::data::{Data, Task};
-use crate::model::{BackendKind, Base, DeviceKind, Setup, Which};
+use crate::model::{BackendKind, Base, DeviceKind, Precision, Setup, Which};
 use crate::report::{MethodResult, RunHistory};
 
 /// `--optimizer`.
@@ -244,6 +244,17 @@ struct Args {
     /// Device.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu, help_heading = "Experiment")]
     device: DeviceKind,
+    /// Precision of the model's weights and activations (mixed precision:
+    /// candle backend). bf16 and f16 keep f32 master weights for the
+    /// optimiser; f16 also scales the loss dynamically.
+    #[arg(long, value_enum, default_value_t = Precision::F32, help_heading = "Experiment")]
+    precision: Precision,
+    /// With `--precision bf16|f16`: step f32 master weights (`false`: step
+    /// the half-precision weights themselves, losing updates below their
+    /// resolution).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", help_heading = "Experiment")]
+    master_weights: bool,
 
     /// Directory for the SVG plots.
     #[arg(long, default_value = "target/amp-train", help_heading = "Output")]
@@ -334,6 +345,17 @@ fn plan(args: &Args, data: &Data) -> Result<Plan, String> {
         .weight_decay(args.weight_decay)
         .interval(args.interval)
         .start_step(start_step);
+    let amp = match args.precision {
+        Precision::F16 => amp.loss_scale(LossScaleConfig::default()),
+        _ => amp,
+    };
+    if args.precision != Precision::F32 && args.backend != BackendKind::Candle {
+        return Err(format!(
+            "invalid value for --precision: {} needs --backend candle (the {} backend trains in f32)",
+            args.precision.name(),
+            args.backend.name()
+        ));
+    }
     amp.validate().map_err(explain)?;
     let erm = amp.clone().inner_iter(0);
     let base = match args.optimizer {
@@ -494,6 +516,8 @@ fn run(args: &Args, data: &Data, plan: &Plan) -> Result<(), BoxError> {
                 base: plan.base,
                 clip_norm,
                 device: args.device,
+                precision: args.precision,
+                master_weights: args.master_weights,
             };
             let mut net = model::build(args.backend, setup)?;
             let history = train(net.as_mut(), data, plan, args, seed, &epoch_bar)
@@ -513,12 +537,17 @@ fn run(args: &Args, data: &Data, plan: &Plan) -> Result<(), BoxError> {
         );
     }
     println!(
-        "{} error of the last epoch (mean ± std over {} seeds), red wine {}, MLP {arch}, {} epochs, {} backend:\n",
+        "{} error of the last epoch (mean ± std over {} seeds), red wine {}, MLP {arch}, {} epochs, {} backend{}:\n",
         if args.val_only { "Validation" } else { "Test" },
         args.seeds,
         args.task.describe(),
         args.epochs,
-        args.backend.name()
+        args.backend.name(),
+        match (args.precision, args.master_weights) {
+            (Precision::F32, _) => String::new(),
+            (p, true) => format!(", {} with f32 master weights", p.name()),
+            (p, false) => format!(", {} without master weights", p.name()),
+        }
     );
     print!("{}", report::table(&erm, &amp, !args.val_only));
 

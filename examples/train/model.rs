@@ -85,6 +85,29 @@ impl DeviceKind {
     }
 }
 
+/// The precision of the model's weights and activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// f32 throughout.
+    F32,
+    /// bfloat16 weights and activations (mixed precision).
+    Bf16,
+    /// IEEE half weights and activations (mixed precision, with a dynamic
+    /// loss scale).
+    F16,
+}
+
+impl Precision {
+    /// Name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
 /// Which split to predict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Which {
@@ -147,6 +170,10 @@ pub struct Setup<'a> {
     pub clip_norm: Option<f64>,
     /// Where the tensors live.
     pub device: DeviceKind,
+    /// The model's precision.
+    pub precision: Precision,
+    /// With a half precision: whether the store steps f32 master weights.
+    pub master_weights: bool,
 }
 
 /// A network and its optimiser, as the training loop sees them.
