@@ -56,6 +56,9 @@ pub struct Settings {
     pub adam: Option<AdamConfig>,
     /// Perturb every `interval`-th step (1: every step).
     pub interval: u64,
+    /// The MLPs in bf16 with f32 master weights (mixed precision; candle
+    /// only) instead of f32.
+    pub bf16: bool,
 }
 
 static SETTINGS: OnceLock<Settings> = OnceLock::new();
@@ -74,7 +77,16 @@ fn settings() -> Settings {
     SETTINGS.get().copied().unwrap_or(Settings {
         adam: None,
         interval: 1,
+        bf16: false,
     })
+}
+
+/// Refuses a bf16 MLP on a backend without mixed precision.
+pub fn f32_only(backend: &str) -> Result<(), BoxError> {
+    if settings().bf16 {
+        return Err(format!("bf16: candle only, not {backend}").into());
+    }
+    Ok(())
 }
 
 /// The settings every timed run shares: no weight decay, ζ = 1,

@@ -83,6 +83,10 @@ struct Args {
     /// The AMP trainers perturb every k-th step only (`AmpConfig::interval`).
     #[arg(long, default_value_t = 1)]
     interval: u64,
+    /// Precision of the MLPs: f32, or bf16 with f32 master weights (mixed
+    /// precision, candle only; the other backends report no MLP figures).
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 type MlpPair = (Box<dyn Steps>, Box<dyn Steps>);
@@ -345,9 +349,15 @@ fn main() -> Result<(), BoxError> {
     if args.interval == 0 {
         return Err("--interval must be at least 1".into());
     }
+    let bf16 = match args.precision.as_str() {
+        "f32" => false,
+        "bf16" => true,
+        other => return Err(format!("--precision: expected f32 or bf16, got {other}").into()),
+    };
     fixtures::configure(fixtures::Settings {
         adam,
         interval: args.interval,
+        bf16,
     });
     let plan = if args.quick {
         Plan {
@@ -446,7 +456,7 @@ fn render(
     let _ = writeln!(
         out,
         "\nAMP (adversarial model perturbation) cost report — {} run, {} rounds of >= {:.2} s blocks \
-         (MLPs: {:.2} s), {cores} cores{extra}\nbase optimiser {}, AMP perturbs every {} step(s)\n\
+         (MLPs: {:.2} s), {cores} cores{extra}\nbase optimiser {}, AMP perturbs every {} step(s), MLPs in {}\n\
          load average at start {start_load}, at end {}; run took {secs:.0} s\n",
         if args.quick { "QUICK" } else { "full" },
         plan.rounds,
@@ -454,6 +464,7 @@ fn render(
         4.0 * plan.block_secs,
         if args.optimizer == "sgd" { "SGD (Nesterov 0.9)" } else { args.optimizer.as_str() },
         args.interval,
+        if args.precision == "bf16" { "bf16 with f32 master weights" } else { "f32" },
         load()
     );
 

@@ -1,7 +1,7 @@
 //! The benchmark MLP on candle (CPU): `candle_nn::Linear` layers over vars
 //! that a `CandleStore` holds; gradients from candle's autograd.
 
-use amp::backend::candle::candle_core::{Device, Module, Tensor, Var};
+use amp::backend::candle::candle_core::{DType, Device, Module, Tensor, Var};
 use amp::backend::candle::candle_nn::{self, Linear};
 use amp::backend::candle::CandleStore;
 use amp::BoxError;
@@ -9,21 +9,28 @@ use amp::BoxError;
 use crate::fixtures::{amp_config, Closure, Trainer, TrainerPair};
 use crate::mlp::{Problem, EPSILON, LR};
 
-/// The model's layers and the store over their vars.
+/// The dtype of the model's vars and activations.
+fn dtype() -> DType {
+    if crate::fixtures::current_settings().bf16 {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// The model's layers and the store over their vars (bf16 ones with f32
+/// master weights).
 fn model(problem: &Problem, device: &Device) -> Result<(Vec<Linear>, CandleStore), BoxError> {
     let mut vars = Vec::new();
     let mut layers = Vec::new();
     for layer in &problem.layers {
-        let w = Var::from_tensor(&Tensor::from_vec(
-            layer.weight.clone(),
-            (layer.outputs, layer.inputs),
-            device,
-        )?)?;
-        let b = Var::from_tensor(&Tensor::from_vec(
-            layer.bias.clone(),
-            layer.outputs,
-            device,
-        )?)?;
+        let w = Var::from_tensor(
+            &Tensor::from_vec(layer.weight.clone(), (layer.outputs, layer.inputs), device)?
+                .to_dtype(dtype())?,
+        )?;
+        let b = Var::from_tensor(
+            &Tensor::from_vec(layer.bias.clone(), layer.outputs, device)?.to_dtype(dtype())?,
+        )?;
         layers.push(Linear::new(
             w.as_tensor().clone(),
             Some(b.as_tensor().clone()),
@@ -31,7 +38,12 @@ fn model(problem: &Problem, device: &Device) -> Result<(Vec<Linear>, CandleStore
         vars.push(w);
         vars.push(b);
     }
-    Ok((layers, CandleStore::from_vars(vars)?))
+    let store = CandleStore::from_vars(vars)?;
+    if dtype() == DType::F32 {
+        Ok((layers, store))
+    } else {
+        Ok((layers, store.with_master_weights()?))
+    }
 }
 
 /// The closure: forward, cross-entropy, `backward` into the store.
@@ -44,7 +56,8 @@ fn closure(
         problem.x.clone(),
         (problem.spec.batch, crate::mlp::INPUTS),
         device,
-    )?;
+    )?
+    .to_dtype(dtype())?;
     let labels: Vec<u32> = problem.y.iter().map(|&c| c as u32).collect();
     let y = Tensor::from_vec(labels, problem.spec.batch, device)?;
     Ok(Box::new(move |store: &mut CandleStore, _pass| {
@@ -55,7 +68,7 @@ fn closure(
                 h = h.relu()?;
             }
         }
-        let loss = candle_nn::loss::cross_entropy(&h, &y)?;
+        let loss = candle_nn::loss::cross_entropy(&h.to_dtype(DType::F32)?, &y)?;
         let value = store.backward(&loss)?;
         Ok(((), value))
     }))

@@ -96,6 +96,7 @@ fn closure(problem: &Problem) -> Result<Closure<NdStore<f32>>, BoxError> {
 
 /// The ERM (`inner_iter` 0) and AMP (`inner_iter` 1) trainers of `problem`.
 pub fn trainers(problem: &Problem) -> Result<TrainerPair<NdStore<f32>>, BoxError> {
+    crate::fixtures::f32_only("ndarray")?;
     let erm = Trainer::new(
         store(problem)?,
         amp_config(0, LR, EPSILON),

@@ -66,10 +66,12 @@ fn trainer(
 
 /// The ERM (`inner_iter` 0) and AMP (`inner_iter` 1) trainers of `problem`.
 pub fn trainers(problem: &Problem) -> Result<TrainerPair<TchStore>, BoxError> {
+    crate::fixtures::f32_only("tch")?;
     Ok((trainer(problem, 0, false)?, trainer(problem, 1, false)?))
 }
 
 /// The same pair over flattened stores (`TchStore::flatten`).
 pub fn flat_trainers(problem: &Problem) -> Result<TrainerPair<TchStore>, BoxError> {
+    crate::fixtures::f32_only("tch")?;
     Ok((trainer(problem, 0, true)?, trainer(problem, 1, true)?))
 }
