@@ -27,6 +27,7 @@ mod contract;
 pub mod faulty;
 pub mod properties;
 pub mod reference;
+mod scaling;
 mod split;
 pub mod strategies;
 
@@ -746,7 +747,9 @@ macro_rules! conformance_suite {
                 store_panic_leaves_state,
                 split_step_matches_step,
                 adam_update_matches_composed,
-                gradient_presence
+                gradient_presence,
+                loss_scale_is_exact,
+                overflow_skips_the_step
             );
         }
     };

@@ -13,6 +13,7 @@ use crate::{
 };
 
 pub use crate::contract::gradient_presence;
+pub use crate::scaling::{loss_scale_is_exact, overflow_skips_the_step};
 pub use crate::split::{adam_update_matches_composed, split_step_matches_step};
 
 /// What a property returns: `Err` with a message saying what broke.
@@ -418,7 +419,12 @@ fn guarded<T>(step: impl FnOnce() -> amp_core::Result<T>) -> Result<T, Ended> {
 
 /// θ after a failed step against θ before it: bit for bit with
 /// copy-restore, within rounding with subtract-restore.
-fn unchanged(case: &Case, dtype: DType, before: &[HostTensor], after: &[HostTensor]) -> Check {
+pub(crate) fn unchanged(
+    case: &Case,
+    dtype: DType,
+    before: &[HostTensor],
+    after: &[HostTensor],
+) -> Check {
     let per_step = case.config.inner_iter + 1;
     let u = unit_roundoff(dtype);
     let eps = epsilons(case);
@@ -703,7 +709,9 @@ pub fn all<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
     store_panic_leaves_state(factory, case, dtype)?;
     split_step_matches_step(factory, case, dtype)?;
     adam_update_matches_composed(factory, case, dtype)?;
-    gradient_presence(factory, case, dtype)
+    gradient_presence(factory, case, dtype)?;
+    loss_scale_is_exact(factory, case, dtype)?;
+    overflow_skips_the_step(factory, case, dtype)
 }
 
 /// The store's gradients as the host sees them (for tests of backends).
