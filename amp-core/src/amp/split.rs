@@ -1,7 +1,7 @@
 //! The split step: AMP's perturbation without its base step, for stepping
 //! the weights with another framework's optimiser.
 
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use super::step::Progress;
 use super::Amp;
@@ -178,21 +178,12 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             return Ok(guard);
         }
         let outcome = catch_unwind(AssertUnwindSafe(|| guard.ascend_all(grad_fn)));
-        match outcome {
-            Ok(Ok(())) => Ok(guard),
-            // θ is brought back here rather than by the guard's drop, so
-            // that a failure to restore it is reported over the first error.
-            Ok(Err(error)) => {
-                guard.restored = true;
-                guard.amp.restore(&guard.progress)?;
-                Err(error)
-            }
-            Err(panic) => {
-                guard.restored = true;
-                let _ = catch_unwind(AssertUnwindSafe(|| guard.amp.restore(&guard.progress)));
-                resume_unwind(panic);
-            }
-        }
+        // On failure θ is brought back by `settle` rather than by the
+        // guard's drop, so that a failure to restore it is reported over
+        // the first error.
+        guard.restored = !matches!(outcome, Ok(Ok(())));
+        guard.amp.settle(&guard.progress, outcome)??;
+        Ok(guard)
     }
 }
 

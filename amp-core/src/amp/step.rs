@@ -59,25 +59,16 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         }
         let mut progress = Progress::default();
         let outcome = catch_unwind(AssertUnwindSafe(|| self.run(grad_fn, &mut progress)));
-        let failure = match outcome {
-            Ok(Ok(report)) => {
+        let failure = match self.settle(&progress, outcome)? {
+            Ok(report) => {
                 self.steps += 1;
                 if let Some(scaler) = &mut self.scaler {
                     scaler.finite_step();
                 }
                 return Ok(report);
             }
-            Ok(Err(failure)) => failure,
-            Err(panic) => {
-                // θ back before the panic goes on; a second panic while
-                // restoring must not abort the process.
-                let _ = catch_unwind(AssertUnwindSafe(|| self.restore(&progress)));
-                resume_unwind(panic);
-            }
+            Err(failure) => failure,
         };
-        // A failure to restore is reported over the error that caused it:
-        // the weights are then not θ and the caller must know.
-        self.restore(&progress)?;
         match (failure.error, failure.report) {
             (
                 error @ (AmpError::NonFiniteLoss { .. } | AmpError::NonFiniteGradient { .. }),
@@ -93,6 +84,31 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
                 Ok(*report)
             }
             (error, _) => Err(error),
+        }
+    }
+
+    /// What code that moved θ (tracked in `progress`) came to, run under
+    /// `catch_unwind`: passed through when it succeeded; after an error, θ
+    /// brought back and the error handed on — unless bringing θ back failed
+    /// too, which is reported over it (the weights are then not θ and the
+    /// caller must know); after a panic, θ brought back (a second panic
+    /// while doing so is swallowed, not an abort) and the panic resumed.
+    /// The one place [`Amp::step_with`] and [`Amp::perturb_with`] end.
+    pub(super) fn settle<T, E>(
+        &mut self,
+        progress: &Progress,
+        outcome: std::thread::Result<std::result::Result<T, E>>,
+    ) -> Result<std::result::Result<T, E>> {
+        match outcome {
+            Ok(Ok(value)) => Ok(Ok(value)),
+            Ok(Err(error)) => {
+                self.restore(progress)?;
+                Ok(Err(error))
+            }
+            Err(panic) => {
+                let _ = catch_unwind(AssertUnwindSafe(|| self.restore(progress)));
+                resume_unwind(panic);
+            }
         }
     }
 
