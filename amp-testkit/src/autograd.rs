@@ -90,16 +90,12 @@ pub fn run_autograd<F: AutogradFactory>(
             let theta = read_slot(store, Slot::Params)?;
             let (want_loss, want_grads) = objective.evaluate(&host_values(&theta));
             let loss = factory.loss_and_grads(store, objective)?;
-            let bound = loss_bound(objective, &theta, want_loss);
-            if (loss - want_loss).abs() > bound {
-                note(
-                    &violations,
-                    format!(
-                        "{pass}: the framework's loss {loss:e} is not the loss {want_loss:e} at the \
-                         store's weights (|Δ| > {bound:e}): the model does not see them"
-                    ),
-                );
-            }
+            check_loss(
+                &violations,
+                &format!("{pass}: the framework's loss"),
+                (loss, want_loss, loss_bound(objective, &theta, want_loss)),
+                "the model does not see them",
+            );
             let mask = store.grad_mask()?;
             empty_without_grad.borrow_mut().get_or_insert_with(|| {
                 (0..theta.len())
@@ -115,16 +111,12 @@ pub fn run_autograd<F: AutogradFactory>(
             let theta = read_slot(store, Slot::Params)?;
             let (want, _) = objective.evaluate(&host_values(&theta));
             let got = factory.model_loss(store, objective)?;
-            let bound = loss_bound(objective, &theta, want);
-            if (got - want).abs() > bound {
-                note(
-                    &violations,
-                    format!(
-                        "after step {step}: the model's loss {got:e} is not the loss {want:e} at \
-                         the store's weights (|Δ| > {bound:e}): the model handed back is not θ"
-                    ),
-                );
-            }
+            check_loss(
+                &violations,
+                &format!("after step {step}: the model's loss"),
+                (got, want, loss_bound(objective, &theta, want)),
+                "the model handed back is not θ",
+            );
             Ok(())
         },
     );
@@ -146,6 +138,21 @@ pub fn run_autograd<F: AutogradFactory>(
 
 fn note(violations: &Violations, message: String) {
     violations.borrow_mut().push(message);
+}
+
+/// Notes a loss `got` farther than `bound` from the host's `want` at the
+/// store's weights.
+fn check_loss(violations: &Violations, what: &str, (got, want, bound): (f64, f64, f64), why: &str) {
+    let gap = (got - want).abs();
+    if gap.is_nan() || gap > bound {
+        note(
+            violations,
+            format!(
+                "{what} {got:e} is not the loss {want:e} at the store's weights \
+                 (|Δ| > {bound:e}): {why}"
+            ),
+        );
+    }
 }
 
 /// How far two `f64` evaluations of the loss at the same weights may differ:
@@ -273,25 +280,10 @@ macro_rules! autograd_suite {
             use $crate::proptest::prelude::*;
             use $crate::{autograd, strategies};
 
-            $crate::autograd_suite!(@tests $factory, $dtype;
+            $crate::conformance_suite!(@tests autograd; $factory, $dtype;
                 model_sees_each_pass,
                 autograd_matches_oracle
             );
         }
-    };
-    (@tests $factory:expr, $dtype:expr; $($property:ident),*) => {
-        $(
-            proptest! {
-                #![proptest_config($crate::proptest_config())]
-                #[test]
-                fn $property(case in strategies::case(5, 4)) {
-                    let factory = $factory;
-                    let case = case.fitted_to(&factory);
-                    if let Err(message) = autograd::$property(&factory, &case, $dtype) {
-                        prop_assert!(false, "{}", message);
-                    }
-                }
-            }
-        )*
     };
 }

@@ -735,7 +735,7 @@ macro_rules! conformance_suite {
             use $crate::proptest::prelude::*;
             use $crate::{properties, strategies};
 
-            $crate::conformance_suite!(@tests $factory, $dtype;
+            $crate::conformance_suite!(@tests properties; $factory, $dtype;
                 matches_oracle,
                 projection_bound,
                 restore,
@@ -753,7 +753,8 @@ macro_rules! conformance_suite {
             );
         }
     };
-    (@tests $factory:expr, $dtype:expr; $($property:ident),*) => {
+    // One proptest per property of `$module` (`properties`, `autograd`).
+    (@tests $module:ident; $factory:expr, $dtype:expr; $($property:ident),*) => {
         $(
             proptest! {
                 #![proptest_config($crate::proptest_config())]
@@ -761,7 +762,7 @@ macro_rules! conformance_suite {
                 fn $property(case in strategies::case(5, 4)) {
                     let factory = $factory;
                     let case = case.fitted_to(&factory);
-                    if let Err(message) = properties::$property(&factory, &case, $dtype) {
+                    if let Err(message) = $module::$property(&factory, &case, $dtype) {
                         prop_assert!(false, "{}", message);
                     }
                 }
