@@ -25,6 +25,7 @@ pub mod autograd;
 mod base;
 mod contract;
 pub mod faulty;
+pub mod hooked;
 pub mod properties;
 pub mod reference;
 mod scaling;

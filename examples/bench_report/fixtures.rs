@@ -251,11 +251,11 @@ pub fn metered_step<F: OptFixture>(
     timed_steps: usize,
 ) -> Result<crate::metered::Meter, BoxError> {
     let (store, mut closure) = F::build(sizes)?;
-    let metered = Metered::new(store, F::sync)?;
+    let metered = crate::metered::metered(store, F::sync)?;
     let closure: Closure<Metered<F::Store>> =
-        Box::new(move |m: &mut Metered<F::Store>, pass| closure(&mut m.inner, pass));
+        Box::new(move |m: &mut Metered<F::Store>, pass| closure(m.inner_mut(), pass));
     fn sync_metered<F: OptFixture>(m: &Metered<F::Store>) {
-        F::sync(&m.inner)
+        F::sync(m.inner())
     }
     let mut trainer = Trainer::new(
         metered,
@@ -264,17 +264,17 @@ pub fn metered_step<F: OptFixture>(
         sync_metered::<F>,
     )?;
     trainer.steps(2)?;
-    trainer.amp.store_mut().meter = Default::default();
+    trainer.amp.store().hook().reset();
     trainer.steps(1)?;
-    let bytes = trainer.amp.store().meter.clone();
+    let bytes = trainer.amp.store().hook().meter();
     if timed_steps == 0 {
         return Ok(bytes);
     }
-    let store = trainer.amp.store_mut();
-    store.meter = Default::default();
-    store.timed = true;
+    let metering = trainer.amp.store().hook();
+    metering.reset();
+    metering.set_timed(true);
     trainer.steps(timed_steps)?;
-    let mut meter = trainer.amp.store().meter.clone();
+    let mut meter = trainer.amp.store().hook().meter();
     for (b, one) in meter.bytes.iter_mut().zip(bytes.bytes) {
         *b = one;
     }

@@ -1,5 +1,6 @@
-//! [`Metered`]: a [`ParamStore`] wrapper that counts the bytes each batched
-//! primitive reads and writes, and the time it takes.
+//! [`Metered`]: a [`ParamStore`] wrapper (amp-testkit's [`Hooked`] with a
+//! [`Metering`] hook) that counts the bytes each batched primitive reads and
+//! writes, and the time it takes.
 //!
 //! The byte count is the *logical* traffic of the primitives that amp-core
 //! issues, whatever the backend does inside them: `copy` reads and writes
@@ -11,9 +12,11 @@
 //! backend that makes extra passes (temporaries, a separate write-back) moves
 //! more bytes than it is credited with, and scores lower.
 
+use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
-use amp::{BufferId, DType, HostTensor, ParamStore, Result, Slot};
+use amp::{ParamStore, Result};
+use amp_testkit::hooked::{Hooked, StoreHook, StoreOp};
 
 /// The primitives that move parameter-sized data, in report order.
 pub const OPS: [&str; 10] = [
@@ -47,182 +50,102 @@ impl Meter {
     }
 }
 
-/// A store that forwards every call to `inner` and meters it.
-pub struct Metered<S: ParamStore> {
-    /// The wrapped store; closures reach the backend through it.
-    pub inner: S,
-    /// What has been counted since the last reset.
-    pub meter: Meter,
-    /// Whether each primitive is timed (adds two clock reads per call).
-    pub timed: bool,
-    /// Bytes per tensor (numel × dtype size), cached.
-    tensor_bytes: Vec<u64>,
-    /// Called after each timed primitive so that asynchronous devices are
-    /// timed honestly.
-    sync: fn(&S),
+/// The entry of [`OPS`] an operation is counted under; `None` for those
+/// that move no parameter data (buffer bookkeeping, host reads of single
+/// tensors, the gradient mask).
+fn entry(name: &str) -> Option<usize> {
+    Some(match name {
+        "copy" => 0,
+        "scale" => 1,
+        "axpy" => 2,
+        "axpy_from" => 3,
+        "perturb_from_grads" => 4,
+        "norms" => 5,
+        "clip_to_norms" => 6,
+        "all_finite" => 7,
+        // Moves no parameter data of its own (0 bytes), but is timed: a
+        // backend that frees and reallocates gradients pays for it here.
+        "zero_grads" => 8,
+        "addcmul" | "addcdiv_sqrt" | "maximum" | "adam_update" | "clip_grad_norm" => 9,
+        _ => return None,
+    })
 }
 
-impl<S: ParamStore> Metered<S> {
-    /// Wraps `inner`; `sync` waits for the device (a no-op on the CPU).
-    pub fn new(inner: S, sync: fn(&S)) -> Result<Self> {
-        let size = inner.dtype().size_in_bytes() as u64;
-        let tensor_bytes = (0..inner.num_tensors())
-            .map(|i| Ok(inner.shape(i)?.iter().product::<usize>() as u64 * size))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Metered {
-            inner,
-            meter: Meter::default(),
-            timed: false,
-            tensor_bytes,
-            sync,
-        })
+/// The hook that meters: bytes from each operation's passes over the
+/// masked tensors, and, when timing, the time until the device is done.
+pub struct Metering<S> {
+    meter: RefCell<Meter>,
+    timed: Cell<bool>,
+    /// Bytes per tensor (numel × dtype size).
+    tensor_bytes: Vec<u64>,
+    /// Waits for the device, so that asynchronous devices are timed
+    /// honestly.
+    sync: fn(&S),
+    started: Cell<Option<Instant>>,
+}
+
+impl<S> Metering<S> {
+    /// What has been counted since the last reset.
+    pub fn meter(&self) -> Meter {
+        self.meter.borrow().clone()
     }
 
-    fn masked_bytes(&self, mask: &[bool]) -> u64 {
-        self.tensor_bytes
-            .iter()
-            .zip(mask)
-            .filter(|(_, &m)| m)
-            .map(|(b, _)| b)
-            .sum()
+    /// Starts counting afresh.
+    pub fn reset(&self) {
+        *self.meter.borrow_mut() = Meter::default();
     }
 
-    fn record<T>(
-        &mut self,
-        op: usize,
-        passes: u64,
-        mask: &[bool],
-        f: impl FnOnce(&mut S) -> T,
-    ) -> T {
-        let bytes = passes * self.masked_bytes(mask);
-        self.meter.bytes[op] += bytes;
-        self.meter.calls[op] += 1;
-        if self.timed {
-            let start = Instant::now();
-            let out = f(&mut self.inner);
-            (self.sync)(&self.inner);
-            self.meter.time[op] += start.elapsed();
-            out
-        } else {
-            f(&mut self.inner)
+    /// Whether each primitive is timed (two clock reads and a device sync
+    /// per call).
+    pub fn set_timed(&self, timed: bool) {
+        self.timed.set(timed);
+    }
+}
+
+impl<S: ParamStore> StoreHook<S> for Metering<S> {
+    fn before(&self, _store: &S, op: &StoreOp<'_>) -> Result<()> {
+        if let Some(e) = entry(op.name) {
+            let mask = op.mask.unwrap_or(&[]);
+            let bytes: u64 = self
+                .tensor_bytes
+                .iter()
+                .zip(mask)
+                .filter(|(_, &m)| m)
+                .map(|(b, _)| b)
+                .sum();
+            let mut meter = self.meter.borrow_mut();
+            meter.bytes[e] += op.passes * bytes;
+            meter.calls[e] += 1;
+            if self.timed.get() {
+                self.started.set(Some(Instant::now()));
+            }
+        }
+        Ok(())
+    }
+
+    fn after(&self, store: &S, op: &StoreOp<'_>) {
+        if let (Some(e), Some(start)) = (entry(op.name), self.started.take()) {
+            (self.sync)(store);
+            self.meter.borrow_mut().time[e] += start.elapsed();
         }
     }
 }
 
-impl<S: ParamStore> ParamStore for Metered<S> {
-    type Scalar = S::Scalar;
-    type Norms = S::Norms;
+/// A store that forwards every call to its inner store and meters it.
+pub type Metered<S> = Hooked<S, Metering<S>>;
 
-    fn num_tensors(&self) -> usize {
-        self.inner.num_tensors()
-    }
-    fn shape(&self, index: usize) -> Result<Vec<usize>> {
-        self.inner.shape(index)
-    }
-    fn dtype(&self) -> DType {
-        self.inner.dtype()
-    }
-    fn zero_grads(&mut self) -> Result<()> {
-        // Moves no parameter data of its own (0 bytes), but is timed: a
-        // backend that frees and reallocates gradients pays for it here.
-        self.record(8, 0, &[], |s| s.zero_grads())
-    }
-    fn grad_mask(&self) -> Result<Vec<bool>> {
-        self.inner.grad_mask()
-    }
-    fn alloc_buffer(&mut self) -> Result<BufferId> {
-        self.inner.alloc_buffer()
-    }
-    fn free_buffer(&mut self, id: BufferId) -> Result<()> {
-        self.inner.free_buffer(id)
-    }
-    fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
-        self.record(0, 2, mask, |s| s.copy(dst, src, mask))
-    }
-    fn scale(&mut self, dst: Slot, factor: &[Self::Scalar], mask: &[bool]) -> Result<()> {
-        self.record(1, 2, mask, |s| s.scale(dst, factor, mask))
-    }
-    fn axpy(&mut self, dst: Slot, alpha: &[Self::Scalar], src: Slot, mask: &[bool]) -> Result<()> {
-        self.record(2, 3, mask, |s| s.axpy(dst, alpha, src, mask))
-    }
-    fn addcmul(
-        &mut self,
-        dst: Slot,
-        alpha: &[Self::Scalar],
-        a: Slot,
-        b: Slot,
-        mask: &[bool],
-    ) -> Result<()> {
-        // Reads dst, a and b (once when they are one slot), writes dst.
-        let passes = if a == b { 3 } else { 4 };
-        self.record(9, passes, mask, |s| s.addcmul(dst, alpha, a, b, mask))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn addcdiv_sqrt(
-        &mut self,
-        dst: Slot,
-        alpha: &[Self::Scalar],
-        num: Slot,
-        den: Slot,
-        divisor: &[Self::Scalar],
-        eps: &[Self::Scalar],
-        mask: &[bool],
-    ) -> Result<()> {
-        self.record(9, 4, mask, |s| {
-            s.addcdiv_sqrt(dst, alpha, num, den, divisor, eps, mask)
-        })
-    }
-    fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
-        self.record(9, 3, mask, |s| s.maximum(dst, src, mask))
-    }
-    fn axpy_from(
-        &mut self,
-        dst: Slot,
-        base: Slot,
-        alpha: &[Self::Scalar],
-        src: Slot,
-        mask: &[bool],
-    ) -> Result<()> {
-        self.record(3, 3, mask, |s| s.axpy_from(dst, base, alpha, src, mask))
-    }
-    fn perturb_from_grads(
-        &mut self,
-        snapshot: Option<Slot>,
-        delta: Option<Slot>,
-        inner_lr: &[Self::Scalar],
-        epsilon: &[Self::Scalar],
-        mask: &[bool],
-    ) -> Result<Self::Norms> {
-        let passes = 4 + u64::from(snapshot.is_some()) + u64::from(delta.is_some());
-        self.record(4, passes, mask, |s| {
-            s.perturb_from_grads(snapshot, delta, inner_lr, epsilon, mask)
-        })
-    }
-    fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<Self::Norms> {
-        self.record(5, 1, mask, |s| s.norms(src, mask))
-    }
-    fn clip_to_norms(
-        &mut self,
-        dst: Slot,
-        norms: &Self::Norms,
-        max_norm: &[Self::Scalar],
-        mask: &[bool],
-    ) -> Result<()> {
-        self.record(6, 2, mask, |s| s.clip_to_norms(dst, norms, max_norm, mask))
-    }
-    fn norms_to_host(&self, norms: &Self::Norms) -> Result<Vec<f64>> {
-        self.inner.norms_to_host(norms)
-    }
-    fn all_finite(&mut self, src: Slot, mask: &[bool]) -> Result<bool> {
-        self.record(7, 1, mask, |s| s.all_finite(src, mask))
-    }
-    fn read(&self, slot: Slot, index: usize) -> Result<HostTensor> {
-        self.inner.read(slot, index)
-    }
-    fn write(&mut self, slot: Slot, index: usize, value: &HostTensor) -> Result<()> {
-        self.inner.write(slot, index, value)
-    }
-    fn clip_grad_norm(&mut self, max_norm: f64, mask: &[bool]) -> Result<f64> {
-        self.record(9, 3, mask, |s| s.clip_grad_norm(max_norm, mask))
-    }
+/// Wraps `inner`; `sync` waits for the device (a no-op on the CPU).
+pub fn metered<S: ParamStore>(inner: S, sync: fn(&S)) -> Result<Metered<S>> {
+    let size = inner.dtype().size_in_bytes() as u64;
+    let tensor_bytes = (0..inner.num_tensors())
+        .map(|i| Ok(inner.shape(i)?.iter().product::<usize>() as u64 * size))
+        .collect::<Result<Vec<_>>>()?;
+    let metering = Metering {
+        meter: RefCell::new(Meter::default()),
+        timed: Cell::new(false),
+        tensor_bytes,
+        sync,
+        started: Cell::new(None),
+    };
+    Ok(Hooked::with_hook(inner, metering))
 }

@@ -31,15 +31,15 @@ pub fn bytes_per_step<S: ParamStore + 'static>(
     store: S,
     mut closure: Closure<S>,
 ) -> Result<u64, BoxError> {
-    let metered = Metered::new(store, no_sync::<S>)?;
+    let metered = crate::metered::metered(store, no_sync::<S>)?;
     let closure: Closure<Metered<S>> =
-        Box::new(move |m: &mut Metered<S>, pass: Pass| closure(&mut m.inner, pass));
+        Box::new(move |m: &mut Metered<S>, pass: Pass| closure(m.inner_mut(), pass));
     let config = amp_config(1, OPT_LR, OPT_EPSILON);
     let mut trainer = Trainer::new(metered, config, closure, no_sync::<Metered<S>>)?;
     trainer.steps(2)?;
-    trainer.amp.store_mut().meter = Default::default();
+    trainer.amp.store().hook().reset();
     trainer.steps(1)?;
-    Ok(trainer.amp.store().meter.total_bytes())
+    Ok(trainer.amp.store().hook().meter().total_bytes())
 }
 
 /// Host reads per AMP (K = 1) step over ten steps after two warm-up steps:
@@ -53,17 +53,18 @@ pub fn host_reads_per_step<S: ParamStore + 'static>(
     let seen = Rc::clone(&calls);
     let closure: Closure<Counted<S>> = Box::new(move |c: &mut Counted<S>, pass: Pass| {
         seen.set(seen.get() + 1);
-        closure(&mut c.inner, pass)
+        closure(c.inner_mut(), pass)
     });
     let config = amp_config(1, OPT_LR, OPT_EPSILON);
-    let mut trainer = Trainer::new(Counted::new(store), config, closure, no_sync::<Counted<S>>)?;
+    let counted = crate::syncs::counted(store);
+    let mut trainer = Trainer::new(counted, config, closure, no_sync::<Counted<S>>)?;
     trainer.steps(2)?;
-    trainer.amp.store().reset();
+    trainer.amp.store().hook().reset();
     calls.set(0);
     let steps = 10;
     trainer.steps(steps)?;
     let per = |n: u64| n as f64 / steps as f64;
-    Ok((per(trainer.amp.store().reads()), per(calls.get())))
+    Ok((per(trainer.amp.store().hook().reads()), per(calls.get())))
 }
 
 /// The compiled-in backends that can run on `device`, and for the others
