@@ -16,6 +16,12 @@
 //! - [`BaseOptimizer`]: the outer optimiser; [`Sgd`] and [`Adam`] (Adam and
 //!   AdamW) have PyTorch's semantics, and any other optimiser plugs in.
 //!
+//! For mixed-precision training (f16/bf16 forward and backward passes),
+//! [`AmpConfig::loss_scale`] adds a dynamic loss scale that the step
+//! divides out of every pass's gradients before AMP's ascent sees them
+//! ([`LossScale`]); f32 master weights are the store's business (candle's
+//! `CandleStore::with_master_weights`).
+//!
 //! Backends: `amp-ndarray` (CPU reference and test oracle), `amp-tch`
 //! (libtorch), `amp-candle` (candle). To use your own tensor type, either
 //! implement [`TensorOps`] — a few operations on one tensor — and wrap the
