@@ -4,7 +4,7 @@
 //! fused sequences of basic operations; [`ParamStore::addcmul`],
 //! [`ParamStore::addcdiv_sqrt`] and [`ParamStore::maximum`] (what Adam
 //! needs) go through the host, tensor by tensor, with the formulas of
-//! [`elementwise`](crate::elementwise). Their defaults call these
+//! [`elementwise`]. Their defaults call these
 //! functions. A store that runs them its own way for some of its tensors
 //! (say, dense CPU tensors) calls the function here for the others, and the
 //! workspace's conformance suite checks that both give the same bits.

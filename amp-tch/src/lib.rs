@@ -130,7 +130,7 @@
 //! one loop. Results are the same bit for bit (the conformance suite runs on
 //! flattened stores too).
 //! ## Numerics
-//! The store's [`ParamStore::Scalar`] is `f64` whatever the tensors' dtype:
+//! The store's [`ParamStore::Scalar`](amp_core::ParamStore::Scalar) is `f64` whatever the tensors' dtype:
 //! coefficients go to libtorch as `f64` scalars, and libtorch rounds them to
 //! the tensors' compute type, as the `f32` reference store rounds them to
 //! `f32`. Projection coefficients are computed on the device in the tensors'

@@ -8,7 +8,7 @@
 //!   written with [`ParamStore::write`] into [`Slot::Grads`]. Every backend
 //!   therefore sees the same gradient at the same weights (rounded to its
 //!   dtype).
-//! - [`reference`]: a direct, loop-by-loop transcription of the algorithm in
+//! - [`reference`](mod@reference): a direct, loop-by-loop transcription of the algorithm in
 //!   plain `f64`, independent of every `ParamStore`; it checks the ndarray
 //!   oracle, which in turn checks the other backends.
 //! - [`Case`] and [`run_case`]: run a multi-step AMP schedule on any store

@@ -39,7 +39,7 @@ pub use self::split::{External, Perturbed};
 /// 5. base-optimiser step at θ with g = ∇L(θ + δ_K)
 /// ```
 ///
-/// With [`RestoreMode::Copy`], steps 4 and 5 are one: the base optimiser
+/// With [`RestoreMode::Copy`](crate::RestoreMode::Copy), steps 4 and 5 are one: the base optimiser
 /// reads θ from the snapshot and writes its result over θ + δ
 /// ([`BaseOptimizer::step_from`]); the first pass of step 3 and the snapshot
 /// are one store operation ([`ParamStore::perturb_from_grads`]). Both give
@@ -51,7 +51,7 @@ pub use self::split::{External, Perturbed};
 /// However a step ends — an error, a non-finite loss or gradient, a panic
 /// in the closure at any pass or in a store operation — the weights and the
 /// optimiser state are what they were before it: bit-exact with
-/// [`RestoreMode::Copy`], within a few ulps with [`RestoreMode::Subtract`].
+/// [`RestoreMode::Copy`](crate::RestoreMode::Copy), within a few ulps with [`RestoreMode::Subtract`](crate::RestoreMode::Subtract).
 /// A panic is caught, θ is brought back, and the panic resumes. (Inside the
 /// base optimiser's own update, θ comes back from the snapshot in copy mode;
 /// with subtract-restore, `inner_iter = 0` or a plain step of the recipes
@@ -64,7 +64,7 @@ pub use self::split::{External, Perturbed};
 /// parameters per step, and with finite, validated hyper-parameters and
 /// finite gradients only a product beyond the dtype's range (say a weight
 /// decay of 1e300) can overflow; the next step's clean pass then reports
-/// the non-finite loss or gradient under [`NonFinitePolicy`].
+/// the non-finite loss or gradient under [`NonFinitePolicy`](crate::NonFinitePolicy).
 ///
 /// ```
 /// use amp_core::{Amp, AmpConfig, SgdConfig};
@@ -154,7 +154,7 @@ impl<S: ParamStore> Amp<S, Adam> {
 impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
     /// Builds the optimiser, validating the configuration against the store
     /// (every hyper-parameter must also be finite in the store's scalar
-    /// type), and allocates the buffers its [`RestoreMode`] needs.
+    /// type), and allocates the buffers its [`RestoreMode`](crate::RestoreMode) needs.
     pub fn new(mut store: S, config: AmpConfig, base: O) -> Result<Self> {
         config.validate_for::<S::Scalar>()?;
         base.validate()?;
@@ -249,7 +249,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
     }
 
     /// The parameter groups as resolved against the store (every `None` of a
-    /// [`ParamGroup`] replaced by the value of [`AmpConfig`]), with their
+    /// [`ParamGroup`](crate::ParamGroup) replaced by the value of [`AmpConfig`]), with their
     /// current learning rates.
     ///
     /// ```
@@ -336,7 +336,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         self.steps
     }
 
-    /// Steps skipped: under [`NonFinitePolicy::Skip`], and, with a loss
+    /// Steps skipped: under [`NonFinitePolicy::Skip`](crate::NonFinitePolicy::Skip), and, with a loss
     /// scale, every step whose loss or gradients overflowed.
     pub fn skipped_steps(&self) -> u64 {
         self.skipped_steps
@@ -351,7 +351,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
     /// pass's gradients by the scale before using them (a closure that clips
     /// gradients calls [`LossScale::unscale_grads`] first). A non-finite
     /// loss or gradient at any pass skips the step — θ and the base
-    /// optimiser's state as they were, [`StepReport::skipped`] set, the
+    /// optimiser's state as they were, [`StepReport::skipped`](crate::StepReport::skipped) set, the
     /// skip counted — and backs the scale off, whatever
     /// [`AmpConfig::non_finite`] says; the scale grows after
     /// [`LossScaleConfig::growth_interval`](crate::LossScaleConfig::growth_interval)
