@@ -648,17 +648,9 @@ impl CandleStore {
     }
 }
 
-/// Builds a tensor of `dtype` on `device` from host values, checking that
-/// the data fits the shape.
+/// Builds a tensor of `dtype` on `device` from host values (a
+/// [`HostTensor`] always holds as many values as its shape has elements).
 fn host_to_tensor(value: &HostTensor, dtype: CDType, device: &Device) -> Result<Tensor> {
-    let numel: usize = value.shape().iter().product();
-    if numel != value.data().len() {
-        return Err(AmpError::CountMismatch {
-            what: "host tensor elements",
-            expected: numel,
-            found: value.data().len(),
-        });
-    }
     Tensor::from_vec(value.data().to_vec(), value.shape().to_vec(), device)
         .and_then(|t| cast(&t, dtype))
         .map_err(backend)

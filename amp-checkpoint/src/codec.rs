@@ -17,17 +17,7 @@ pub(crate) struct Encoded {
 
 impl Encoded {
     pub(crate) fn new(tensor: &HostTensor) -> Result<Self> {
-        let numel = tensor
-            .shape()
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        if numel != Some(tensor.data().len()) {
-            return Err(AmpError::CountMismatch {
-                what: "host tensor elements",
-                expected: numel.unwrap_or(usize::MAX),
-                found: tensor.data().len(),
-            });
-        }
+        // A HostTensor holds as many values as its shape has elements.
         let data = tensor.data();
         // Values come from a store of the dtype, so each is exactly
         // representable and every conversion below is exact.

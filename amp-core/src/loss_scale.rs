@@ -181,11 +181,11 @@ impl LossScale {
     /// closure, after the backward pass, before anything reads the
     /// gradients (clipping).
     pub fn unscale_grads<S: ParamStore>(&self, store: &mut S) -> Result<()> {
-        if self.shared.unscaled.swap(true, Ordering::Relaxed) {
+        if self.shared.unscaled.load(Ordering::Relaxed) {
             return Ok(());
         }
         let mask = store.grad_mask()?;
-        self.divide(store, &mask)
+        self.finish_pass(store, &mask)
     }
 
     /// Before each closure call: the pass's gradients are still scaled.
@@ -199,10 +199,6 @@ impl LossScale {
         if self.shared.unscaled.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
-        self.divide(store, mask)
-    }
-
-    fn divide<S: ParamStore>(&self, store: &mut S, mask: &[bool]) -> Result<()> {
         let inverse = S::Scalar::from_f64_rounded(1.0 / self.scale());
         let factors = vec![inverse; mask.len()];
         store.scale(Slot::Grads, &factors, mask)

@@ -1,7 +1,7 @@
 //! Conversions between libtorch's kinds, devices and tensors and
 //! amp-core's dtypes and host tensors.
 
-use amp_core::{check_len, AmpError, DType, HostTensor, Result};
+use amp_core::{AmpError, DType, HostTensor, Result};
 use tch::{Device, Kind, Tensor};
 
 /// The [`DType`] of a libtorch kind, if it is a floating-point one.
@@ -51,12 +51,8 @@ pub(crate) fn shape_of(tensor: &Tensor) -> Result<Vec<usize>> {
 
 /// Builds a tensor of `kind` on `device` from host values (rounded to
 /// `kind`); it does not require grad.
+/// (A `HostTensor` holds as many values as its shape has elements.)
 pub(crate) fn host_to_tensor(value: &HostTensor, kind: Kind, device: Device) -> Result<Tensor> {
-    check_len(
-        "host tensor elements",
-        value.shape().iter().product(),
-        value.data().len(),
-    )?;
     let shape = value
         .shape()
         .iter()
