@@ -3,7 +3,7 @@
 //! present; otherwise the CUDA test prints that it was skipped.
 #![cfg(feature = "tch")]
 
-use amp_core::{AmpError, DType, HostTensor, Result};
+use amp_core::{AmpError, DType, HostTensor, ParamStore, Result};
 use amp_tch::TchStore;
 use amp_testkit::autograd::AutogradFactory;
 use amp_testkit::{autograd_suite, conformance_suite, properties, Objective, StoreFactory};
@@ -104,6 +104,35 @@ autograd_suite!(
     TchFactory::flat(Device::Cpu),
     DType::F32
 );
+
+/// Half-precision (bf16 or f16) leaves with f32 master weights
+/// ([`TchStore::with_master_weights`]); the suite's values are written into
+/// the master copy, and gradients set on it directly.
+struct MasterFactory(Kind);
+
+impl StoreFactory for MasterFactory {
+    type Store = TchStore;
+
+    fn make(&self, values: &[HostTensor], dtype: DType) -> Result<TchStore> {
+        if dtype != DType::F32 {
+            return Err(AmpError::backend("master weights are f32"));
+        }
+        let half = amp_tch::dtype_of(self.0).ok_or_else(|| AmpError::backend("kind"))?;
+        let model: Vec<HostTensor> = values.iter().map(|v| v.clone().with_dtype(half)).collect();
+        let mut store = TchStore::from_host(&model, Device::Cpu)?.with_master_weights()?;
+        for (i, value) in values.iter().enumerate() {
+            store.write(amp_core::Slot::Params, i, value)?;
+        }
+        Ok(store)
+    }
+
+    fn name(&self) -> String {
+        format!("tch {:?} with f32 master weights", self.0)
+    }
+}
+
+conformance_suite!(tch_bf16_master, MasterFactory(Kind::BFloat16), DType::F32);
+conformance_suite!(tch_f16_master, MasterFactory(Kind::Half), DType::F32);
 
 conformance_suite!(tch_cpu_f64, TchFactory::on(Device::Cpu), DType::F64);
 conformance_suite!(tch_cpu_f32, TchFactory::on(Device::Cpu), DType::F32);

@@ -451,7 +451,7 @@ impl CandleStore {
     /// [`ParamStore::zero_grads`]: no gradient). Returns how many vars got a
     /// gradient. Everything is checked before anything is taken.
     pub fn absorb_grads(&mut self, grads: &GradStore) -> Result<usize> {
-        let taken = self.collect_grads(grads)?;
+        let taken = self.grads_from(grads)?;
         let count = taken.len();
         for (index, grad) in taken {
             self.grads[index] = Some(grad);
@@ -464,7 +464,7 @@ impl CandleStore {
     /// held since the last [`ParamStore::zero_grads`] (for gradient
     /// accumulation over micro-batches inside one closure call).
     pub fn accumulate_grads(&mut self, grads: &GradStore) -> Result<usize> {
-        let taken = self.collect_grads(grads)?;
+        let taken = self.grads_from(grads)?;
         let mut sums = Vec::with_capacity(taken.len());
         for (index, grad) in taken {
             let sum = match (self.has_grad[index], &self.grads[index]) {
@@ -503,7 +503,7 @@ impl CandleStore {
         Ok(value)
     }
 
-    fn collect_grads(&self, grads: &GradStore) -> Result<Vec<(usize, Tensor)>> {
+    fn grads_from(&self, grads: &GradStore) -> Result<Vec<(usize, Tensor)>> {
         let mut taken = Vec::new();
         for (index, var) in self.vars.iter().enumerate() {
             if let Some(grad) = grads.get(var.as_tensor()) {

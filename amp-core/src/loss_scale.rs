@@ -184,6 +184,7 @@ impl LossScale {
         if self.shared.unscaled.load(Ordering::Relaxed) {
             return Ok(());
         }
+        store.collect_grads()?;
         let mask = store.grad_mask()?;
         self.finish_pass(store, &mask)
     }

@@ -523,6 +523,25 @@ pub trait ParamStore {
         Ok(())
     }
 
+    /// Moves gradients that arrived outside the gradient slot into it,
+    /// adding them to what the slot holds. A store whose model computes
+    /// elsewhere — a half-precision model stepped through f32 master
+    /// weights, whose autograd leaves half-precision gradients on the
+    /// model's own variables — implements it; the default does nothing.
+    ///
+    /// [`Amp`](crate::Amp) calls it after every closure call that returned
+    /// `Ok`, before it looks at the gradients (the mask, the loss scale,
+    /// the finiteness check), and the split step
+    /// ([`Amp::perturb`](crate::Amp::perturb)) before it reads the clean
+    /// gradient. Whatever reads gradients on the closure's behalf calls it
+    /// first ([`clip_grad_norm`](ParamStore::clip_grad_norm),
+    /// [`LossScale::unscale_grads`](crate::LossScale::unscale_grads)), so
+    /// it must be idempotent: a second call with no new gradients in
+    /// between changes nothing.
+    fn collect_grads(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Total number of elements over all parameters.
     fn total_numel(&self) -> Result<usize> {
         (0..self.num_tensors()).try_fold(0usize, |acc, i| {
@@ -545,6 +564,7 @@ pub trait ParamStore {
                 format!("must be positive and finite, got {max_norm}"),
             ));
         }
+        self.collect_grads()?;
         let norms = self.norms(Slot::Grads, mask)?;
         let host = self.norms_to_host(&norms)?;
         let total = host.iter().map(|n| n * n).sum::<f64>().sqrt();
@@ -560,6 +580,7 @@ pub trait ParamStore {
     /// (as [`ParamStore::grad_mask`] reports): what a closure calls after its
     /// backward pass.
     fn clip_grads_to_norm(&mut self, max_norm: f64) -> Result<f64> {
+        self.collect_grads()?;
         let mask = self.grad_mask()?;
         self.clip_grad_norm(max_norm, &mask)
     }

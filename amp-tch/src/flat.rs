@@ -118,6 +118,12 @@ impl TchStore {
         if self.flat.is_some() || self.params.is_empty() {
             return Ok(());
         }
+        if self.master.is_some() {
+            return Err(amp_core::AmpError::config(
+                "flatten",
+                "a store with master weights cannot be flattened",
+            ));
+        }
         let n = self.num_tensors();
         let pointers = self.all_params();
         let mut views = vec![std::ptr::null_mut::<C_tensor>(); n];

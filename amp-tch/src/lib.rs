@@ -129,6 +129,18 @@
 //! finds the tensors back to back and runs each elementwise operation as
 //! one loop. Results are the same bit for bit (the conformance suite runs on
 //! flattened stores too).
+//!
+//! ## Mixed precision
+//! A store over f16 or bf16 tensors steps them in their own dtype (on the
+//! ATen path), and updates below half a weight's ulp are lost.
+//! [`TchStore::with_master_weights`] keeps an f32 copy of θ instead: the
+//! optimiser and AMP's buffers work on the copy (on the CPU loop path), the
+//! model's variables get θ or θ + δ rounded to their dtype whenever it
+//! changes, and the half gradients `backward()` leaves on them are moved
+//! into the copy's after each pass
+//! ([`collect_grads`](amp_core::ParamStore::collect_grads)). With f16, add
+//! a loss scale ([`amp_core::AmpConfig::loss_scale`]).
+//!
 //! ## Numerics
 //! The store's [`ParamStore::Scalar`](amp_core::ParamStore::Scalar) is `f64` whatever the tensors' dtype:
 //! coefficients go to libtorch as `f64` scalars, and libtorch rounds them to
@@ -154,6 +166,7 @@ mod elementwise;
 mod ffi;
 mod flat;
 mod kinds;
+mod master;
 mod norms;
 mod param_store;
 mod store;

@@ -83,6 +83,7 @@ impl ParamStore for TchStore {
     }
 
     fn zero_grads(&mut self) -> Result<()> {
+        self.reset_model_grads()?;
         let params = self.all_params();
         if let Some(flat) = self.flat.as_mut() {
             return flat.zero(&params);
@@ -100,6 +101,14 @@ impl ParamStore for TchStore {
         // SAFETY: `out` has one byte per pointer; the parameters outlive the call.
         check(unsafe { ffi::amp_tch_grad_mask(params.as_ptr(), params.len(), out.as_mut_ptr()) })?;
         Ok(out.into_iter().map(|b| b != 0).collect())
+    }
+
+    /// With master weights: the gradients autograd left on the model's
+    /// half-precision variables, widened and added into the master copy's;
+    /// the variables' own are dropped. Otherwise nothing (they are where
+    /// `backward()` put them).
+    fn collect_grads(&mut self) -> Result<()> {
+        self.widen_model_grads()
     }
 
     fn alloc_buffer(&mut self) -> Result<BufferId> {
@@ -137,7 +146,8 @@ impl ParamStore for TchStore {
         let (d, dv) = self.pointers(dst, mask, true)?;
         let (s, sv) = self.pointers(src, mask, false)?;
         // SAFETY: both lists have d.len() entries; the tensors outlive the call.
-        check(unsafe { ffi::amp_tch_copy(d.as_ptr(), dv, s.as_ptr(), sv, d.len()) })
+        let done = check(unsafe { ffi::amp_tch_copy(d.as_ptr(), dv, s.as_ptr(), sv, d.len()) });
+        self.mirror(dst, Some(mask), done)
     }
 
     fn scale(&mut self, dst: Slot, factor: &[f64], mask: &[bool]) -> Result<()> {
@@ -152,7 +162,8 @@ impl ParamStore for TchStore {
         let f = masked(factor, &active);
         let (d, dv) = self.pointers(dst, &active, true)?;
         // SAFETY: `f` has d.len() entries; the tensors outlive the call.
-        check(unsafe { ffi::amp_tch_scale(d.as_ptr(), dv, f.as_ptr(), d.len()) })
+        let done = check(unsafe { ffi::amp_tch_scale(d.as_ptr(), dv, f.as_ptr(), d.len()) });
+        self.mirror(dst, Some(&active), done)
     }
 
     fn axpy(&mut self, dst: Slot, alpha: &[f64], src: Slot, mask: &[bool]) -> Result<()> {
@@ -163,11 +174,15 @@ impl ParamStore for TchStore {
         let (d, dv) = self.pointers(dst, mask, true)?;
         let (s, sv) = self.pointers(src, mask, false)?;
         // SAFETY: all three lists have d.len() entries; the tensors outlive the call.
-        check(unsafe { ffi::amp_tch_axpy(d.as_ptr(), dv, s.as_ptr(), sv, a.as_ptr(), d.len()) })
+        let done = check(unsafe {
+            ffi::amp_tch_axpy(d.as_ptr(), dv, s.as_ptr(), sv, a.as_ptr(), d.len())
+        });
+        self.mirror(dst, Some(mask), done)
     }
 
     fn addcmul(&mut self, dst: Slot, alpha: &[f64], a: Slot, b: Slot, mask: &[bool]) -> Result<()> {
-        self.addcmul_each(dst, alpha, a, b, mask)
+        let done = self.addcmul_each(dst, alpha, a, b, mask);
+        self.mirror(dst, Some(mask), done)
     }
 
     fn addcdiv_sqrt(
@@ -180,11 +195,13 @@ impl ParamStore for TchStore {
         eps: &[f64],
         mask: &[bool],
     ) -> Result<()> {
-        self.addcdiv_sqrt_each(dst, alpha, num, den, divisor, eps, mask)
+        let done = self.addcdiv_sqrt_each(dst, alpha, num, den, divisor, eps, mask);
+        self.mirror(dst, Some(mask), done)
     }
 
     fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
-        self.maximum_each(dst, src, mask)
+        let done = self.maximum_each(dst, src, mask);
+        self.mirror(dst, Some(mask), done)
     }
 
     /// One pass on the CPU loop path (dense f32/f64 tensors); elsewhere a
@@ -208,7 +225,7 @@ impl ParamStore for TchStore {
         let (b, bv) = self.pointers(base, mask, false)?;
         let (s, sv) = self.pointers(src, mask, false)?;
         // SAFETY: all four lists have d.len() entries; the tensors outlive the call.
-        check(unsafe {
+        let done = check(unsafe {
             ffi::amp_tch_axpy_from(
                 d.as_ptr(),
                 dv,
@@ -219,7 +236,8 @@ impl ParamStore for TchStore {
                 a.as_ptr(),
                 d.len(),
             )
-        })
+        });
+        self.mirror(dst, Some(mask), done)
     }
 
     /// Fused on the CPU loop path (dense f32/f64 tensors): per tensor, one
@@ -267,10 +285,12 @@ impl ParamStore for TchStore {
             })?;
         }
         if handled == 0 {
+            // The composed sequence's own writes of θ mirror it.
             return amp_core::composed::perturb_from_grads(
                 self, snapshot, delta, inner_lr, epsilon, mask,
             );
         }
+        self.mirror(Slot::Params, Some(mask), Ok(()))?;
         Ok(TchNorms {
             // SAFETY: freshly allocated by the shim.
             values: unsafe { take_tensor(out)? },
@@ -319,7 +339,7 @@ impl ParamStore for TchStore {
         let values = self.norm_values(norms, mask, d.len())?;
         // SAFETY: `limits` and `values` have d.len() entries; the tensors
         // outlive the call.
-        check(unsafe {
+        let done = check(unsafe {
             ffi::amp_tch_clip(
                 d.as_ptr(),
                 dv,
@@ -328,7 +348,8 @@ impl ParamStore for TchStore {
                 limits.as_ptr(),
                 PROJECTION_GUARD,
             )
-        })
+        });
+        self.mirror(dst, Some(mask), done)
     }
 
     fn norms_to_host(&self, norms: &TchNorms) -> Result<Vec<f64>> {
@@ -386,7 +407,12 @@ impl ParamStore for TchStore {
                 }
                 None => self.attach_grad(index, &source),
             },
-            Slot::Params => tch::no_grad(|| self.params[index].f_copy_(&source)).map_err(tch_error),
+            Slot::Params => {
+                let done = tch::no_grad(|| self.params[index].f_copy_(&source)).map_err(tch_error);
+                let mut only = vec![false; self.params.len()];
+                only[index] = true;
+                self.mirror(Slot::Params, Some(&only), done)
+            }
             Slot::Buffer(id) => {
                 let buffer = self.buffers.get_mut(id)?;
                 tch::no_grad(|| buffer[index].f_copy_(&source)).map_err(tch_error)

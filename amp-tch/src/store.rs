@@ -12,12 +12,15 @@ use torch_sys::C_tensor;
 use crate::ffi::{self, check, raw, take_tensor, TensorView};
 use crate::flat::Flat;
 use crate::kinds::{device_name, dtype_of, host_to_tensor, kind_of, shape_of, tch_error};
+use crate::master::Master;
 
 /// Parameters as libtorch tensors, with their autograd gradients and
 /// parameter-shaped buffers.
 ///
 /// All tensors share one device and one floating-point dtype (`f32`, `f64`,
-/// `f16` or `bf16`), and no two share memory; constructors reject anything
+/// `f16` or `bf16`; half-precision ones may be stepped through f32
+/// [master weights](TchStore::with_master_weights)), and no two share
+/// memory; constructors reject anything
 /// else with [`AmpError::DeviceMismatch`], [`AmpError::DTypeMismatch`] or
 /// [`AmpError::InvalidConfig`]. The store holds shallow clones: in-place
 /// updates of the store's tensors are updates of the model's own variables.
@@ -38,6 +41,9 @@ pub struct TchStore {
     pub(crate) dtype: DType,
     pub(crate) buffers: Buffers<Vec<Tensor>>,
     pub(crate) flat: Option<Flat>,
+    /// The model's half-precision variables, when `params` are their f32
+    /// master copies ([`TchStore::with_master_weights`]).
+    pub(crate) master: Option<Master>,
 }
 
 impl TchStore {
@@ -108,6 +114,7 @@ impl TchStore {
             dtype,
             buffers: Buffers::new(),
             flat: None,
+            master: None,
         })
     }
 
@@ -133,15 +140,24 @@ impl TchStore {
         Self::from_tensors(tensors)
     }
 
-    /// The parameter tensors, in store order (they share storage with the
-    /// model's variables).
+    /// The parameter tensors, in store order: the model's variables (they
+    /// share storage with them), which the closure computes with. With
+    /// [master weights](TchStore::with_master_weights) they are the model's
+    /// half-precision variables, and the tensors the optimiser steps are
+    /// [`TchStore::master_tensors`].
     pub fn tensors(&self) -> &[Tensor] {
-        &self.params
+        match &self.master {
+            Some(master) => &master.model,
+            None => &self.params,
+        }
     }
 
-    /// Gives the parameter tensors back.
+    /// Gives the parameter tensors of [`TchStore::tensors`] back.
     pub fn into_tensors(self) -> Vec<Tensor> {
-        self.params
+        match self.master {
+            Some(master) => master.model,
+            None => self.params,
+        }
     }
 
     /// The device of every tensor.
@@ -149,13 +165,17 @@ impl TchStore {
         self.device
     }
 
-    /// The libtorch kind of every tensor.
+    /// The libtorch kind of every tensor the optimiser steps, and of their
+    /// gradients and buffers (`Float` with master weights; the model's is
+    /// [`TchStore::model_kind`]).
     pub fn kind(&self) -> Kind {
         self.kind
     }
 
     /// Sets the gradient of tensor `index` to a copy of `grad` (which must
-    /// have the parameter's shape, dtype and device), without autograd: for
+    /// have the parameter's shape, [`TchStore::kind`] and device; with
+    /// master weights, an f32 gradient of the master copy), without
+    /// autograd: for
     /// gradients computed outside libtorch's `backward()`, or handed over
     /// from elsewhere. The store keeps its own copy, since the optimiser
     /// writes into gradients in place; an existing gradient is overwritten in

@@ -160,6 +160,12 @@ impl<S: ParamStore, H: StoreHook<S>> ParamStore for Hooked<S, H> {
         self.run(op("prepare_pass", &[], None, 0), |s| s.prepare_pass(pass))
     }
 
+    fn collect_grads(&mut self) -> Result<()> {
+        self.run(op("collect_grads", &[Slot::Grads], None, 0), |s| {
+            s.collect_grads()
+        })
+    }
+
     fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
         self.run(op("copy", &[dst], Some(mask), 2), |s| {
             s.copy(dst, src, mask)

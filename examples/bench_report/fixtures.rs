@@ -56,8 +56,8 @@ pub struct Settings {
     pub adam: Option<AdamConfig>,
     /// Perturb every `interval`-th step (1: every step).
     pub interval: u64,
-    /// The MLPs in bf16 with f32 master weights (mixed precision; candle
-    /// only) instead of f32.
+    /// The MLPs in bf16 with f32 master weights (mixed precision; candle,
+    /// and tch in the plain layout) instead of f32.
     pub bf16: bool,
 }
 
@@ -84,7 +84,7 @@ fn settings() -> Settings {
 /// Refuses a bf16 MLP on a backend without mixed precision.
 pub fn f32_only(backend: &str) -> Result<(), BoxError> {
     if settings().bf16 {
-        return Err(format!("bf16: candle only, not {backend}").into());
+        return Err(format!("bf16: not on {backend}").into());
     }
     Ok(())
 }

@@ -245,7 +245,7 @@ struct Args {
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu, help_heading = "Experiment")]
     device: DeviceKind,
     /// Precision of the model's weights and activations (mixed precision:
-    /// candle backend). bf16 and f16 keep f32 master weights for the
+    /// candle and tch backends). bf16 and f16 keep f32 master weights for the
     /// optimiser; f16 also scales the loss dynamically.
     #[arg(long, value_enum, default_value_t = Precision::F32, help_heading = "Experiment")]
     precision: Precision,
@@ -349,9 +349,9 @@ fn plan(args: &Args, data: &Data) -> Result<Plan, String> {
         Precision::F16 => amp.loss_scale(LossScaleConfig::default()),
         _ => amp,
     };
-    if args.precision != Precision::F32 && args.backend != BackendKind::Candle {
+    if args.precision != Precision::F32 && args.backend == BackendKind::Ndarray {
         return Err(format!(
-            "invalid value for --precision: {} needs --backend candle (the {} backend trains in f32)",
+            "invalid value for --precision: {} needs --backend candle or tch (the {} backend trains in f32)",
             args.precision.name(),
             args.backend.name()
         ));

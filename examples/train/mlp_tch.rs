@@ -1,13 +1,15 @@
 //! The MLP on the libtorch backend (feature `tch`): leaf tensors of a
 //! `TchStore`, gradients by libtorch's autograd (left in each tensor's
-//! `.grad()`, where the store reads them).
+//! `.grad()`, where the store reads them). In bf16 or f16 (mixed precision)
+//! the leaves are half-precision and the store steps f32 master weights
+//! unless told not to.
 
 use amp::backend::tch::tch::{self, Device, Kind, Tensor};
 use amp::backend::tch::TchStore;
 use amp::{Amp, AmpError, BoxError, DType, HostTensor, ParamStore};
 
 use crate::data::Split;
-use crate::model::{AmpOf, DeviceKind, Model, Setup, Which};
+use crate::model::{AmpOf, DeviceKind, Model, Precision, Setup, Which};
 
 /// An MLP (linear → ReLU → … → linear) trained by AMP over a `TchStore`.
 /// Tensor `2l` is layer `l`'s weight `[out, in]`, tensor `2l + 1` its bias.
@@ -21,11 +23,12 @@ pub struct TchMlp {
     clip_norm: Option<f64>,
 }
 
-fn features(split: &Split, device: Device) -> Tensor {
+fn features(split: &Split, device: Device, kind: Kind) -> Tensor {
     let (rows, cols) = split.x.dim();
     let values: Vec<f32> = split.x.iter().copied().collect();
     Tensor::from_slice(&values)
         .reshape([rows as i64, cols as i64])
+        .to_kind(kind)
         .to_device(device)
 }
 
@@ -50,26 +53,34 @@ impl TchMlp {
             DeviceKind::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
             DeviceKind::Cuda => return Err("libtorch sees no CUDA device".into()),
         };
+        let (dtype, kind) = match setup.precision {
+            Precision::F32 => (DType::F32, Kind::Float),
+            Precision::Bf16 => (DType::BF16, Kind::BFloat16),
+            Precision::F16 => (DType::F16, Kind::Half),
+        };
         let mut host = Vec::new();
         for layer in &setup.layers {
             let weight = layer.weight.iter().map(|&v| f64::from(v)).collect();
             let bias = layer.bias.iter().map(|&v| f64::from(v)).collect();
             host.push(HostTensor::new(
                 vec![layer.outputs, layer.inputs],
-                DType::F32,
+                dtype,
                 weight,
             )?);
-            host.push(HostTensor::new(vec![layer.outputs], DType::F32, bias)?);
+            host.push(HostTensor::new(vec![layer.outputs], dtype, bias)?);
         }
-        let store = TchStore::from_host(&host, device)?;
+        let mut store = TchStore::from_host(&host, device)?;
+        if setup.precision != Precision::F32 && setup.master_weights {
+            store = store.with_master_weights()?;
+        }
         let data = setup.data;
         let train_y: Vec<i64> = data.train.y.iter().map(|&y| y as i64).collect();
         Ok(TchMlp {
             amp: Amp::new(store, setup.amp, setup.base.build()?)?,
-            train_x: features(&data.train, device),
+            train_x: features(&data.train, device, kind),
             train_y: Tensor::from_slice(&train_y).to_device(device),
-            val_x: features(&data.val, device),
-            test_x: features(&data.test, device),
+            val_x: features(&data.val, device, kind),
+            test_x: features(&data.test, device, kind),
             device,
             clip_norm: setup.clip_norm,
         })
@@ -83,9 +94,20 @@ impl Model for TchMlp {
         let x = self.train_x.index_select(0, &index);
         let y = self.train_y.index_select(0, &index);
         let clip_norm = self.clip_norm;
+        // Mixed precision: the loss in f32 from half-precision logits, and,
+        // with a loss scale, scaled before the backward pass and unscaled
+        // before clipping.
+        let scale = self.amp.loss_scale();
         let report = self.amp.step(|store: &mut TchStore, _pass| {
-            let loss = forward(store.tensors(), &x).cross_entropy_for_logits(&y);
-            loss.backward();
+            let logits = forward(store.tensors(), &x).to_kind(Kind::Float);
+            let loss = logits.cross_entropy_for_logits(&y);
+            match &scale {
+                None => loss.backward(),
+                Some(scale) => {
+                    (&loss * scale.scale()).backward();
+                    scale.unscale_grads(store)?;
+                }
+            }
             if let Some(max_norm) = clip_norm {
                 store.clip_grads_to_norm(max_norm)?;
             }
@@ -115,5 +137,15 @@ impl Model for TchMlp {
             tch::Cuda::synchronize(ordinal as i64);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// bf16 with f32 master weights trains as f32 does, and without them
+    /// falls behind (`crate::model::mixed_precision`).
+    #[test]
+    fn bf16_with_master_weights_tracks_f32_and_without_falls_behind() {
+        crate::model::mixed_precision::check_bf16(crate::model::BackendKind::Tch);
     }
 }

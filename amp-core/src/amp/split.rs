@@ -192,6 +192,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Perturbed<'_, S, O> {
     /// θ + δ_K with the gradients cleared.
     fn ascend_all<G: GradFn<S>>(&mut self, grad_fn: &mut G) -> Result<()> {
         let amp = &mut *self.amp;
+        amp.store.collect_grads()?;
         let active = amp.clean_mask()?;
         self.progress.active = active.clone();
         let inner_iter = amp.config.inner_iter;

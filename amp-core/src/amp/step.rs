@@ -148,6 +148,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
                 pass: Pass::Clean,
                 source,
             })?;
+        self.store.collect_grads()?;
         let mut report = StepReport {
             output,
             loss,
@@ -343,6 +344,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         let (_, loss) = grad_fn
             .evaluate(&mut self.store, pass)
             .map_err(|source| AmpError::Closure { pass, source })?;
+        self.store.collect_grads()?;
         report.perturbed_losses.push(loss);
         check_loss(pass, loss)?;
         self.check_gradients(pass, active)
