@@ -41,6 +41,9 @@ cargo clippy --workspace --all-targets --features amp/tch -- -D warnings
 step "cargo test (every crate, every CPU backend)"
 cargo test --workspace --features amp/tch
 
+step "PyTorch reference of bench_report: self-check against algorithm.md"
+"$venv/bin/python" scripts/torch_reference.py --self-check
+
 if [ "${AMP_SKIP_CUDA_CHECK:-0}" != 1 ]; then
     step "GPU bundle: every CUDA target built and linked, packed within 60 MiB"
     bash scripts/gpu-bundle.sh gpu-bundle

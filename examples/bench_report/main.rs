@@ -6,6 +6,7 @@
 //! cargo run --release --example bench_report --features tch   # + libtorch
 //! cargo run --release --example bench_report -- --quick       # a short run
 //! cargo run --release --example bench_report -- --backend tch --skip-mlp
+//! cargo run --release --example bench_report --features tch -- --no-torch
 //! ```
 //! (`--features tch` needs libtorch: `source .venv/bin/activate;
 //! export LIBTORCH_USE_PYTORCH=1`. With `AMP_BENCH_CUDA=1` and a visible GPU
@@ -32,6 +33,16 @@
 //!   holding 1e6 elements in all, interleaved; median ratios to 1 tensor.
 //! * **Extra memory**: parameter-sized buffers AMP holds between steps
 //!   beyond the base optimiser's (`Amp::amp_buffers_held`).
+//! * **PyTorch in the same run** (with `--features tch`; `--no-torch` to
+//!   leave it out): the MLPs trained by PyTorch itself
+//!   (`scripts/torch_reference.py`, a child process on the virtualenv's
+//!   Python, same weights, batch, hyper-parameters and thread count). The
+//!   `torch` column's AMP/ERM rows are torch's own AMP step (the reference's
+//!   per-tensor Python loop) against `torch.optim`'s ERM step; the
+//!   `amp/torch` rows are, per libtorch store, amp's ERM step over torch's
+//!   and amp's AMP step over torch's, each pair interleaved like the others
+//!   (see `torch_ref.rs` for what is and is not like for like). Without a
+//!   usable Python or torch the column says `n/a (why)`.
 //!
 //! Timing assertions live nowhere: this program reports, it does not fail on
 //! a missed target.
@@ -47,6 +58,8 @@ mod mlp_candle;
 mod mlp_ndarray;
 #[cfg(feature = "tch")]
 mod mlp_tch;
+#[cfg(feature = "tch")]
+mod torch_ref;
 
 use std::fmt::Write as _;
 
@@ -84,9 +97,14 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     interval: u64,
     /// Precision of the MLPs: f32, or bf16 with f32 master weights (mixed
-    /// precision, candle only; the other backends report no MLP figures).
+    /// precision: candle, and tch in the plain layout; the others report no
+    /// MLP figures).
     #[arg(long, default_value = "f32")]
     precision: String,
+    /// Leave out the PyTorch reference (`scripts/torch_reference.py`), which
+    /// runs by default when tch is compiled in.
+    #[arg(long)]
+    no_torch: bool,
 }
 
 type MlpPair = (Box<dyn Steps>, Box<dyn Steps>);
@@ -161,6 +179,20 @@ const BREAKDOWNS: [(&str, usize, usize); 3] = [
 /// Tensor counts of the tensor-count sweep.
 const COUNTS: [usize; 3] = [1, 100, 1000];
 
+/// Seed of every backend's MLP weights and batch.
+const MLP_SEED: u64 = 42;
+
+/// The plan of the MLP comparisons: a 2x2048 step takes 0.1–0.3 s, so
+/// blocks four times longer than the optimizer-only ones hold several steps
+/// each, and one slow step does not decide a round.
+fn mlp_plan(plan: &Plan) -> Plan {
+    Plan {
+        block_secs: 4.0 * plan.block_secs,
+        ..*plan
+    }
+}
+
+/// One backend's AMP/ERM comparison on one MLP.
 struct MlpResult {
     pair: PairResult,
     amp_held: usize,
@@ -187,20 +219,16 @@ struct BackendResult {
     /// Per-primitive breakdowns, one per entry of [`BREAKDOWNS`].
     breakdowns: Vec<Result<Meter, String>>,
     opt_amp_held: Option<usize>,
+    /// Per MLP, against PyTorch: amp's ERM over torch's, amp's AMP over
+    /// torch's (libtorch stores only; empty without the reference).
+    vs_torch: Vec<Result<(PairResult, PairResult), String>>,
 }
 
 fn run_mlp(backend: &Backend, spec: MlpSpec, plan: &Plan) -> Result<MlpResult, BoxError> {
-    let problem = spec.problem(42);
+    let problem = spec.problem(MLP_SEED);
     let (mut erm, mut amp) = (backend.mlp)(&problem)?;
     debug_assert_eq!(amp.tensors(), spec.tensors());
-    // A 2x2048 step takes 0.1–0.3 s: blocks four times longer than the
-    // optimizer-only ones hold several steps each, so that one slow step
-    // does not decide a round.
-    let plan = Plan {
-        block_secs: 4.0 * plan.block_secs,
-        ..*plan
-    };
-    let pair = interleave(erm.as_mut(), amp.as_mut(), &plan, false)?;
+    let pair = interleave(erm.as_mut(), amp.as_mut(), &mlp_plan(plan), false)?;
     Ok(MlpResult {
         pair,
         amp_held: amp.amp_buffers_held(),
@@ -306,6 +334,25 @@ fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
+}
+
+/// The row under MLP `m`'s AMP/ERM row: per libtorch store, the median
+/// ratios amp ERM / torch ERM and amp AMP / torch AMP.
+fn render_vs_torch(results: &[BackendResult], m: usize, width: usize) -> String {
+    let mut line = format!("{:<46}", "  amp/torch step time: ERM | AMP");
+    for r in results {
+        let cell = match r.vs_torch.get(m) {
+            Some(Ok((erm, amp))) => {
+                format!("{:.2} | {:.2}", median(&erm.ratios), median(&amp.ratios))
+            }
+            Some(Err(e)) if e.starts_with("n/a") => "n/a".into(),
+            Some(Err(e)) => format!("error: {}", e.chars().take(14).collect::<String>()),
+            None => "-".into(),
+        };
+        let _ = write!(line, "{cell:<width$}");
+    }
+    let _ = writeln!(line, "(below 1: amp faster)");
+    line
 }
 
 /// One line of a per-primitive breakdown: calls, MB, ms and GB/s per op.
@@ -422,6 +469,24 @@ fn main() -> Result<(), BoxError> {
         }
         results.push(r);
     }
+    #[allow(unused_mut)]
+    let mut torch_about: Option<String> = None;
+    #[cfg(feature = "tch")]
+    if !args.no_torch && !args.skip_mlp {
+        let names: Vec<&'static str> = selected.iter().map(|b| b.name).collect();
+        let report = torch_ref::measure(&names, &plan);
+        for (store, vs) in report.vs {
+            if let Some(r) = results.iter_mut().find(|r| r.name == store) {
+                r.vs_torch = vs.into_iter().map(|v| v.map(|v| (v.erm, v.amp))).collect();
+            }
+        }
+        results.push(BackendResult {
+            name: "torch",
+            mlp: report.own,
+            ..Default::default()
+        });
+        torch_about = Some(report.about);
+    }
     print!(
         "{}",
         render(
@@ -429,19 +494,22 @@ fn main() -> Result<(), BoxError> {
             &args,
             &plan,
             &start_load,
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            torch_about.as_deref(),
         )
     );
     Ok(())
 }
 
-/// One table: rows are figures, columns backends, with the targets.
+/// One table: rows are figures, columns backends, with the targets;
+/// `torch` describes the PyTorch reference when it ran.
 fn render(
     results: &[BackendResult],
     args: &Args,
     plan: &Plan,
     start_load: &str,
     secs: f64,
+    torch: Option<&str>,
 ) -> String {
     let mut out = String::new();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -467,6 +535,9 @@ fn render(
         if args.precision == "bf16" { "bf16 with f32 master weights" } else { "f32" },
         load()
     );
+    if let Some(about) = torch {
+        let _ = writeln!(out, "torch column: scripts/torch_reference.py, {about}\n");
+    }
 
     let width = 24;
     let mut header = format!("{:<46}", "figure (median of interleaved pairs)");
@@ -497,6 +568,7 @@ fn render(
                             .map_or(String::new(), |t| format!(" {}", verdict(ratio <= t)));
                         format!("{ratio:.2} [{lo:.2}-{hi:.2}]{mark}")
                     }
+                    Some(Err(e)) if e.starts_with("n/a") => e.chars().take(width - 1).collect(),
                     Some(Err(e)) => format!("error: {}", e.chars().take(14).collect::<String>()),
                     None => "-".into(),
                 };
@@ -512,6 +584,9 @@ fn render(
                 }
             );
             out.push_str(&line);
+            if results.iter().any(|r| !r.vs_torch.is_empty()) {
+                out.push_str(&render_vs_torch(results, m, width));
+            }
         }
         for (label, pick) in [
             ("  ERM / AMP ms per step (40x32, 4x512, 2x2048)", 0),
@@ -687,6 +762,7 @@ fn render(
             .find_map(|m| m.as_ref().ok())
             .map(|m| (m.amp_held, m.held));
         let cell = match (from_mlp, r.opt_amp_held) {
+            (Some((amp, all)), _) if r.name == "torch" => format!("{amp} ({all})"),
             (Some((amp, all)), _) => format!("{amp} ({all}) {}", verdict(amp <= 1)),
             (None, Some(amp)) => format!("{amp} {}", verdict(amp <= 1)),
             _ => "-".into(),
@@ -717,8 +793,16 @@ fn render(
         }
     }
     for r in results {
+        // An unavailable PyTorch reference is said once, in the heading.
         for m in r.mlp.iter().filter_map(|m| m.as_ref().err()) {
-            let _ = writeln!(out, "{} MLP error: {m}", r.name);
+            if !m.starts_with("n/a") {
+                let _ = writeln!(out, "{} MLP error: {m}", r.name);
+            }
+        }
+        for m in r.vs_torch.iter().filter_map(|m| m.as_ref().err()) {
+            if !m.starts_with("n/a") {
+                let _ = writeln!(out, "{} vs torch error: {m}", r.name);
+            }
         }
         for m in r.sizes.iter().filter_map(|m| m.as_ref().err()) {
             let _ = writeln!(out, "{} optimizer-only error: {m}", r.name);
