@@ -1,6 +1,7 @@
 //! Configuration of [`Amp`](crate::Amp): the hyper-parameters, the parameter
 //! groups, and how a step restores θ and treats non-finite values.
 
+use crate::collective::Reduce;
 use crate::error::{AmpError, Result};
 use crate::loss_scale::LossScaleConfig;
 use crate::store::Scalar;
@@ -242,6 +243,12 @@ pub struct AmpConfig {
         serde(default, skip_serializing_if = "Option::is_none")
     )]
     pub loss_scale: Option<LossScaleConfig>,
+    /// Data-parallel training: which passes have their gradients averaged
+    /// across ranks ([`Reduce`]; used only by an [`Amp`](crate::Amp) given
+    /// a [`Collective`](crate::Collective)). Default
+    /// [`Reduce::EveryPass`].
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub reduce: Reduce,
 }
 
 macro_rules! setter {
@@ -281,6 +288,7 @@ impl AmpConfig {
             start_step: 0,
             epsilon_schedule: EpsilonSchedule::Constant,
             loss_scale: None,
+            reduce: Reduce::EveryPass,
         }
     }
 
@@ -327,6 +335,8 @@ impl AmpConfig {
         start_step: u64,
         /// Sets [`AmpConfig::epsilon_schedule`].
         epsilon_schedule: EpsilonSchedule,
+        /// Sets [`AmpConfig::reduce`].
+        reduce: Reduce,
     }
 
     /// Adds a parameter group.

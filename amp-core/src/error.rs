@@ -117,6 +117,22 @@ pub enum AmpError {
         #[source]
         source: BoxError,
     },
+    /// Data-parallel training: another rank's closure failed (or panicked)
+    /// in this pass, so every rank abandons the step; the weights are θ.
+    #[error("another rank failed in the {pass}; the step was abandoned on every rank")]
+    PeerFailed {
+        /// The pass that failed on another rank.
+        pass: Pass,
+    },
+    /// Data-parallel training: the ranks' gradients do not match up (a
+    /// tensor has a gradient on some ranks only), so no rank steps.
+    #[error("the ranks disagree in the {pass}: {reason}")]
+    RanksDisagree {
+        /// The pass in which they disagree.
+        pass: Pass,
+        /// What differs.
+        reason: String,
+    },
     /// A store broke the [`ParamStore`](crate::ParamStore) contract: a mask
     /// or norms vector of the wrong length, a missing buffer it had handed
     /// out, the same slot given as source and destination.

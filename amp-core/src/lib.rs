@@ -51,6 +51,7 @@
 
 mod adam;
 mod amp;
+pub mod collective;
 pub mod composed;
 mod config;
 pub mod elementwise;
@@ -68,6 +69,7 @@ mod tensor_store;
 
 pub use crate::adam::{Adam, AdamConfig};
 pub use crate::amp::{Amp, External, Perturbed};
+pub use crate::collective::{Collective, InProcess, Reduce};
 pub use crate::config::{AmpConfig, EpsilonSchedule, NonFinitePolicy, ParamGroup, RestoreMode};
 pub use crate::elementwise::{AdamCoefficients, AdamSlots};
 pub use crate::error::{AmpError, BoxError, Result};

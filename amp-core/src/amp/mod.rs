@@ -1,6 +1,7 @@
 //! [`Amp`]: the adversarial-model-perturbation step, written once over
 //! [`ParamStore`] and [`BaseOptimizer`].
 
+mod distributed;
 mod groups;
 mod mode;
 mod split;
@@ -9,6 +10,7 @@ mod step;
 use num_traits::One;
 
 use crate::adam::{Adam, AdamConfig};
+use crate::collective::Collective;
 use crate::config::{check_hyper_in, AmpConfig, EpsilonSchedule};
 use crate::error::{AmpError, Result};
 use crate::loss_scale::{LossScale, Scaler};
@@ -131,6 +133,8 @@ pub struct Amp<S: ParamStore, O: BaseOptimizer<S> = Sgd> {
     configured_lr: Vec<f64>,
     /// The dynamic loss scale, when the configuration asks for one.
     scaler: Option<Scaler>,
+    /// Data-parallel training: the other ranks ([`Amp::with_collective`]).
+    collective: Option<Box<dyn Collective<S>>>,
     steps: u64,
     skipped_steps: u64,
 }
@@ -183,6 +187,7 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
             neg_ones: vec![-S::Scalar::one(); n],
             configured_lr,
             scaler,
+            collective: None,
             steps: 0,
             skipped_steps: 0,
         };

@@ -165,6 +165,13 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
                 "the split step (perturb) does not support a loss scale; use Amp::step",
             ));
         }
+        if self.is_distributed() {
+            return Err(AmpError::config(
+                "collective",
+                "the split step (perturb) is not data-parallel: its base step is yours; use \
+                 Amp::step",
+            ));
+        }
         let n = self.store.num_tensors();
         let mut guard = Perturbed {
             progress: Progress::default(),

@@ -142,13 +142,8 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         self.store.zero_grads()?;
         self.store.prepare_pass(Pass::Clean)?;
         self.begin_pass();
-        let (output, loss) = grad_fn
-            .evaluate(&mut self.store, Pass::Clean)
-            .map_err(|source| AmpError::Closure {
-                pass: Pass::Clean,
-                source,
-            })?;
-        self.store.collect_grads()?;
+        let last = !self.perturbs_now();
+        let (output, loss) = self.evaluate_pass(grad_fn, Pass::Clean, last)?;
         let mut report = StepReport {
             output,
             loss,
@@ -274,7 +269,8 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         if let Some(scaler) = &self.scaler {
             scaler.handle.finish_pass(&mut self.store, active)?;
         }
-        if self.store.all_finite(Slot::Grads, active)? {
+        let finite = self.store.all_finite(Slot::Grads, active);
+        if self.agree(finite)? {
             Ok(())
         } else {
             Err(AmpError::NonFiniteGradient { pass })
@@ -341,10 +337,8 @@ impl<S: ParamStore, O: BaseOptimizer<S>> Amp<S, O> {
         self.store.prepare_pass(pass)?;
         self.begin_pass();
         report.closure_calls += 1;
-        let (_, loss) = grad_fn
-            .evaluate(&mut self.store, pass)
-            .map_err(|source| AmpError::Closure { pass, source })?;
-        self.store.collect_grads()?;
+        let last = matches!(pass, Pass::Perturbed { k, of } if k == of);
+        let (_, loss) = self.evaluate_pass(grad_fn, pass, last)?;
         report.perturbed_losses.push(loss);
         check_loss(pass, loss)?;
         self.check_gradients(pass, active)
