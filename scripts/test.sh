@@ -4,7 +4,9 @@
 # - libtorch for amp-tch: PyPI's torch wheel (pinned to the version tch
 #   expects) in a project-local virtualenv, .venv, created when missing;
 # - nvcc and the CUDA 13.0 libraries from PyPI, cached outside the clone
-#   (scripts/cuda-env.sh), for the GPU bundle.
+#   (scripts/cuda-env.sh), for the GPU bundle;
+# - Open MPI (mpirun, headers) and libclang for amp-mpi, from Debian's
+#   packages (apt-get, as root or through sudo), when missing.
 # Then: formatting, clippy, the whole test suite with every CPU backend
 # (ndarray, candle, tch), the GPU bundle (scripts/gpu-bundle.sh: every CUDA
 # target compiled and linked against a stand-in for the driver, the
@@ -23,6 +25,18 @@ torch_version=2.11.0
 venv=${AMP_VENV:-$root/.venv}
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# amp-mpi: the MPI library and its launcher, and libclang for the bindings
+# the mpi crate generates at build time.
+if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null ||
+    ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1; then
+    step "installing Open MPI and libclang (Debian packages)"
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -q || true
+    $sudo apt-get install -y -q libopenmpi-dev openmpi-bin libclang-dev
+fi
 
 if ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
     step "installing torch==$torch_version into $venv (about a minute, 4.6 GB)"

@@ -56,3 +56,12 @@ pub mod backend {
     #[cfg(feature = "tch")]
     pub use amp_tch as tch;
 }
+
+/// Data-parallel training: the in-process collective and the policies are
+/// amp-core's ([`InProcess`], [`Reduce`], [`Collective`]); the transports
+/// of other libraries come with their features.
+pub mod distributed {
+    /// MPI for CPU clusters (feature `mpi`): the `amp-mpi` crate.
+    #[cfg(feature = "mpi")]
+    pub use amp_mpi as mpi;
+}
