@@ -100,6 +100,7 @@ mod mlp_ndarray;
 #[cfg(feature = "tch")]
 mod mlp_tch;
 mod model;
+mod ranks;
 mod report;
 
 use std::path::PathBuf;
@@ -107,7 +108,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use amp::schedule::{Cosine, LrSchedule, MultiStep};
-use amp::{AdamConfig, AmpConfig, AmpError, BoxError, LossScaleConfig, SgdConfig};
+use amp::{AdamConfig, AmpConfig, AmpError, BoxError, LossScaleConfig, Reduce, SgdConfig};
 use clap::Parser;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use plotters::style::RGBColor;
@@ -256,6 +257,13 @@ struct Args {
           default_missing_value = "true", help_heading = "Experiment")]
     master_weights: bool,
 
+    /// Under `mpirun -np N` (build with `--features mpi`): which passes
+    /// average their gradients across the ranks. `every-pass`: N ranks
+    /// train as one process on the whole batch; `final-pass`: each rank
+    /// perturbs from its own share (m-sharpness).
+    #[arg(long, value_enum, default_value_t = ReduceKind::EveryPass, help_heading = "Experiment")]
+    reduce: ReduceKind,
+
     /// Directory for the SVG plots.
     #[arg(long, default_value = "target/amp-train", help_heading = "Output")]
     out_dir: PathBuf,
@@ -266,6 +274,24 @@ struct Args {
     /// Print only the results table and the plot paths: no progress bars.
     #[arg(long, short, help_heading = "Output")]
     quiet: bool,
+}
+
+/// `--reduce`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ReduceKind {
+    /// Every pass's gradients averaged across ranks.
+    EveryPass,
+    /// Only the base step's gradient averaged.
+    FinalPass,
+}
+
+impl ReduceKind {
+    fn policy(self) -> Reduce {
+        match self {
+            ReduceKind::EveryPass => Reduce::EveryPass,
+            ReduceKind::FinalPass => Reduce::FinalPass,
+        }
+    }
 }
 
 /// `--clip-norm`: a positive number, or off.
@@ -343,6 +369,7 @@ fn plan(args: &Args, data: &Data) -> Result<Plan, String> {
         .inner_lr(args.inner_lr)
         .inner_iter(args.inner_iter)
         .weight_decay(args.weight_decay)
+        .reduce(args.reduce.policy())
         .interval(args.interval)
         .start_step(start_step);
     let amp = match args.precision {
@@ -427,6 +454,11 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args, data: &Data, plan: &Plan) -> Result<(), BoxError> {
+    let ranks = ranks::Ranks::detect()?;
+    if ranks.rank != 0 {
+        // Every rank trains; rank 0 reports.
+        return train_silently(args, data, plan, &ranks);
+    }
     let clip_norm = match args.clip_norm {
         Clip::Off => None,
         Clip::At(v) => Some(v),
@@ -477,6 +509,13 @@ fn run(args: &Args, data: &Data, plan: &Plan) -> Result<(), BoxError> {
             args.backend.name(),
             args.device.name()
         );
+        if ranks.world > 1 {
+            println!(
+                "data-parallel: {} MPI ranks, each on its share of every batch, reduce {}",
+                ranks.world,
+                args.reduce.policy().name()
+            );
+        }
     }
 
     let bars = MultiProgress::with_draw_target(if args.quiet {
@@ -509,18 +548,9 @@ fn run(args: &Args, data: &Data, plan: &Plan) -> Result<(), BoxError> {
         for (method, config) in [(&mut erm, &plan.erm), (&mut amp, &plan.amp)] {
             let label = if config.inner_iter == 0 { "ERM" } else { "AMP" };
             runs_bar.set_message(format!("{label}, seed {seed}"));
-            let setup = Setup {
-                data,
-                layers: model::init_layers(&plan.sizes, seed),
-                amp: config.clone(),
-                base: plan.base,
-                clip_norm,
-                device: args.device,
-                precision: args.precision,
-                master_weights: args.master_weights,
-            };
+            let setup = setup(args, data, plan, config, seed, &ranks)?;
             let mut net = model::build(args.backend, setup)?;
-            let history = train(net.as_mut(), data, plan, args, seed, &epoch_bar)
+            let history = train(net.as_mut(), data, plan, args, seed, &ranks, &epoch_bar)
                 .map_err(|e| format!("{label} run with seed {seed}: {e}"))?;
             method.runs.push(history);
             runs_bar.inc(1);
@@ -543,10 +573,11 @@ fn run(args: &Args, data: &Data, plan: &Plan) -> Result<(), BoxError> {
         args.task.describe(),
         args.epochs,
         args.backend.name(),
-        match (args.precision, args.master_weights) {
-            (Precision::F32, _) => String::new(),
-            (p, true) => format!(", {} with f32 master weights", p.name()),
-            (p, false) => format!(", {} without master weights", p.name()),
+        match (args.precision, args.master_weights, ranks.world) {
+            (Precision::F32, _, 1) => String::new(),
+            (Precision::F32, _, n) => format!(", {n} ranks"),
+            (p, true, n) => format!(", {} with f32 master weights{}", p.name(), ranks_note(n)),
+            (p, false, n) => format!(", {} without master weights{}", p.name(), ranks_note(n)),
         }
     );
     print!("{}", report::table(&erm, &amp, !args.val_only));
@@ -596,13 +627,70 @@ fn run(args: &Args, data: &Data, plan: &Plan) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Trains one network for `--epochs` epochs and records its history.
+/// `, N ranks` in a data-parallel job.
+fn ranks_note(world: usize) -> String {
+    if world > 1 {
+        format!(", {world} ranks")
+    } else {
+        String::new()
+    }
+}
+
+/// A rank other than 0: the same runs, in the same order, with nothing
+/// printed.
+fn train_silently(
+    args: &Args,
+    data: &Data,
+    plan: &Plan,
+    ranks: &ranks::Ranks,
+) -> Result<(), BoxError> {
+    let bar = ProgressBar::hidden();
+    for seed in args.first_seed..args.first_seed + args.seeds {
+        for config in [&plan.erm, &plan.amp] {
+            let mut net =
+                model::build(args.backend, setup(args, data, plan, config, seed, ranks)?)?;
+            train(net.as_mut(), data, plan, args, seed, ranks, &bar)?;
+        }
+    }
+    Ok(())
+}
+
+/// One run's model and optimiser settings: `config` (ERM's or AMP's) from
+/// seed `seed`.
+fn setup<'a>(
+    args: &Args,
+    data: &'a Data,
+    plan: &Plan,
+    config: &AmpConfig,
+    seed: u64,
+    ranks: &ranks::Ranks,
+) -> Result<Setup<'a>, BoxError> {
+    Ok(Setup {
+        data,
+        layers: model::init_layers(&plan.sizes, seed),
+        amp: config.clone(),
+        base: plan.base,
+        clip_norm: match args.clip_norm {
+            Clip::Off => None,
+            Clip::At(v) => Some(v),
+        },
+        device: args.device,
+        precision: args.precision,
+        master_weights: args.master_weights,
+        link: ranks.link()?,
+    })
+}
+
+/// Trains one network for `--epochs` epochs and records its history; in a
+/// data-parallel job, on this rank's share of every batch (the training
+/// loss is then this rank's).
 fn train(
     net: &mut dyn model::Model,
     data: &Data,
     plan: &Plan,
     args: &Args,
     seed: u64,
+    ranks: &ranks::Ranks,
     bar: &ProgressBar,
 ) -> Result<RunHistory, BoxError> {
     // The batch order depends on the seed only, so ERM and AMP see the same
@@ -616,12 +704,15 @@ fn train(
         order.shuffle(&mut rng);
         let start = Instant::now();
         let mut loss_sum = 0.0;
+        let mut rows = 0;
         for batch in order.chunks(args.batch_size as usize) {
-            loss_sum += net.step(batch)? * batch.len() as f64;
+            let share = ranks.share(batch);
+            loss_sum += net.step(share)? * share.len() as f64;
+            rows += share.len();
         }
         net.synchronize()?;
         history.epoch_seconds.push(start.elapsed().as_secs_f64());
-        history.train_loss.push(loss_sum / order.len() as f64);
+        history.train_loss.push(loss_sum / rows as f64);
         history
             .val_error
             .push(data.val.error_rate(&net.predict(Which::Val)?));

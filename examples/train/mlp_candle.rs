@@ -68,7 +68,7 @@ impl CandleMlp {
         let data: &Data = setup.data;
         let train_y: Vec<u32> = data.train.y.iter().map(|&y| y as u32).collect();
         Ok(CandleMlp {
-            amp: Amp::new(store, setup.amp, setup.base.build()?)?,
+            amp: crate::ranks::join(Amp::new(store, setup.amp, setup.base.build()?)?, setup.link)?,
             layers,
             train_x: features(&data.train, &device, cdtype)?,
             train_y: Tensor::from_vec(train_y, data.train.len(), &device)?,
@@ -162,6 +162,7 @@ mod tests {
             device: DeviceKind::Cpu,
             precision: Precision::F32,
             master_weights: true,
+            link: None,
         };
         let config = amp::AmpConfig::new(0.05, 0.2)
             .inner_lr(2.0)

@@ -31,6 +31,7 @@ impl<'a> NdMlp<'a> {
             params.push(ndarray::Array1::from(layer.bias.clone()).into_dyn());
         }
         let amp = Amp::new(NdStore::new(params), setup.amp, setup.base.build()?)?;
+        let amp = crate::ranks::join(amp, setup.link)?;
         Ok(NdMlp {
             amp,
             data: setup.data,

@@ -76,7 +76,7 @@ impl TchMlp {
         let data = setup.data;
         let train_y: Vec<i64> = data.train.y.iter().map(|&y| y as i64).collect();
         Ok(TchMlp {
-            amp: Amp::new(store, setup.amp, setup.base.build()?)?,
+            amp: crate::ranks::join(Amp::new(store, setup.amp, setup.base.build()?)?, setup.link)?,
             train_x: features(&data.train, device, kind),
             train_y: Tensor::from_slice(&train_y).to_device(device),
             val_x: features(&data.val, device, kind),

@@ -174,6 +174,9 @@ pub struct Setup<'a> {
     pub precision: Precision,
     /// With a half precision: whether the store steps f32 master weights.
     pub master_weights: bool,
+    /// In a data-parallel job, what joins this rank's optimiser to the
+    /// others (`None`: one process).
+    pub link: Option<crate::ranks::Link>,
 }
 
 /// A network and its optimiser, as the training loop sees them.
@@ -262,6 +265,7 @@ pub mod mixed_precision {
             device: DeviceKind::Cpu,
             precision,
             master_weights,
+            link: None,
         };
         let mut net = build(backend, setup).unwrap();
         let schedule = MultiStep::new(vec![30, 45], 0.1).unwrap();
