@@ -16,44 +16,7 @@ use amp::{
     Amp, AmpConfig, AmpError, Collective, InProcess, NonFinitePolicy, ParamStore, Reduce,
     RestoreMode, SgdConfig, StepReport,
 };
-use ndarray::{arr1, Array1, ArrayD};
-
-/// Rows of the least-squares problem.
-const ROWS: usize = 24;
-
-/// x_ij = sin(1.3 i + 0.7 j), y_i = cos(0.9 i).
-fn row(i: usize) -> ([f64; 3], f64) {
-    let x = std::array::from_fn(|j| (1.3 * i as f64 + 0.7 * j as f64).sin());
-    (x, (0.9 * i as f64).cos())
-}
-
-/// ½ mean over `rows` of (x·w + b − y)²: its loss, gradient written into
-/// the store.
-fn least_squares<T: Element>(s: &mut NdStore<T>, rows: &[usize]) -> Result<f64, AmpError> {
-    let w: Vec<f64> = s.params()[0].iter().map(|v| v.to_f64().unwrap()).collect();
-    let b = s.params()[1][[0]].to_f64().unwrap();
-    let n = rows.len() as f64;
-    let (mut gw, mut gb, mut loss) = ([0.0; 3], 0.0, 0.0);
-    for &i in rows {
-        let (x, y) = row(i);
-        let r = (0..3).map(|j| x[j] * w[j]).sum::<f64>() + b - y;
-        loss += 0.5 * r * r / n;
-        for j in 0..3 {
-            gw[j] += r * x[j] / n;
-        }
-        gb += r / n;
-    }
-    let cast = |v: f64| T::from(v).unwrap();
-    s.grad_mut(0)?
-        .assign(&Array1::from_iter(gw.iter().map(|&g| cast(g))).into_dyn());
-    s.grad_mut(1)?.assign(&ArrayD::from_elem(vec![1], cast(gb)));
-    Ok(loss)
-}
-
-fn store<T: Element>() -> NdStore<T> {
-    let c = |v: f64| T::from(v).unwrap();
-    NdStore::from_arrays([arr1(&[c(0.3), c(-0.2), c(0.1)]), arr1(&[c(0.05)])])
-}
+use amp_testkit::data_parallel::{least_squares, share, store, weights, ROWS};
 
 fn config(reduce: Reduce, inner_iter: usize) -> AmpConfig {
     AmpConfig::new(0.2, 0.05)
@@ -90,23 +53,6 @@ where
     threads.into_iter().map(|t| t.join().unwrap()).collect()
 }
 
-/// Rank `rank`'s share of the batch of step `step` (the rows the whole
-/// batch would have, split evenly).
-fn share(step: usize, rank: usize, world: usize) -> Vec<usize> {
-    let per = ROWS / world;
-    (0..per)
-        .map(|k| (step * 7 + rank * per + k) % ROWS)
-        .collect()
-}
-
-fn params<T: Element>(amp: &Amp<NdStore<T>>) -> Vec<Vec<f64>> {
-    amp.store()
-        .params()
-        .iter()
-        .map(|p| p.iter().map(|v| v.to_f64().unwrap()).collect())
-        .collect()
-}
-
 #[test]
 fn every_pass_equals_one_process_on_the_concatenated_batch() {
     for world in [2, 3] {
@@ -136,12 +82,12 @@ fn every_pass_equals_one_process_on_the_concatenated_batch() {
                         })
                         .unwrap();
                     }
-                    params(amp)
+                    weights(amp)
                 },
             );
-            let want = params(&single);
+            let want = weights(&single);
             for got in &ranks {
-                for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                for (g, w) in got.iter().zip(want.iter()) {
                     assert!(
                         (g - w).abs() <= 1e-12 * w.abs().max(1.0),
                         "world {world}, K {inner_iter}: {got:?} vs {want:?}"
@@ -167,7 +113,7 @@ fn ranks_stay_bit_identical_under_both_policies() {
                 })
                 .unwrap();
             }
-            params(amp)
+            weights(amp)
         });
         assert_eq!(ranks[0], ranks[1], "{reduce:?}");
         assert_eq!(ranks[0], ranks[2], "{reduce:?}");
@@ -200,17 +146,17 @@ fn final_pass_with_the_same_data_on_every_rank_is_one_process() {
             amp.step(|s: &mut NdStore<f64>, _| Ok::<_, AmpError>(((), least_squares(s, &rows)?)))
                 .unwrap();
         }
-        params(amp)
+        weights(amp)
     });
-    assert_eq!(ranks[0], params(&single));
-    assert_eq!(ranks[1], params(&single));
+    assert_eq!(ranks[0], weights(&single));
+    assert_eq!(ranks[1], weights(&single));
 }
 
 /// A step in which rank 1 does `fault` on the perturbed pass (on the clean
 /// one with [`Reduce::FinalPass`], whose clean gradients are not
 /// averaged: only agreement carries the fault to rank 0); every rank's
 /// result, and its weights before and after.
-type Outcome = (Result<StepReport<()>, String>, Vec<Vec<f64>>, Vec<Vec<f64>>);
+type Outcome = (Result<StepReport<()>, String>, Vec<f64>, Vec<f64>);
 
 fn fault_on_rank_1(reduce: Reduce, policy: NonFinitePolicy, fault: &'static str) -> Vec<Outcome> {
     let config = config(reduce, 1).non_finite(policy);
@@ -220,7 +166,7 @@ fn fault_on_rank_1(reduce: Reduce, policy: NonFinitePolicy, fault: &'static str)
             amp.step(|s: &mut NdStore<f64>, _| Ok::<_, AmpError>(((), least_squares(s, &rows)?)))
                 .unwrap();
         }
-        let before = params(amp);
+        let before = weights(amp);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             amp.step(|s: &mut NdStore<f64>, pass| {
                 let loss = least_squares(s, &rows)?;
@@ -242,7 +188,7 @@ fn fault_on_rank_1(reduce: Reduce, policy: NonFinitePolicy, fault: &'static str)
             Ok(Err(error)) => Err(format!("{error:?}")),
             Err(_) => Err("panicked".to_string()),
         };
-        let after = params(amp);
+        let after = weights(amp);
         // Both ranks carry on together afterwards.
         amp.step(|s: &mut NdStore<f64>, _| Ok::<_, AmpError>(((), least_squares(s, &rows)?)))
             .unwrap();
@@ -400,7 +346,7 @@ fn a_checkpoint_saved_by_rank_0_resumes_every_rank_bit_exactly() {
             amp.step(|s: &mut NdStore<f32>, _| Ok::<_, AmpError>(((), least_squares(s, &rows)?)))
                 .unwrap();
         }
-        params(amp)
+        weights(amp)
     });
     // Fresh ranks load rank 0's checkpoint and take the last five steps.
     let resumed = on_ranks(2, config(Reduce::FinalPass, 1), move |rank, amp| {
@@ -410,7 +356,7 @@ fn a_checkpoint_saved_by_rank_0_resumes_every_rank_bit_exactly() {
             amp.step(|s: &mut NdStore<f32>, _| Ok::<_, AmpError>(((), least_squares(s, &rows)?)))
                 .unwrap();
         }
-        params(amp)
+        weights(amp)
     });
     assert_eq!(uninterrupted, resumed);
     assert_eq!(resumed[0], resumed[1]);
@@ -454,11 +400,11 @@ fn what_cannot_work_is_refused() {
     )
     .unwrap();
     let mut amp = amp.with_collective(Box::new(group.remove(0))).unwrap();
-    let before = params(&amp);
+    let before = weights(&amp);
     let rows = share(0, 0, 2);
     let error = amp
         .step(|s: &mut NdStore<f64>, _| Ok::<_, AmpError>(((), least_squares(s, &rows)?)))
         .unwrap_err();
     assert!(error.to_string().contains("waited"), "{error}");
-    assert_eq!(params(&amp), before);
+    assert_eq!(weights(&amp), before);
 }

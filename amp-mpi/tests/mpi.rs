@@ -15,16 +15,13 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use amp_core::{
-    Amp, AmpConfig, AmpError, InProcess, NonFinitePolicy, Reduce, SgdConfig, StepReport,
-};
+use amp_core::{Amp, AmpConfig, AmpError, InProcess, NonFinitePolicy, Reduce, SgdConfig};
 use amp_mpi::mpi::traits::{Communicator, CommunicatorCollectives};
 use amp_mpi::MpiCollective;
-use amp_ndarray::{Element, NdStore};
-use ndarray::{arr1, Array1, ArrayD};
+use amp_ndarray::NdStore;
+use amp_testkit::data_parallel::{least_squares, share, step, store, weights, ROWS};
 
 const CHILD: &str = "AMP_MPI_RANK_MAIN";
-const ROWS: usize = 24;
 
 #[test]
 fn mpi_ranks_agree_and_match_one_process() {
@@ -70,64 +67,11 @@ fn mpi_ranks_agree_and_match_one_process() {
     }
 }
 
-/// x_ij = sin(1.3 i + 0.7 j), y_i = cos(0.9 i).
-fn row(i: usize) -> ([f64; 3], f64) {
-    let x = std::array::from_fn(|j| (1.3 * i as f64 + 0.7 * j as f64).sin());
-    (x, (0.9 * i as f64).cos())
-}
-
-/// ½ mean over `rows` of (x·w + b − y)²; its gradient into the store.
-fn least_squares<T: Element>(s: &mut NdStore<T>, rows: &[usize]) -> Result<f64, AmpError> {
-    let w: Vec<f64> = s.params()[0].iter().map(|v| v.to_f64().unwrap()).collect();
-    let b = s.params()[1][[0]].to_f64().unwrap();
-    let n = rows.len() as f64;
-    let (mut gw, mut gb, mut loss) = ([0.0; 3], 0.0, 0.0);
-    for &i in rows {
-        let (x, y) = row(i);
-        let r = (0..3).map(|j| x[j] * w[j]).sum::<f64>() + b - y;
-        loss += 0.5 * r * r / n;
-        for j in 0..3 {
-            gw[j] += r * x[j] / n;
-        }
-        gb += r / n;
-    }
-    let cast = |v: f64| T::from(v).unwrap();
-    s.grad_mut(0)?
-        .assign(&Array1::from_iter(gw.iter().map(|&g| cast(g))).into_dyn());
-    s.grad_mut(1)?.assign(&ArrayD::from_elem(vec![1], cast(gb)));
-    Ok(loss)
-}
-
-fn store<T: Element>() -> NdStore<T> {
-    let c = |v: f64| T::from(v).unwrap();
-    NdStore::from_arrays([arr1(&[c(0.3), c(-0.2), c(0.1)]), arr1(&[c(0.05)])])
-}
-
 fn config(reduce: Reduce) -> AmpConfig {
     AmpConfig::new(0.2, 0.05)
         .inner_iter(2)
         .weight_decay(1e-3)
         .reduce(reduce)
-}
-
-/// Rank `rank`'s share of step `step`'s batch.
-fn share(step: usize, rank: usize, world: usize) -> Vec<usize> {
-    let per = ROWS / world;
-    (0..per)
-        .map(|k| (step * 7 + rank * per + k) % ROWS)
-        .collect()
-}
-
-fn params<T: Element>(amp: &Amp<NdStore<T>>) -> Vec<f64> {
-    let s = amp.store().params();
-    s.iter()
-        .flat_map(|p| p.iter().map(|v| v.to_f64().unwrap()))
-        .collect()
-}
-
-fn step<T: Element>(amp: &mut Amp<NdStore<T>>, rows: &[usize]) -> StepReport<()> {
-    amp.step(|s: &mut NdStore<T>, _| Ok::<_, AmpError>(((), least_squares(s, rows)?)))
-        .unwrap()
 }
 
 /// `values` are the same bits on every rank.
@@ -175,13 +119,13 @@ fn rank_main() {
         step(&mut single, &all);
         step(&mut ranked, &share(k, rank, size));
     }
-    for (a, b) in params(&ranked).iter().zip(params(&single)) {
+    for (a, b) in weights(&ranked).iter().zip(weights(&single)) {
         assert!(
             (a - b).abs() <= 1e-12 * b.abs().max(1.0),
             "rank {rank}: {a} vs {b}"
         );
     }
-    same_on_every_rank(&world, &params(&ranked), "every pass, f64");
+    same_on_every_rank(&world, &weights(&ranked), "every pass, f64");
 
     // The same job with the in-process collective (threads standing in for
     // the ranks, on this one rank) gives the same bits.
@@ -201,14 +145,14 @@ fn rank_main() {
                 for k in 0..10 {
                     step(&mut amp, &share(k, r, size));
                 }
-                params(&amp)
+                weights(&amp)
             })
         })
         .collect();
     for t in threads {
         assert_eq!(
             t.join().unwrap(),
-            params(&ranked),
+            weights(&ranked),
             "rank {rank}: MPI vs in-process"
         );
     }
@@ -225,7 +169,7 @@ fn rank_main() {
                 .collect();
             step(&mut amp, &rows);
         }
-        same_on_every_rank(&world, &params(&amp), reduce.name());
+        same_on_every_rank(&world, &weights(&amp), reduce.name());
     }
 
     // A NaN on the last rank's clean gradient (final-pass policy: not
@@ -236,7 +180,7 @@ fn rank_main() {
         .with_collective(collective())
         .unwrap();
     step(&mut amp, &share(0, rank, size));
-    let before = params(&amp);
+    let before = weights(&amp);
     let report = amp
         .step(|s: &mut NdStore<f32>, pass| {
             let loss = least_squares(s, &share(1, rank, size))?;
@@ -251,7 +195,7 @@ fn rank_main() {
         "rank {rank}: {:?}",
         report.skipped
     );
-    assert_eq!(params(&amp), before, "rank {rank}");
+    assert_eq!(weights(&amp), before, "rank {rank}");
     assert_eq!(amp.skipped_steps(), 1);
 
     // A checkpoint saved by rank 0 resumes every rank bit-exactly.
@@ -285,8 +229,8 @@ fn rank_main() {
     for k in 5..10 {
         step(&mut resumed, &share(k, rank, size));
     }
-    assert_eq!(params(&resumed), params(&amp), "rank {rank}");
-    same_on_every_rank(&world, &params(&resumed), "resumed");
+    assert_eq!(weights(&resumed), weights(&amp), "rank {rank}");
+    same_on_every_rank(&world, &weights(&resumed), "resumed");
 
     println!("rank {rank} of {size}: rank scenarios passed");
 }

@@ -24,6 +24,7 @@
 pub mod autograd;
 mod base;
 mod contract;
+pub mod data_parallel;
 pub mod faulty;
 pub mod hooked;
 pub mod properties;
