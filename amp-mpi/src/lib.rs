@@ -57,6 +57,10 @@
 //! thread at any time; a library initialised at a lower level is refused.
 #![warn(missing_docs)]
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
 use amp_core::collective::{grads_to_host, host_to_grads, mean_in_rank_order};
 use amp_core::{AmpError, Collective, ParamStore, Result};
 use mpi::collective::SystemOperation;
@@ -94,8 +98,66 @@ pub struct MpiCollective {
     comm: Comm,
     rank: usize,
     world_size: usize,
-    sent_bytes: u64,
-    reductions: u64,
+    stats: Arc<CollectiveStats>,
+}
+
+/// What an [`MpiCollective`] has done so far: shared, so that it can be
+/// read while the collective itself is boxed inside an `Amp`
+/// ([`MpiCollective::stats`]). Times are wall-clock, waiting for the other
+/// ranks included.
+#[derive(Debug, Default)]
+pub struct CollectiveStats {
+    reduce_nanos: AtomicU64,
+    agree_nanos: AtomicU64,
+    sent_bytes: AtomicU64,
+    reductions: AtomicU64,
+    agreements: AtomicU64,
+}
+
+impl CollectiveStats {
+    /// Seconds spent in gradient reductions (reading the gradients to the
+    /// host, the exchange, the mean, writing them back).
+    pub fn reduce_seconds(&self) -> f64 {
+        self.reduce_nanos.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Seconds spent agreeing on flags.
+    pub fn agree_seconds(&self) -> f64 {
+        self.agree_nanos.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Bytes of gradient this rank has sent.
+    pub fn sent_bytes(&self) -> u64 {
+        self.sent_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Gradient reductions.
+    pub fn reductions(&self) -> u64 {
+        self.reductions.load(Ordering::Relaxed)
+    }
+
+    /// Flag agreements.
+    pub fn agreements(&self) -> u64 {
+        self.agreements.load(Ordering::Relaxed)
+    }
+
+    /// Starts counting afresh.
+    pub fn reset(&self) {
+        for counter in [
+            &self.reduce_nanos,
+            &self.agree_nanos,
+            &self.sent_bytes,
+            &self.reductions,
+            &self.agreements,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+fn add_elapsed(counter: &AtomicU64, since: Instant) {
+    let nanos = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    counter.fetch_add(nanos, Ordering::Relaxed);
 }
 
 /// The communicator, movable to another thread: sound because
@@ -133,8 +195,7 @@ impl MpiCollective {
             comm: Comm(comm),
             rank,
             world_size,
-            sent_bytes: 0,
-            reductions: 0,
+            stats: Arc::default(),
         })
     }
 
@@ -148,14 +209,10 @@ impl MpiCollective {
         self.world_size
     }
 
-    /// Bytes of gradient this rank has sent in its reductions so far.
-    pub fn sent_bytes(&self) -> u64 {
-        self.sent_bytes
-    }
-
-    /// Gradient reductions so far.
-    pub fn reductions(&self) -> u64 {
-        self.reductions
+    /// What this collective has done so far, as a handle that stays
+    /// readable after the collective is handed to an `Amp`.
+    pub fn stats(&self) -> Arc<CollectiveStats> {
+        Arc::clone(&self.stats)
     }
 
     /// The communicator.
@@ -185,31 +242,40 @@ impl<S: ParamStore> Collective<S> for MpiCollective {
 
     fn all_and(&mut self, flags: &[bool]) -> Result<Vec<bool>> {
         // Every rank passes as many flags: the step's own calls do.
+        let start = Instant::now();
         let mine: Vec<u8> = flags.iter().map(|&f| u8::from(f)).collect();
         let mut all = vec![0u8; mine.len()];
         self.comm
             .0
             .all_reduce_into(&mine[..], &mut all[..], SystemOperation::min());
+        add_elapsed(&self.stats.agree_nanos, start);
+        self.stats.agreements.fetch_add(1, Ordering::Relaxed);
         Ok(all.into_iter().map(|v| v != 0).collect())
     }
 
     fn mean_grads(&mut self, store: &mut S, mask: &[bool]) -> Result<()> {
+        let start = Instant::now();
         let mine = grads_to_host(store, mask)?;
-        let parts: Vec<Vec<f64>> = if store.dtype().size_in_bytes() <= 4 {
+        let (parts, bytes): (Vec<Vec<f64>>, usize) = if store.dtype().size_in_bytes() <= 4 {
             let narrow: Vec<f32> = mine.iter().map(|&v| v as f32).collect();
-            self.sent_bytes += 4 * narrow.len() as u64;
-            self.gather(&narrow)
+            let parts = self.gather(&narrow);
+            let wide = parts
                 .into_iter()
-                .map(|p| p.into_iter().map(f64::from).collect())
-                .collect()
+                .map(|p| p.into_iter().map(f64::from).collect());
+            (wide.collect(), 4 * narrow.len())
         } else {
-            self.sent_bytes += 8 * mine.len() as u64;
-            self.gather(&mine)
+            (self.gather(&mine), 8 * mine.len())
         };
-        self.reductions += 1;
-        if mine.is_empty() {
-            return Ok(());
-        }
-        host_to_grads(store, mask, &mean_in_rank_order(&parts))
+        let written = if mine.is_empty() {
+            Ok(())
+        } else {
+            host_to_grads(store, mask, &mean_in_rank_order(&parts))
+        };
+        add_elapsed(&self.stats.reduce_nanos, start);
+        self.stats
+            .sent_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.stats.reductions.fetch_add(1, Ordering::Relaxed);
+        written
     }
 }

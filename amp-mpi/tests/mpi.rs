@@ -157,11 +157,16 @@ fn rank_main() {
         );
     }
 
-    // Both policies keep f32 ranks bit-identical, with different data.
+    // Both policies keep f32 ranks bit-identical, with different data; at
+    // K = 2 every-pass reduction sends three times the gradient bytes of
+    // final-pass (K + 1 reductions per step against 1), 4 bytes a weight.
+    let mut sent = Vec::new();
     for reduce in [Reduce::EveryPass, Reduce::FinalPass] {
+        let link = collective();
+        let stats = link.stats();
         let mut amp = Amp::sgd(store::<f32>(), config(reduce), SgdConfig::nesterov(0.9))
             .unwrap()
-            .with_collective(collective())
+            .with_collective(link)
             .unwrap();
         for k in 0..20 {
             let rows: Vec<usize> = (0..3 + 2 * rank)
@@ -170,7 +175,9 @@ fn rank_main() {
             step(&mut amp, &rows);
         }
         same_on_every_rank(&world, &weights(&amp), reduce.name());
+        sent.push((stats.reductions(), stats.sent_bytes()));
     }
+    assert_eq!(sent, [(60, 60 * 4 * 4), (20, 20 * 4 * 4)], "rank {rank}");
 
     // A NaN on the last rank's clean gradient (final-pass policy: not
     // averaged, only agreed) skips the step everywhere.

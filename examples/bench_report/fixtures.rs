@@ -139,6 +139,23 @@ impl<S: ParamStore> Trainer<S> {
         })
     }
 
+    /// The same trainer as one rank of a data-parallel job: its optimiser
+    /// rebuilt with `reduce` and joined to the other ranks by `link`.
+    #[cfg(feature = "mpi")]
+    pub fn joined(
+        self,
+        link: Box<dyn amp::Collective<S>>,
+        reduce: amp::Reduce,
+    ) -> Result<Self, BoxError> {
+        let config = self.amp.config().clone().reduce(reduce);
+        let (store, base) = self.amp.into_parts()?;
+        Ok(Trainer {
+            amp: Amp::new(store, config, base)?.with_collective(link)?,
+            closure: self.closure,
+            sync: self.sync,
+        })
+    }
+
     /// Runs `n` steps; returns their time with the closure's share.
     pub fn steps(&mut self, n: usize) -> Result<Timing, BoxError> {
         let sync = self.sync;

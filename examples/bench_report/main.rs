@@ -7,6 +7,8 @@
 //! cargo run --release --example bench_report -- --quick       # a short run
 //! cargo run --release --example bench_report -- --backend tch --skip-mlp
 //! cargo run --release --example bench_report --features tch -- --no-torch
+//! cargo build --release --example bench_report --features mpi &&
+//!   mpirun -np 2 target/release/examples/bench_report --distributed
 //! ```
 //! (`--features tch` needs libtorch: `source .venv/bin/activate;
 //! export LIBTORCH_USE_PYTORCH=1`. With `AMP_BENCH_CUDA=1` and a visible GPU
@@ -43,11 +45,17 @@
 //!   and amp's AMP step over torch's, each pair interleaved like the others
 //!   (see `torch_ref.rs` for what is and is not like for like). Without a
 //!   usable Python or torch the column says `n/a (why)`.
+//! * **Data-parallel** (`--distributed`, under `mpirun`, feature `mpi`):
+//!   per reduction policy, the time an AMP step spends in gradient
+//!   reductions and flag agreements, and the gradient bytes a rank sends per
+//!   step, on the 4 × 512 and 2 × 2048 MLPs (`distributed.rs`).
 //!
 //! Timing assertions live nowhere: this program reports, it does not fail on
 //! a missed target.
 #![warn(missing_docs)]
 
+#[cfg(all(feature = "mpi", feature = "ndarray"))]
+mod distributed;
 mod fixtures;
 mod measure;
 mod metered;
@@ -101,6 +109,11 @@ struct Args {
     /// MLP figures).
     #[arg(long, default_value = "f32")]
     precision: String,
+    /// Under `mpirun -np N` (feature `mpi`): only the data-parallel
+    /// measurement, the time a step spends in gradient reductions per
+    /// policy (see `distributed.rs`).
+    #[arg(long)]
+    distributed: bool,
     /// Leave out the PyTorch reference (`scripts/torch_reference.py`), which
     /// runs by default when tch is compiled in.
     #[arg(long)]
@@ -385,6 +398,12 @@ fn gbs(bytes_per_sec: f64) -> String {
 
 fn main() -> Result<(), BoxError> {
     let args = Args::parse();
+    if args.distributed {
+        #[cfg(all(feature = "mpi", feature = "ndarray"))]
+        return distributed::run(args.quick, MLP_SEED);
+        #[cfg(not(all(feature = "mpi", feature = "ndarray")))]
+        return Err("--distributed needs the `mpi` feature (and `ndarray`)".into());
+    }
     let adam = match args.optimizer.as_str() {
         "sgd" => None,
         "adam" => Some(amp::AdamConfig::adam()),
