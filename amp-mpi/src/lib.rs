@@ -2,7 +2,7 @@
 //!
 //! Data-parallel training with [`amp_core::Amp`] across the processes of an
 //! MPI job (CPU clusters): [`MpiCollective`] implements
-//! [`Collective`](amp_core::Collective) over an MPI communicator, through
+//! [`Collective`] over an MPI communicator, through
 //! the `mpi` crate (rsmpi) and the system's MPI library (Open MPI from
 //! Debian's `libopenmpi-dev`, or MPICH). AMP here is *adversarial model
 //! perturbation* (Zheng, Zhang & Mao, CVPR 2021), a regulariser that trains
@@ -92,7 +92,7 @@ pub fn initialize() -> Result<(Universe, MpiCollective)> {
 }
 
 /// The world, or any other communicator, as an amp
-/// [`Collective`](amp_core::Collective): one rank per process.
+/// [`Collective`]: one rank per process.
 #[derive(Debug)]
 pub struct MpiCollective {
     comm: Comm,
