@@ -44,6 +44,29 @@ fn cuda_device_matches_oracle() {
     }
 }
 
+/// bf16 and f16 vars with f32 master weights on the GPU: the step works in
+/// f32 on the master copy, so it meets the f32 tolerance against the oracle
+/// started from the same (half-precision) values.
+#[test]
+fn cuda_device_master_weights_match_oracle() {
+    let Some(device) = gpu("cuda_device_master_weights_match_oracle") else {
+        return;
+    };
+    let tol = Tol::elementwise(1e-5);
+    for half in [DType::BF16, DType::F16] {
+        let mut worst = 0.0f64;
+        for case in cases() {
+            let (candle, oracle) = stores(half, &device);
+            let candle = candle.with_master_weights().unwrap();
+            assert!(candle.has_master_weights() && candle.device().is_cuda());
+            worst = worst.max(run_against_oracle(&case, candle, oracle, 4, tol));
+        }
+        eprintln!(
+            "cuda {half} with master weights: largest error {worst:.3} of the tolerance {tol:?}"
+        );
+    }
+}
+
 #[test]
 fn cuda_device_mlp_trains() {
     let Some(device) = gpu("cuda_device_mlp_trains") else {
