@@ -224,26 +224,41 @@ impl TchStore {
         check(unsafe {
             ffi::amp_tch_grad_mask(model.as_ptr(), model.len(), present.as_mut_ptr())
         })?;
-        let mask: Vec<bool> = present.into_iter().map(|b| b != 0).collect();
-        let (dst, dst_view) = self.pointers(Slot::Grads, &mask, true)?;
-        if dst.is_empty() {
-            return Ok(());
+        let from_model: Vec<bool> = present.into_iter().map(|b| b != 0).collect();
+        let held = amp_core::ParamStore::grad_mask(&*self)?;
+        // Where the copy has no gradient yet (the usual case: `zero_grads`
+        // dropped it), the widened model gradient becomes it: one cast, no
+        // zero fill and no mixed-dtype add.
+        for index in (0..from_model.len()).filter(|&i| from_model[i] && !held[i]) {
+            let model_grad = master.model[index].grad();
+            let widened = tch::no_grad(|| model_grad.f_to_kind(Kind::Float))
+                .and_then(|g| g.f_contiguous())
+                .map_err(tch_error)?;
+            self.attach_grad(index, &widened)?;
         }
-        let src = master.pointers(Some(&mask));
-        let ones = vec![1.0f64; dst.len()];
-        // SAFETY: all three lists have dst.len() entries; the tensors
-        // outlive the call. The destination gradients are created (zero)
-        // where missing.
-        check(unsafe {
-            ffi::amp_tch_axpy(
-                dst.as_ptr(),
-                dst_view,
-                src.as_ptr(),
-                TensorView::GradRead,
-                ones.as_ptr(),
-                dst.len(),
-            )
-        })?;
+        // Where it has one (set by hand, or collected earlier in the pass),
+        // the model's is added to it.
+        let adding: Vec<bool> = (0..from_model.len())
+            .map(|i| from_model[i] && held[i])
+            .collect();
+        let (dst, dst_view) = self.pointers(Slot::Grads, &adding, true)?;
+        if !dst.is_empty() {
+            let src = master.pointers(Some(&adding));
+            let ones = vec![1.0f64; dst.len()];
+            // SAFETY: all three lists have dst.len() entries; the tensors
+            // outlive the call.
+            check(unsafe {
+                ffi::amp_tch_axpy(
+                    dst.as_ptr(),
+                    dst_view,
+                    src.as_ptr(),
+                    TensorView::GradRead,
+                    ones.as_ptr(),
+                    dst.len(),
+                )
+            })?;
+        }
+        let src = master.pointers(Some(&from_model));
         // SAFETY: the variables outlive the call.
         check(unsafe { ffi::amp_tch_reset_grads(src.as_ptr(), src.len()) })
     }
