@@ -375,14 +375,17 @@ fn what_cannot_work_is_refused() {
         })
     ));
     // The split step is not data-parallel.
-    let mut group = InProcess::group(1);
-    let amp = Amp::sgd(
-        store::<f64>(),
-        config(Reduce::EveryPass, 1),
-        SgdConfig::nesterov(0.9),
-    )
-    .unwrap();
-    let mut amp = amp.with_collective(Box::new(group.remove(0))).unwrap();
+    let lone = |rank: InProcess| {
+        Amp::sgd(
+            store::<f64>(),
+            config(Reduce::EveryPass, 1),
+            SgdConfig::nesterov(0.9),
+        )
+        .unwrap()
+        .with_collective(Box::new(rank))
+        .unwrap()
+    };
+    let mut amp = lone(InProcess::group(1).remove(0));
     assert_eq!(amp.rank_and_world_size(), Some((0, 1)));
     assert!(matches!(
         amp.perturb(),
@@ -392,14 +395,7 @@ fn what_cannot_work_is_refused() {
         })
     ));
     // A rank that waits for a peer that never comes gives up.
-    let mut group = InProcess::group_with_timeout(2, Duration::from_millis(200));
-    let amp = Amp::sgd(
-        store::<f64>(),
-        config(Reduce::EveryPass, 1),
-        SgdConfig::nesterov(0.9),
-    )
-    .unwrap();
-    let mut amp = amp.with_collective(Box::new(group.remove(0))).unwrap();
+    let mut amp = lone(InProcess::group_with_timeout(2, Duration::from_millis(200)).remove(0));
     let before = weights(&amp);
     let rows = share(0, 0, 2);
     let error = amp

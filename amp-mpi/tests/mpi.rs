@@ -74,6 +74,18 @@ fn config(reduce: Reduce) -> AmpConfig {
         .reduce(reduce)
 }
 
+/// An optimiser over the starting weights, joined to the world.
+fn joined<T: amp_ndarray::Element>(
+    universe: &amp_mpi::mpi::environment::Universe,
+    config: AmpConfig,
+) -> Amp<NdStore<T>> {
+    let link = MpiCollective::new(universe.world()).unwrap();
+    Amp::sgd(store::<T>(), config, SgdConfig::nesterov(0.9))
+        .unwrap()
+        .with_collective(Box::new(link))
+        .unwrap()
+}
+
 /// `values` are the same bits on every rank.
 fn same_on_every_rank(comm: &impl Communicator, values: &[f64], what: &str) {
     let mut all = vec![0.0f64; values.len() * comm.size() as usize];
@@ -97,8 +109,6 @@ fn rank_main() {
     let (universe, _) = amp_mpi::initialize().unwrap();
     let world = universe.world();
     let (rank, size) = (world.rank() as usize, world.size() as usize);
-    let collective = || Box::new(MpiCollective::new(universe.world()).unwrap());
-
     // Every pass: one process on the concatenated batch.
     let mut single = Amp::sgd(
         store::<f64>(),
@@ -106,14 +116,7 @@ fn rank_main() {
         SgdConfig::nesterov(0.9),
     )
     .unwrap();
-    let mut ranked = Amp::sgd(
-        store::<f64>(),
-        config(Reduce::EveryPass),
-        SgdConfig::nesterov(0.9),
-    )
-    .unwrap()
-    .with_collective(collective())
-    .unwrap();
+    let mut ranked = joined::<f64>(&universe, config(Reduce::EveryPass));
     for k in 0..10 {
         let all: Vec<usize> = (0..size).flat_map(|r| share(k, r, size)).collect();
         step(&mut single, &all);
@@ -162,7 +165,7 @@ fn rank_main() {
     // final-pass (K + 1 reductions per step against 1), 4 bytes a weight.
     let mut sent = Vec::new();
     for reduce in [Reduce::EveryPass, Reduce::FinalPass] {
-        let link = collective();
+        let link = Box::new(MpiCollective::new(universe.world()).unwrap());
         let stats = link.stats();
         let mut amp = Amp::sgd(store::<f32>(), config(reduce), SgdConfig::nesterov(0.9))
             .unwrap()
@@ -182,10 +185,7 @@ fn rank_main() {
     // A NaN on the last rank's clean gradient (final-pass policy: not
     // averaged, only agreed) skips the step everywhere.
     let skip = config(Reduce::FinalPass).non_finite(NonFinitePolicy::Skip);
-    let mut amp = Amp::sgd(store::<f32>(), skip, SgdConfig::nesterov(0.9))
-        .unwrap()
-        .with_collective(collective())
-        .unwrap();
+    let mut amp = joined::<f32>(&universe, skip);
     step(&mut amp, &share(0, rank, size));
     let before = weights(&amp);
     let report = amp
@@ -207,14 +207,7 @@ fn rank_main() {
 
     // A checkpoint saved by rank 0 resumes every rank bit-exactly.
     let path = dir.join("rank0.safetensors");
-    let mut amp = Amp::sgd(
-        store::<f32>(),
-        config(Reduce::FinalPass),
-        SgdConfig::nesterov(0.9),
-    )
-    .unwrap()
-    .with_collective(collective())
-    .unwrap();
+    let mut amp = joined::<f32>(&universe, config(Reduce::FinalPass));
     for k in 0..10 {
         if k == 5 {
             if rank == 0 {
@@ -224,14 +217,7 @@ fn rank_main() {
         }
         step(&mut amp, &share(k, rank, size));
     }
-    let mut resumed = Amp::sgd(
-        store::<f32>(),
-        config(Reduce::FinalPass),
-        SgdConfig::nesterov(0.9),
-    )
-    .unwrap()
-    .with_collective(collective())
-    .unwrap();
+    let mut resumed = joined::<f32>(&universe, config(Reduce::FinalPass));
     amp_checkpoint::load(&mut resumed, &path).unwrap();
     for k in 5..10 {
         step(&mut resumed, &share(k, rank, size));
