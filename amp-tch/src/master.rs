@@ -130,15 +130,13 @@ impl TchStore {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(tch_error)?;
         let model = std::mem::replace(&mut self.params, copies);
-        let pointers: Vec<*mut C_tensor> = model.iter().map(raw).collect();
-        // SAFETY: the variables outlive the call.
-        check(unsafe { ffi::amp_tch_reset_grads(pointers.as_ptr(), pointers.len()) })?;
         self.master = Some(Master {
             model,
             kind: self.kind,
         });
         self.kind = Kind::Float;
         self.dtype = DType::F32;
+        self.reset_model_grads()?;
         Ok(self)
     }
 
@@ -165,26 +163,15 @@ impl TchStore {
     /// returned): with master weights and `dst` the parameters, the model's
     /// variables get the master copy's values, rounded to their kind.
     /// `result` is returned unless it is `Ok` and the write fails.
-    pub(crate) fn mirror(
-        &self,
-        dst: Slot,
-        mask: Option<&[bool]>,
-        result: Result<()>,
-    ) -> Result<()> {
+    pub(crate) fn mirror(&self, dst: Slot, mask: &[bool], result: Result<()>) -> Result<()> {
         let Some(master) = &self.master else {
             return result;
         };
         if dst != Slot::Params {
             return result;
         }
-        let model = master.pointers(mask);
-        let copies: Vec<*mut C_tensor> = self
-            .params
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| mask.is_none_or(|m| m[*i]))
-            .map(|(_, t)| raw(t))
-            .collect();
+        let model = master.pointers(Some(mask));
+        let (copies, _) = self.pointers(Slot::Params, mask, false)?;
         // SAFETY: both lists have model.len() entries; the tensors outlive
         // the call.
         let written = check(unsafe {

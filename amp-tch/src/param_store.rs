@@ -147,7 +147,7 @@ impl ParamStore for TchStore {
         let (s, sv) = self.pointers(src, mask, false)?;
         // SAFETY: both lists have d.len() entries; the tensors outlive the call.
         let done = check(unsafe { ffi::amp_tch_copy(d.as_ptr(), dv, s.as_ptr(), sv, d.len()) });
-        self.mirror(dst, Some(mask), done)
+        self.mirror(dst, mask, done)
     }
 
     fn scale(&mut self, dst: Slot, factor: &[f64], mask: &[bool]) -> Result<()> {
@@ -163,7 +163,7 @@ impl ParamStore for TchStore {
         let (d, dv) = self.pointers(dst, &active, true)?;
         // SAFETY: `f` has d.len() entries; the tensors outlive the call.
         let done = check(unsafe { ffi::amp_tch_scale(d.as_ptr(), dv, f.as_ptr(), d.len()) });
-        self.mirror(dst, Some(&active), done)
+        self.mirror(dst, &active, done)
     }
 
     fn axpy(&mut self, dst: Slot, alpha: &[f64], src: Slot, mask: &[bool]) -> Result<()> {
@@ -177,12 +177,12 @@ impl ParamStore for TchStore {
         let done = check(unsafe {
             ffi::amp_tch_axpy(d.as_ptr(), dv, s.as_ptr(), sv, a.as_ptr(), d.len())
         });
-        self.mirror(dst, Some(mask), done)
+        self.mirror(dst, mask, done)
     }
 
     fn addcmul(&mut self, dst: Slot, alpha: &[f64], a: Slot, b: Slot, mask: &[bool]) -> Result<()> {
         let done = self.addcmul_each(dst, alpha, a, b, mask);
-        self.mirror(dst, Some(mask), done)
+        self.mirror(dst, mask, done)
     }
 
     fn addcdiv_sqrt(
@@ -196,12 +196,12 @@ impl ParamStore for TchStore {
         mask: &[bool],
     ) -> Result<()> {
         let done = self.addcdiv_sqrt_each(dst, alpha, num, den, divisor, eps, mask);
-        self.mirror(dst, Some(mask), done)
+        self.mirror(dst, mask, done)
     }
 
     fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
         let done = self.maximum_each(dst, src, mask);
-        self.mirror(dst, Some(mask), done)
+        self.mirror(dst, mask, done)
     }
 
     /// One pass on the CPU loop path (dense f32/f64 tensors); elsewhere a
@@ -237,7 +237,7 @@ impl ParamStore for TchStore {
                 d.len(),
             )
         });
-        self.mirror(dst, Some(mask), done)
+        self.mirror(dst, mask, done)
     }
 
     /// Fused on the CPU loop path (dense f32/f64 tensors): per tensor, one
@@ -290,7 +290,7 @@ impl ParamStore for TchStore {
                 self, snapshot, delta, inner_lr, epsilon, mask,
             );
         }
-        self.mirror(Slot::Params, Some(mask), Ok(()))?;
+        self.mirror(Slot::Params, mask, Ok(()))?;
         Ok(TchNorms {
             // SAFETY: freshly allocated by the shim.
             values: unsafe { take_tensor(out)? },
@@ -349,7 +349,7 @@ impl ParamStore for TchStore {
                 PROJECTION_GUARD,
             )
         });
-        self.mirror(dst, Some(mask), done)
+        self.mirror(dst, mask, done)
     }
 
     fn norms_to_host(&self, norms: &TchNorms) -> Result<Vec<f64>> {
@@ -411,7 +411,7 @@ impl ParamStore for TchStore {
                 let done = tch::no_grad(|| self.params[index].f_copy_(&source)).map_err(tch_error);
                 let mut only = vec![false; self.params.len()];
                 only[index] = true;
-                self.mirror(Slot::Params, Some(&only), done)
+                self.mirror(Slot::Params, &only, done)
             }
             Slot::Buffer(id) => {
                 let buffer = self.buffers.get_mut(id)?;
