@@ -146,6 +146,12 @@ impl<O: TensorOps> TensorStore<O> {
         self.params
     }
 
+    /// Gives the operations (with whatever model they keep) and the
+    /// parameters back.
+    pub fn into_parts(self) -> (O, Vec<O::Tensor>) {
+        (self.ops, self.params)
+    }
+
     /// The gradient of tensor `index` from the last closure call, if any.
     pub fn grad(&self, index: usize) -> Option<&O::Tensor> {
         self.grads.get(index).and_then(Option::as_ref)
