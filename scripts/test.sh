@@ -49,14 +49,14 @@ export VIRTUAL_ENV=$venv PATH="$venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy (all targets, every CPU backend, MPI)"
-cargo clippy --workspace --all-targets --features amp/tch,amp/mpi -- -D warnings
+step "cargo clippy (all targets, every CPU backend, MPI, burn)"
+cargo clippy --workspace --all-targets --features amp/tch,amp/mpi,amp/burn -- -D warnings
 
-step "cargo test (every crate, every CPU backend, MPI)"
-cargo test --workspace --features amp/tch,amp/mpi
+step "cargo test (every crate, every CPU backend, MPI, burn)"
+cargo test --workspace --features amp/tch,amp/mpi,amp/burn
 
 step "the main job data-parallel: mpirun -np 2, four epochs"
-cargo build --workspace --profile test --example train --features amp/tch,amp/mpi
+cargo build --workspace --profile test --example train --features amp/tch,amp/mpi,amp/burn
 table=$(mpirun --allow-run-as-root --oversubscribe --timeout 300 -np 2 \
     target/debug/examples/train --seeds 1 --epochs 4 --quiet)
 printf '%s\n' "$table"

@@ -13,6 +13,7 @@
 //! | `ndarray` (default) | `backend::ndarray` | `NdStore<f32 / f64>` |
 //! | `candle` (default)  | `backend::candle`  | `CandleStore`        |
 //! | `tch`     | `backend::tch`     | `TchStore`              |
+//! | `burn`    | `backend::burn`    | `BurnStore<M>` (any burn module) |
 //! | `cuda`    | candle with CUDA   |                         |
 //!
 //! ```
@@ -55,6 +56,11 @@ pub mod backend {
     /// The libtorch backend through tch (feature `tch`).
     #[cfg(feature = "tch")]
     pub use amp_tch as tch;
+
+    /// The burn backend (feature `burn`): burn modules on burn's CPU
+    /// device.
+    #[cfg(feature = "burn")]
+    pub use amp_burn as burn;
 }
 
 /// Data-parallel training: the in-process collective and the policies are

@@ -93,6 +93,8 @@
 #![warn(missing_docs)]
 
 mod data;
+#[cfg(feature = "burn")]
+mod mlp_burn;
 #[cfg(feature = "candle")]
 mod mlp_candle;
 #[cfg(feature = "ndarray")]
@@ -376,7 +378,9 @@ fn plan(args: &Args, data: &Data) -> Result<Plan, String> {
         Precision::F16 => amp.loss_scale(LossScaleConfig::default()),
         _ => amp,
     };
-    if args.precision != Precision::F32 && args.backend == BackendKind::Ndarray {
+    if args.precision != Precision::F32
+        && matches!(args.backend, BackendKind::Ndarray | BackendKind::Burn)
+    {
         return Err(format!(
             "invalid value for --precision: {} needs --backend candle or tch (the {} backend trains in f32)",
             args.precision.name(),

@@ -21,6 +21,9 @@ pub enum BackendKind {
     /// ndarray (`amp::backend::ndarray`), the reference backend, with the
     /// MLP's backward pass written by hand.
     Ndarray,
+    /// burn (`amp::backend::burn`), a burn module on burn's CPU device;
+    /// needs `--features burn`.
+    Burn,
 }
 
 impl BackendKind {
@@ -39,6 +42,7 @@ impl BackendKind {
             BackendKind::Candle => "candle",
             BackendKind::Tch => "tch",
             BackendKind::Ndarray => "ndarray",
+            BackendKind::Burn => "burn",
         }
     }
 }
@@ -207,6 +211,8 @@ pub fn build<'a>(backend: BackendKind, setup: Setup<'a>) -> Result<Box<dyn Model
         BackendKind::Candle => Ok(Box::new(crate::mlp_candle::CandleMlp::new(setup)?)),
         #[cfg(feature = "tch")]
         BackendKind::Tch => Ok(Box::new(crate::mlp_tch::TchMlp::new(setup)?)),
+        #[cfg(feature = "burn")]
+        BackendKind::Burn => Ok(Box::new(crate::mlp_burn::BurnMlp::new(setup)?)),
         #[allow(unreachable_patterns)]
         other => Err(format!(
             "this build has no {name} backend: rebuild with `--features {name}`{extra}",
