@@ -51,6 +51,14 @@ pub trait ModuleStore<M: Module>: Sized {
     /// parameters whose gradient was already taken.
     fn set_grads(&mut self, grads: Gradients) -> Result<()>;
 
+    /// Takes `module`'s float parameters as the store's weights: for a
+    /// module updated outside the store — by burn's own optimiser after
+    /// the split step ([`amp_core::Amp::perturb`]), or loaded from a burn
+    /// record. Its parameters must be the store's (same `ParamId`s, in the
+    /// same order, same shapes); otherwise nothing changes and the error
+    /// says which differs.
+    fn set_module(&mut self, module: M) -> Result<()>;
+
     /// The trained module: the store's weights in the module's parameters,
     /// each with its `ParamId`, training state and device as before.
     fn into_module(self) -> Result<M>;
@@ -116,6 +124,45 @@ impl<M: Module> ModuleStore<M> for BurnStore<M> {
             if let Some(grad) = grad {
                 self.set_grad(i, grad)?;
             }
+        }
+        Ok(())
+    }
+
+    fn set_module(&mut self, module: M) -> Result<()> {
+        let (params, contexts) = module::read_params(&module);
+        let ids = self.param_ids();
+        if contexts.len() != ids.len() {
+            return Err(AmpError::backend(format!(
+                "the module has {} float parameters, the store {}",
+                contexts.len(),
+                ids.len()
+            )));
+        }
+        for (i, (context, id)) in contexts.iter().zip(&ids).enumerate() {
+            if context.id != *id {
+                return Err(AmpError::backend(format!(
+                    "parameter {i} of the module is {}, the store's is {id}",
+                    context.id
+                )));
+            }
+            let dtype = crate::ops::amp_dtype(params[i].value().dtype());
+            if dtype != Some(amp_core::TensorOps::dtype(self.ops())) {
+                return Err(AmpError::backend(format!(
+                    "parameter {i} of the module is {:?}, the store holds {:?}",
+                    params[i].value().dtype(),
+                    amp_core::TensorOps::dtype(self.ops())
+                )));
+            }
+            if params[i].dims() != self.params()[i].dims() {
+                return Err(AmpError::backend(format!(
+                    "parameter {i} of the module has shape {:?}, the store's {:?}",
+                    params[i].dims(),
+                    self.params()[i].dims()
+                )));
+            }
+        }
+        for (i, param) in params.into_iter().enumerate() {
+            self.set_param(i, param)?;
         }
         Ok(())
     }
