@@ -479,3 +479,53 @@ pub mod tc {
         Ok((store, closure))
     }
 }
+
+/// The burn backend, `BurnStore` over a module of flat parameters on burn's
+/// CPU device (flex).
+#[cfg(feature = "burn")]
+pub mod brn {
+    use super::*;
+    use amp::backend::burn::burn::module::Param;
+    use amp::backend::burn::burn::tensor::{Device, Tensor};
+    use amp::backend::burn::{BurnStore, Flat, ModuleStore};
+
+    /// The module of the optimizer-only runs: one flat parameter per tensor.
+    pub type Params = Vec<Param<Tensor<1>>>;
+
+    /// burn's optimizer-only fixture.
+    pub struct Burn;
+
+    /// burn's CPU backend computes synchronously.
+    pub fn sync<S>(_store: &S) {}
+
+    impl OptFixture for Burn {
+        type Store = BurnStore<Params>;
+        const NAME: &'static str = "burn";
+
+        fn build(sizes: &[usize]) -> Result<(Self::Store, Closure<Self::Store>), BoxError> {
+            let device = Device::flex().autodiff();
+            let params: Params = sizes
+                .iter()
+                .map(|&n| Param::from_tensor((Tensor::ones([n], &device) * 0.5).require_grad()))
+                .collect();
+            // Gradients made once and handed over each pass (burn tensors
+            // are immutable and reference-counted, as `backward()` hands
+            // over fresh gradient tensors).
+            let grads: Vec<Flat> = sizes
+                .iter()
+                .map(|&n| Flat::new(Tensor::<1>::full([n], OPT_GRAD, &device)))
+                .collect();
+            let closure: Closure<Self::Store> = Box::new(move |s: &mut Self::Store, _| {
+                for (i, g) in grads.iter().enumerate() {
+                    s.set_grad(i, g.clone())?;
+                }
+                Ok(((), 1.0))
+            });
+            Ok((BurnStore::from_module(params)?, closure))
+        }
+
+        fn sync(store: &Self::Store) {
+            sync(store)
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example bench_report                  # ndarray, candle
 //! cargo run --release --example bench_report --features tch   # + libtorch
+//! cargo run --release --example bench_report --features burn  # + burn (flex)
 //! cargo run --release --example bench_report -- --quick       # a short run
 //! cargo run --release --example bench_report -- --backend tch --skip-mlp
 //! cargo run --release --example bench_report --features tch -- --no-torch
@@ -60,6 +61,8 @@ mod fixtures;
 mod measure;
 mod metered;
 mod mlp;
+#[cfg(feature = "burn")]
+mod mlp_burn;
 #[cfg(feature = "candle")]
 mod mlp_candle;
 #[cfg(feature = "ndarray")]
@@ -86,7 +89,8 @@ struct Args {
     /// A short run (fewer, shorter blocks): for a smoke test, not for figures.
     #[arg(long)]
     quick: bool,
-    /// Only these backends (ndarray, candle, tch); all compiled-in by default.
+    /// Only these backends (ndarray, candle, tch, tch-flat, burn); all
+    /// compiled-in by default.
     #[arg(long)]
     backend: Vec<String>,
     /// Skip the MLP (AMP/ERM) measurements.
@@ -176,6 +180,8 @@ fn backends() -> Vec<Backend> {
     list.push(backend::<fixtures::tc::Tch, _>(mlp_tch::trainers));
     #[cfg(feature = "tch")]
     list.push(backend::<fixtures::tc::TchFlat, _>(mlp_tch::flat_trainers));
+    #[cfg(feature = "burn")]
+    list.push(backend::<fixtures::brn::Burn, _>(mlp_burn::trainers));
     list
 }
 
@@ -330,7 +336,7 @@ fn run_counts(backend: &Backend, plan: &Plan) -> Result<CountTimes, BoxError> {
 fn mlp_target(backend: &str, spec: &MlpSpec) -> Option<f64> {
     match (backend, spec.name) {
         ("tch", "40x32") => Some(2.10),
-        ("tch", _) | ("candle", _) => Some(2.05),
+        ("tch", _) | ("candle", _) | ("burn", _) => Some(2.05),
         _ => None,
     }
 }
@@ -597,9 +603,9 @@ fn render(
                 line,
                 "{}",
                 if spec.name == "40x32" {
-                    "tch <= 2.10, candle <= 2.05"
+                    "tch <= 2.10, candle, burn <= 2.05"
                 } else {
-                    "tch, candle <= 2.05"
+                    "tch, candle, burn <= 2.05"
                 }
             );
             out.push_str(&line);
