@@ -35,7 +35,7 @@ impl ParamContext {
             } else {
                 None
             },
-            distributed: tensor.is_distributed(),
+            distributed: autodiff && tensor.is_distributed(),
         }
     }
 

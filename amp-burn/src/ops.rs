@@ -138,6 +138,21 @@ impl<M: Module> TensorOps for BurnOps<M> {
         Ok(value.square().sum().into_scalar::<f64>())
     }
 
+    /// One read of the tensor and no temporary: a finite sum means every
+    /// element is finite. A sum that is not (a NaN, an infinity, or an
+    /// overflow of finite values beyond about 3e38 in f32) is settled on
+    /// the host.
+    fn all_finite(&self, tensor: &Flat) -> Result<bool> {
+        if tensor.numel() == 0 {
+            return Ok(true);
+        }
+        let sum = tensor.value().clone().sum().into_scalar::<f64>();
+        if sum.is_finite() {
+            return Ok(true);
+        }
+        Ok(self.to_host(tensor)?.iter().all(|x| x.is_finite()))
+    }
+
     fn to_host(&self, tensor: &Flat) -> Result<Vec<f64>> {
         if tensor.numel() == 0 {
             return Ok(Vec::new());
