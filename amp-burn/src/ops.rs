@@ -169,6 +169,40 @@ impl<M: Module> TensorOps for BurnOps<M> {
         Ok(like.with_value(value))
     }
 
+    /// Adam's second moment on the device: `y + (alpha · a) · b`, one
+    /// rounding per operation as in [`amp_core::elementwise::addcmul`].
+    fn addcmul(&self, y: &Flat, alpha: f64, a: &Flat, b: &Flat) -> Result<Flat> {
+        if y.numel() == 0 {
+            return Ok(y.clone());
+        }
+        let product = a.value().clone().mul_scalar(alpha).mul(b.value().clone());
+        Ok(y.with_value(y.value().clone().add(product)))
+    }
+
+    /// Adam's update on the device: `y + (alpha · num) / (√den / divisor +
+    /// eps)`, in the order of [`amp_core::elementwise::addcdiv_sqrt`].
+    fn addcdiv_sqrt(
+        &self,
+        y: &Flat,
+        alpha: f64,
+        num: &Flat,
+        den: &Flat,
+        divisor: f64,
+        eps: f64,
+    ) -> Result<Flat> {
+        if y.numel() == 0 {
+            return Ok(y.clone());
+        }
+        let denominator = den
+            .value()
+            .clone()
+            .sqrt()
+            .div_scalar(divisor)
+            .add_scalar(eps);
+        let step = num.value().clone().mul_scalar(alpha).div(denominator);
+        Ok(y.with_value(y.value().clone().add(step)))
+    }
+
     fn prepare_pass(&mut self, params: &[Flat], _pass: Pass) -> Result<()> {
         self.sync(params)
     }

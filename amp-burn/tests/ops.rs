@@ -1,10 +1,12 @@
-//! `BurnOps`' own finiteness check: one sum on the device, settled on the
-//! host when the sum alone cannot tell.
+//! `BurnOps`' own operations: the finiteness check (one sum on the device,
+//! settled on the host when the sum alone cannot tell) and the arithmetic
+//! overrides, bit for bit against amp-core's element formulas.
 
 use amp_burn::burn::module::Param;
-use amp_burn::burn::tensor::{Device, Tensor, TensorData};
+use amp_burn::burn::tensor::{DType as BurnDType, Device, Tensor, TensorData};
 use amp_burn::{BurnStore, Flat, ModuleStore};
 use amp_core::TensorOps;
+use amp_testkit::tensor_ops::elementwise_overrides_match;
 
 #[test]
 fn all_finite_tells_overflow_from_nan_and_infinity() {
@@ -29,4 +31,17 @@ fn all_finite_tells_overflow_from_nan_and_infinity() {
     assert!(!check(vec![f32::INFINITY, f32::NEG_INFINITY]));
     assert!(!check(vec![3e38, 3e38, f32::NAN]));
     assert!(check(vec![]));
+}
+
+/// burn's kernels give the element formulas' bits: scale, axpy and Adam's
+/// addcmul / addcdiv_sqrt (overridden with burn operations) and maximum.
+#[test]
+fn burn_operations_round_as_the_element_formulas() {
+    let device = Device::flex();
+    for dtype in [BurnDType::F32, BurnDType::F64] {
+        let zeros = Tensor::<1>::zeros([257], (&device, dtype));
+        let store = BurnStore::from_module(vec![Param::from_tensor(zeros)]).unwrap();
+        let like = &store.params()[0];
+        elementwise_overrides_match(store.ops(), like).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+    }
 }

@@ -32,6 +32,7 @@ pub mod reference;
 mod scaling;
 mod split;
 pub mod strategies;
+pub mod tensor_ops;
 
 use std::cell::Cell;
 
