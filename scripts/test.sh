@@ -62,6 +62,9 @@ table=$(mpirun --allow-run-as-root --oversubscribe --timeout 300 -np 2 \
 printf '%s\n' "$table"
 grep -q ", 2 ranks:" <<<"$table"
 
+step "burn's wgpu backend compile-checked (amp-burn --features wgpu)"
+cargo check -p amp-burn --features wgpu
+
 step "PyTorch reference of bench_report: self-check against algorithm.md"
 "$venv/bin/python" scripts/torch_reference.py --self-check
 
