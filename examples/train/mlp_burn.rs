@@ -140,7 +140,7 @@ impl Model for BurnMlp {
 #[cfg(all(test, feature = "ndarray"))]
 mod tests {
     use super::*;
-    use crate::model::init_layers;
+    use crate::model::test_setup;
     use amp::ParamStore;
 
     /// Three AMP steps on burn land where the same steps on the
@@ -149,23 +149,9 @@ mod tests {
     #[test]
     fn burn_step_matches_ndarray() {
         let data = crate::data::load(crate::data::Task::Good, 0);
-        let sizes = [11, 16, 16, 2];
-        let setup = |amp: amp::AmpConfig| Setup {
-            data: &data,
-            layers: init_layers(&sizes, 5),
-            amp,
-            base: crate::model::Base::Sgd(amp::SgdConfig::nesterov(0.9)),
-            clip_norm: Some(50.0),
-            device: DeviceKind::Cpu,
-            precision: Precision::F32,
-            master_weights: true,
-            link: None,
-        };
-        let config = amp::AmpConfig::new(0.05, 0.2)
-            .inner_lr(2.0)
-            .weight_decay(1e-4);
-        let mut burn = BurnMlp::new(setup(config.clone())).unwrap();
-        let mut nd = crate::mlp_ndarray::NdMlp::new(setup(config)).unwrap();
+        let sizes = crate::model::TEST_SIZES;
+        let mut burn = BurnMlp::new(test_setup(&data)).unwrap();
+        let mut nd = crate::mlp_ndarray::NdMlp::new(test_setup(&data)).unwrap();
         let batch: Vec<usize> = (0..32).map(|i| i * 7).collect();
         for _ in 0..3 {
             let a = burn.step(&batch).unwrap();

@@ -145,30 +145,15 @@ impl Model for CandleMlp {
 #[cfg(all(test, feature = "ndarray"))]
 mod tests {
     use super::*;
-    use crate::model::init_layers;
+    use crate::model::test_setup;
 
     /// One AMP step on candle lands where the same step on the hand-written
     /// ndarray MLP lands: same initial weights, same batch, f32 on both.
     #[test]
     fn candle_step_matches_ndarray() {
         let data = crate::data::load(crate::data::Task::Good, 0);
-        let sizes = [11, 16, 16, 2];
-        let setup = |amp: amp::AmpConfig| Setup {
-            data: &data,
-            layers: init_layers(&sizes, 5),
-            amp,
-            base: crate::model::Base::Sgd(amp::SgdConfig::nesterov(0.9)),
-            clip_norm: Some(50.0),
-            device: DeviceKind::Cpu,
-            precision: Precision::F32,
-            master_weights: true,
-            link: None,
-        };
-        let config = amp::AmpConfig::new(0.05, 0.2)
-            .inner_lr(2.0)
-            .weight_decay(1e-4);
-        let mut candle = CandleMlp::new(setup(config.clone())).unwrap();
-        let mut nd = crate::mlp_ndarray::NdMlp::new(setup(config)).unwrap();
+        let mut candle = CandleMlp::new(test_setup(&data)).unwrap();
+        let mut nd = crate::mlp_ndarray::NdMlp::new(test_setup(&data)).unwrap();
         let batch: Vec<usize> = (0..32).map(|i| i * 7).collect();
         for _ in 0..3 {
             let a = candle.step(&batch).unwrap();

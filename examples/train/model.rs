@@ -227,6 +227,29 @@ pub fn build<'a>(backend: BackendKind, setup: Setup<'a>) -> Result<Box<dyn Model
     }
 }
 
+/// The layer widths of the small MLP the backends' step-for-step tests use.
+#[cfg(test)]
+pub const TEST_SIZES: [usize; 4] = [11, 16, 16, 2];
+
+/// The settings of those tests: the small MLP from seed 5, SGD with
+/// Nesterov 0.9, clipping at 50, f32 on the CPU, one process; and their
+/// AMP configuration (lr 0.05, ε 0.2, inner lr 2, weight decay 1e-4).
+#[cfg(test)]
+#[cfg_attr(not(any(feature = "candle", feature = "burn")), allow(dead_code))]
+pub fn test_setup(data: &Data) -> Setup<'_> {
+    Setup {
+        data,
+        layers: init_layers(&TEST_SIZES, 5),
+        amp: AmpConfig::new(0.05, 0.2).inner_lr(2.0).weight_decay(1e-4),
+        base: Base::Sgd(SgdConfig::nesterov(0.9)),
+        clip_norm: Some(50.0),
+        device: DeviceKind::Cpu,
+        precision: Precision::F32,
+        master_weights: true,
+        link: None,
+    }
+}
+
 /// The mixed-precision check every backend with half precision runs.
 #[cfg(test)]
 #[cfg_attr(not(any(feature = "candle", feature = "tch")), allow(dead_code))]
