@@ -88,8 +88,8 @@ impl<M: Module> ModuleStore<M> for BurnStore<M> {
     }
 
     fn module(&mut self) -> Result<&M> {
-        let params = self.params().to_vec();
-        self.ops_mut().sync(&params)?;
+        let (ops, params) = self.ops_mut_and_params();
+        ops.sync(params)?;
         Ok(self.ops().module())
     }
 

@@ -122,6 +122,14 @@ impl<O: TensorOps> TensorStore<O> {
         &mut self.ops
     }
 
+    /// The operations, mutably, beside the parameters: for operations that
+    /// keep a model and rebuild it from the parameters outside
+    /// [`TensorOps::prepare_pass`] (between steps, or on demand inside the
+    /// closure).
+    pub fn ops_mut_and_params(&mut self) -> (&mut O, &[O::Tensor]) {
+        (&mut self.ops, &self.params)
+    }
+
     /// The parameters, in store order: what a closure builds its model from.
     pub fn params(&self) -> &[O::Tensor] {
         &self.params
