@@ -18,9 +18,16 @@ use crate::flat::Flat;
 pub(crate) struct ParamContext {
     pub(crate) id: ParamId,
     autodiff: bool,
-    pub(crate) require_grad: bool,
+    require_grad: bool,
     checkpointing: Option<GradientCheckpointingStrategy>,
     distributed: bool,
+}
+
+/// Whether burn's backward pass gives `tensor` a gradient: it is on an
+/// autodiff device and requires one (asking a tensor outside autodiff
+/// about gradients panics in burn).
+fn takes_grad<const D: usize>(tensor: &Tensor<D>) -> bool {
+    tensor.is_autodiff() && tensor.is_require_grad()
 }
 
 impl ParamContext {
@@ -29,7 +36,7 @@ impl ParamContext {
         Self {
             id,
             autodiff,
-            require_grad: autodiff && tensor.is_require_grad(),
+            require_grad: takes_grad(tensor),
             checkpointing: if autodiff {
                 tensor.gradient_checkpointing_strategy()
             } else {
@@ -150,7 +157,7 @@ pub(crate) fn take_grads<M: Module>(module: &M, grads: &mut Gradients) -> Vec<Op
     impl ModuleVisitor for Taker<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let tensor = param.base();
-            let grad = if tensor.is_autodiff() && tensor.is_require_grad() {
+            let grad = if takes_grad(&tensor) {
                 tensor.grad_remove(self.0).map(Flat::new)
             } else {
                 None

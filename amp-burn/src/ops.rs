@@ -69,12 +69,6 @@ impl<M: Module> BurnOps<M> {
         self.contexts.iter().map(|c| c.id).collect()
     }
 
-    /// Whether parameter `index` requires a gradient (frozen parameters and
-    /// parameters outside autodiff do not).
-    pub fn requires_grad(&self, index: usize) -> bool {
-        self.contexts.get(index).is_some_and(|c| c.require_grad)
-    }
-
     /// Rebuilds the module where it does not hold `params` yet.
     pub(crate) fn sync(&mut self, params: &[Flat]) -> Result<()> {
         if params
