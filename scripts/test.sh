@@ -26,6 +26,18 @@ venv=${AMP_VENV:-$root/.venv}
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# A cold run writes about 15 GB (build outputs, the virtualenv); say so up
+# front rather than failing on a full disk halfway through.
+free_kb=$(df -Pk "$root" | awk 'NR == 2 { print $4 }')
+if [ "${free_kb:-0}" -lt $((15 * 1024 * 1024)) ]; then
+    printf 'warning: %s GB free under %s; a cold run needs about 15 GB\n' \
+        "$((free_kb / 1024 / 1024))" "$root" >&2
+fi
+# Build outputs of a one-off run are never reused incrementally.
+if [ "${CI:-}" = true ]; then
+    export CARGO_INCREMENTAL=0
+fi
+
 # amp-mpi: the MPI library and its launcher, and libclang for the bindings
 # the mpi crate generates at build time.
 if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null ||
