@@ -147,6 +147,49 @@ impl<M: Module> TensorOps for BurnOps<M> {
         Ok(self.to_host(tensor)?.iter().all(|x| x.is_finite()))
     }
 
+    /// Every tensor's sum of squares on the device, read in one transfer
+    /// (one synchronisation instead of one per tensor).
+    fn sums_of_squares(&self, tensors: &[&Flat]) -> Result<Vec<f64>> {
+        let sums = tensors
+            .iter()
+            .filter(|t| t.numel() > 0)
+            .map(|t| t.value().clone().square().sum())
+            .collect();
+        let mut read = read_all(sums).into_iter();
+        // An empty tensor's sum is 0; the others come in order.
+        Ok(tensors
+            .iter()
+            .map(|t| match t.numel() {
+                0 => 0.0,
+                _ => read.next().unwrap_or(f64::NAN),
+            })
+            .collect())
+    }
+
+    /// One number for all the tensors: the sum of their sums is finite
+    /// only when every element is (or, for finite elements whose sums
+    /// overflow, settled tensor by tensor).
+    fn all_finite_in(&self, tensors: &[&Flat]) -> Result<bool> {
+        let sums: Vec<_> = tensors
+            .iter()
+            .filter(|t| t.numel() > 0)
+            .map(|t| t.value().clone().sum())
+            .collect();
+        if sums.is_empty() {
+            return Ok(true);
+        }
+        let total = Tensor::cat(sums, 0).sum().into_scalar::<f64>();
+        if total.is_finite() {
+            return Ok(true);
+        }
+        for tensor in tensors {
+            if !self.all_finite(tensor)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     fn to_host(&self, tensor: &Flat) -> Result<Vec<f64>> {
         if tensor.numel() == 0 {
             return Ok(Vec::new());
@@ -200,4 +243,12 @@ impl<M: Module> TensorOps for BurnOps<M> {
     fn prepare_pass(&mut self, params: &[Flat], _pass: Pass) -> Result<()> {
         self.sync(params)
     }
+}
+
+/// One-element tensors read back in one transfer, each widened to `f64`.
+fn read_all(scalars: Vec<Tensor<1>>) -> Vec<f64> {
+    if scalars.is_empty() {
+        return Vec::new();
+    }
+    Tensor::cat(scalars, 0).to_data().iter::<f64>().collect()
 }

@@ -95,6 +95,37 @@ pub trait TensorOps {
         Ok(self.to_host(tensor)?.iter().all(|x| x.is_finite()))
     }
 
+    /// [`sum_of_squares`](TensorOps::sum_of_squares) of each tensor, in
+    /// order: what [`ParamStore::norms`](crate::ParamStore::norms) asks for
+    /// all the tensors of a slot at once.
+    ///
+    /// The default calls `sum_of_squares` tensor by tensor. Override it
+    /// where each result costs a device synchronisation (a GPU, a lazy
+    /// backend) to read all the sums in one transfer; each sum must be the
+    /// very number `sum_of_squares` gives for that tensor
+    /// (`amp_testkit::tensor_ops` checks it bit for bit).
+    fn sums_of_squares(&self, tensors: &[&Self::Tensor]) -> Result<Vec<f64>> {
+        tensors.iter().map(|t| self.sum_of_squares(t)).collect()
+    }
+
+    /// `true` when every element of every tensor is finite: what
+    /// [`ParamStore::all_finite`](crate::ParamStore::all_finite) asks for
+    /// the tensors of a slot at once.
+    ///
+    /// The default calls [`all_finite`](TensorOps::all_finite) tensor by
+    /// tensor and stops at the first that is not. Override it to decide
+    /// with one transfer (and settle a non-finite combined result tensor by
+    /// tensor, as a sum of finite values can overflow); it must agree with
+    /// the default on every input.
+    fn all_finite_in(&self, tensors: &[&Self::Tensor]) -> Result<bool> {
+        for tensor in tensors {
+            if !self.all_finite(tensor)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// `y + (alpha · a) · b` element-wise
     /// ([`elementwise::addcmul`](crate::elementwise::addcmul)); Adam's
     /// second moment. The default goes through the host (computing in `f64`

@@ -216,6 +216,20 @@ impl<O: TensorOps> TensorStore<O> {
         Ok(())
     }
 
+    /// The masked-in tensors of `slot` that exist (a missing gradient is
+    /// left out), with their indices.
+    fn present(&self, slot: Slot, mask: &[bool]) -> Result<(Vec<usize>, Vec<&O::Tensor>)> {
+        let mut indices = Vec::new();
+        let mut tensors = Vec::new();
+        for index in masked(mask) {
+            if let Some(tensor) = self.get(slot, index)? {
+                indices.push(index);
+                tensors.push(tensor);
+            }
+        }
+        Ok((indices, tensors))
+    }
+
     /// Replaces every masked-in tensor `t` of `dst` that exists by
     /// `op(index, t)`.
     fn update(
@@ -391,13 +405,14 @@ impl<O: TensorOps> ParamStore for TensorStore<O> {
     fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<Vec<O::Scalar>> {
         self.check_mask(mask)?;
         self.check_slot(src)?;
+        // A missing gradient is zeros: norm 0.
+        let (indices, tensors) = self.present(src, mask)?;
+        let sums = self.ops.sums_of_squares(&tensors)?;
+        check_len("sums of squares", tensors.len(), sums.len())?;
         let mut norms = vec![O::Scalar::zero(); mask.len()];
-        for i in masked(mask) {
-            // A missing gradient is zeros: norm 0.
-            if let Some(t) = self.get(src, i)? {
-                // As the ndarray oracle: sum in f64, root, round once.
-                norms[i] = O::Scalar::from_f64_rounded(self.ops.sum_of_squares(t)?.sqrt());
-            }
+        for (i, sum) in indices.into_iter().zip(sums) {
+            // As the ndarray oracle: sum in f64, root, round once.
+            norms[i] = O::Scalar::from_f64_rounded(sum.sqrt());
         }
         Ok(norms)
     }
@@ -430,14 +445,8 @@ impl<O: TensorOps> ParamStore for TensorStore<O> {
     fn all_finite(&mut self, src: Slot, mask: &[bool]) -> Result<bool> {
         self.check_mask(mask)?;
         self.check_slot(src)?;
-        for i in masked(mask) {
-            if let Some(t) = self.get(src, i)? {
-                if !self.ops.all_finite(t)? {
-                    return Ok(false);
-                }
-            }
-        }
-        Ok(true)
+        let (_, tensors) = self.present(src, mask)?;
+        self.ops.all_finite_in(&tensors)
     }
 
     fn read(&self, slot: Slot, index: usize) -> Result<HostTensor> {

@@ -151,3 +151,83 @@ pub fn elementwise_overrides_match<O: TensorOps>(ops: &O, like: &O::Tensor) -> R
     let want: Vec<f64> = (0..n).map(|i| elementwise::maximum(ha[i], hb[i])).collect();
     same("maximum", &got, &want)
 }
+
+/// Checks the batched reductions of `ops` against their per-tensor
+/// definitions, on tensors made with `ops.tensor_like(…, like)`:
+/// [`TensorOps::sums_of_squares`] must give, bit for bit, what
+/// [`TensorOps::sum_of_squares`] gives tensor by tensor, and
+/// [`TensorOps::all_finite_in`] what [`TensorOps::all_finite`] decides for
+/// each — with a NaN or an infinity in one tensor among finite ones, and
+/// with finite elements so large that their sums overflow. For any dtype;
+/// an error names the first disagreement.
+pub fn batched_reductions_match<O: TensorOps>(ops: &O, like: &O::Tensor) -> Result<(), String> {
+    let err = |e: amp_core::AmpError| e.to_string();
+    let n: usize = ops.shape(like).iter().product();
+    if n == 0 {
+        return Err("`like` must have elements".into());
+    }
+    let tensor = |data: &[f64]| ops.tensor_like(data, like).map_err(err);
+    // The largest finite values of the dtype: any sum of two overflows.
+    let huge = match ops.dtype() {
+        DType::F64 => f64::MAX,
+        DType::F32 => f32::MAX as f64,
+        DType::F16 => 65504.0,
+        DType::BF16 => 3.3e38,
+        other => return Err(format!("no largest finite value known for {other:?}")),
+    };
+    let with = |value: f64, seed: u64| {
+        let mut data = values(n, seed, false);
+        data[n / 2] = value;
+        tensor(&data)
+    };
+    let finite = [tensor(&values(n, 5, false))?, tensor(&values(n, 6, false))?];
+    let cases: Vec<(&str, Vec<O::Tensor>)> = vec![
+        ("no tensors", vec![]),
+        ("finite tensors", finite.to_vec()),
+        (
+            "a NaN in the second",
+            vec![finite[0].clone(), with(f64::NAN, 7)?, finite[1].clone()],
+        ),
+        (
+            "+inf in the first",
+            vec![with(f64::INFINITY, 8)?, finite[1].clone()],
+        ),
+        (
+            "-inf and +inf",
+            vec![with(f64::NEG_INFINITY, 9)?, with(f64::INFINITY, 10)?],
+        ),
+        (
+            "finite, sums overflow",
+            vec![
+                tensor(&vec![huge; n])?,
+                finite[0].clone(),
+                tensor(&vec![-huge; n])?,
+            ],
+        ),
+        (
+            "huge and a NaN",
+            vec![tensor(&vec![huge; n])?, with(f64::NAN, 11)?],
+        ),
+    ];
+    for (name, tensors) in &cases {
+        let refs: Vec<&O::Tensor> = tensors.iter().collect();
+        let got = ops.sums_of_squares(&refs).map_err(err)?;
+        let want = refs
+            .iter()
+            .map(|t| ops.sum_of_squares(t))
+            .collect::<amp_core::Result<Vec<f64>>>()
+            .map_err(err)?;
+        same(&format!("sums_of_squares ({name})"), &got, &want)?;
+        let got = ops.all_finite_in(&refs).map_err(err)?;
+        let mut want = true;
+        for t in &refs {
+            want &= ops.all_finite(t).map_err(err)?;
+        }
+        if got != want {
+            return Err(format!(
+                "all_finite_in ({name}) is {got}, tensor by tensor {want}"
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,8 +1,10 @@
 //! `tensor_ops::elementwise_overrides_match` passes the trait's own
-//! defaults and catches overrides that round differently.
+//! defaults and catches overrides that round differently;
+//! `tensor_ops::batched_reductions_match` catches batched reductions that
+//! disagree with the per-tensor ones.
 
 use amp_core::{DType, Result, TensorOps};
-use amp_testkit::tensor_ops::elementwise_overrides_match;
+use amp_testkit::tensor_ops::{batched_reductions_match, elementwise_overrides_match};
 
 /// What a host "framework" does differently, if anything.
 #[derive(Clone, Copy, PartialEq)]
@@ -12,6 +14,10 @@ enum Bug {
     FusedAxpy,
     /// Adam's denominator multiplied by `1 / divisor`.
     Reciprocal,
+    /// Batched sums of squares accumulated from the last element.
+    SumsBackwards,
+    /// A batched finiteness check that takes an overflowing sum for a NaN.
+    FiniteBySumOnly,
 }
 
 struct Host(DType, Bug);
@@ -50,6 +56,27 @@ impl TensorOps for Host {
     }
     fn sum_of_squares(&self, t: &Vec<f64>) -> Result<f64> {
         Ok(t.iter().map(|x| x * x).sum())
+    }
+    fn sums_of_squares(&self, tensors: &[&Vec<f64>]) -> Result<Vec<f64>> {
+        match self.1 {
+            Bug::SumsBackwards => Ok(tensors
+                .iter()
+                .map(|t| t.iter().rev().map(|x| x * x).sum())
+                .collect()),
+            _ => tensors.iter().map(|t| self.sum_of_squares(t)).collect(),
+        }
+    }
+    fn all_finite_in(&self, tensors: &[&Vec<f64>]) -> Result<bool> {
+        // Sums in the tensors' own arithmetic, as a framework's would be.
+        let sum = |t: &Vec<f64>| t.iter().fold(0.0, |a, x| self.round(a + x));
+        let total = tensors.iter().fold(0.0, |a, t| self.round(a + sum(t)));
+        if self.1 == Bug::FiniteBySumOnly {
+            return Ok(total.is_finite());
+        }
+        if total.is_finite() {
+            return Ok(true);
+        }
+        Ok(tensors.iter().all(|t| t.iter().all(|x| x.is_finite())))
     }
     fn to_host(&self, t: &Vec<f64>) -> Result<Vec<f64>> {
         Ok(t.clone())
@@ -111,4 +138,19 @@ fn the_defaults_pass_and_other_roundings_do_not() {
     }
     let err = elementwise_overrides_match(&Host(DType::BF16, Bug::None), &like).unwrap_err();
     assert!(err.contains("only f32 and f64"), "{err}");
+}
+
+#[test]
+fn batched_reductions_must_agree_with_the_per_tensor_ones() {
+    let like = vec![0.0; 97];
+    for dtype in [DType::F32, DType::F64] {
+        batched_reductions_match(&Host(dtype, Bug::None), &like).unwrap();
+        let err = batched_reductions_match(&Host(dtype, Bug::SumsBackwards), &like).unwrap_err();
+        assert!(err.starts_with("sums_of_squares"), "{err}");
+        let err = batched_reductions_match(&Host(dtype, Bug::FiniteBySumOnly), &like).unwrap_err();
+        assert!(
+            err.contains("all_finite_in (finite, sums overflow)"),
+            "{err}"
+        );
+    }
 }
