@@ -16,7 +16,8 @@
 #     binaries with CUDA tests: amp-tch's store, autograd, oracle and link
 #     tests, amp-candle's (`cuda` feature) cuda and store tests, the facade's
 #     tch and candle suites (whose CUDA tests hold the GPU-vs-CPU agreement
-#     properties); and the examples `train` and `gpu_bench`. amp-candle's
+#     properties); the main job (example `train`) and amp-bench's
+#     `gpu_bench` program. amp-candle's
 #     other targets (its autograd and oracle tests, the `candle_mlp`
 #     example) are compiled and linked with the `cuda` feature too, so that
 #     every target of the crate links against the driver's API, but not
@@ -59,8 +60,8 @@ fi
 export VIRTUAL_ENV=$VENV_TORCH PATH="$VENV_TORCH/bin:$PATH" LIBTORCH_USE_PYTORCH=1
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=debuginfo
-PACKAGES=(-p amp -p amp-tch -p amp-candle)
-FEATURES=amp/tch,amp/cuda,amp-candle/cuda
+PACKAGES=(-p amp -p amp-tch -p amp-candle -p amp-bench)
+FEATURES=amp/tch,amp/cuda,amp-candle/cuda,amp-bench/tch,amp-bench/cuda
 
 # 2. The stub driver, from the driver bindings of the cudarc that
 # Cargo.lock pins (read before anything is built, so that the whole build is
@@ -76,7 +77,7 @@ STUBS=$CUDA/lib/stubs
 # 3. Test binaries and examples, one invocation; the JSON messages name the
 # executables.
 TESTS=(--test store --test autograd --test oracle --test link --test cuda --test tch --test candle)
-EXAMPLES=(--example train --example gpu_bench --example candle_mlp)
+EXAMPLES=(--example train --example candle_mlp --bin gpu_bench)
 log "cargo build --release ${TESTS[*]} ${EXAMPLES[*]}"
 json=$(mktemp)
 trap 'rm -f "$json"' EXIT
@@ -84,8 +85,8 @@ cargo build --release --locked "${PACKAGES[@]}" --features "$FEATURES" \
   "${TESTS[@]}" "${EXAMPLES[@]}" --message-format=json-render-diagnostics >"$json" \
   || die "build or link failed; an 'undefined reference to cu...' means a driver symbol the stub lacks"
 
-# name<TAB>path per binary: <package>--<target> for tests, the example's
-# name for examples. (amp-candle's autograd and oracle tests are built, as
+# name<TAB>path per binary: <package>--<target> for tests, the program's
+# name for examples and binaries. (amp-candle's autograd and oracle tests are built, as
 # target names select them in every package, but run on the CPU only; so is
 # the candle_mlp example.)
 list=$(python3 - "$json" "$ROOT" <<'PY'
@@ -94,7 +95,8 @@ root = sys.argv[2]
 keep = {  # package: (its manifest, the targets to keep)
     "amp-tch": (os.path.join(root, "amp-tch", "Cargo.toml"), {"store", "autograd", "oracle", "link"}),
     "amp-candle": (os.path.join(root, "amp-candle", "Cargo.toml"), {"cuda", "store"}),
-    "amp": (os.path.join(root, "Cargo.toml"), {"tch", "candle", "train", "gpu_bench"}),
+    "amp": (os.path.join(root, "Cargo.toml"), {"tch", "candle", "train"}),
+    "amp-bench": (os.path.join(root, "amp-bench", "Cargo.toml"), {"gpu_bench"}),
 }
 for line in open(sys.argv[1]):
     try:
@@ -108,7 +110,7 @@ for line in open(sys.argv[1]):
     target, kind = m["target"]["name"], m["target"]["kind"]
     if name is None or target not in keep[name][1]:
         continue
-    if "example" in kind:
+    if "example" in kind or "bin" in kind:
         print(f"{target}\t{m['executable']}")
     elif m["profile"]["test"]:
         print(f"{name}--{target}\t{m['executable']}")

@@ -26,8 +26,9 @@ venv=${AMP_VENV:-$root/.venv}
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# A cold run writes about 15 GB (build outputs, the virtualenv); say so up
-# front rather than failing on a full disk halfway through.
+# A cold run writes about 15 GB (build outputs 2.5, the virtualenv 4.6, the
+# CUDA cache 8); say so up front rather than failing on a full disk halfway
+# through.
 free_kb=$(df -Pk "$root" | awk 'NR == 2 { print $4 }')
 if [ "${free_kb:-0}" -lt $((15 * 1024 * 1024)) ]; then
     printf 'warning: %s GB free under %s; a cold run needs about 15 GB\n' \
@@ -58,17 +59,21 @@ fi
 # torch-sys finds libtorch by running `python` from the active virtualenv.
 export VIRTUAL_ENV=$venv PATH="$venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1
 
+# Every CPU backend, MPI and burn, in the facade and in the measuring
+# harness (amp-bench) alike.
+features=amp/tch,amp/mpi,amp/burn,amp-bench/tch,amp-bench/mpi,amp-bench/burn
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy (all targets, every CPU backend, MPI, burn)"
-cargo clippy --workspace --all-targets --features amp/tch,amp/mpi,amp/burn -- -D warnings
+cargo clippy --workspace --all-targets --features "$features" -- -D warnings
 
 step "cargo test (every crate, every CPU backend, MPI, burn)"
-cargo test --workspace --features amp/tch,amp/mpi,amp/burn
+cargo test --workspace --features "$features"
 
 step "the main job data-parallel: mpirun -np 2, four epochs"
-cargo build --workspace --profile test --example train --features amp/tch,amp/mpi,amp/burn
+cargo build --workspace --profile test --example train --features "$features"
 table=$(mpirun --allow-run-as-root --oversubscribe --timeout 300 -np 2 \
     target/debug/examples/train --seeds 1 --epochs 4 --quiet)
 printf '%s\n' "$table"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch reference trainers for examples/bench_report: ERM with
+"""PyTorch reference trainers for amp-bench's bench_report: ERM with
 torch.optim and AMP (adversarial model perturbation, Zheng, Zhang & Mao,
 CVPR 2021; not automatic mixed precision) written in plain PyTorch as the
 Python reference implementations write it, per docs/algorithm.md.

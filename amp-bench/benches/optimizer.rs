@@ -13,9 +13,15 @@
 //!
 //! Every timing synchronises the device before the clock stops
 //! (`iter_custom`). The interleaved ratios and the targets are in
-//! `cargo run --release --example bench_report`; criterion times each
-//! benchmark on its own. `cargo bench --bench optimizer -- ndarray/` runs a
+//! `cargo run --release -p amp-bench --bin bench_report`; criterion times each
+//! benchmark on its own. `cargo bench -p amp-bench -- ndarray/` runs a
 //! subset; add `--features tch` for libtorch (`AMP_BENCH_CUDA=1` for CUDA).
+
+// Built without any backend feature, there is nothing to measure.
+#![cfg_attr(
+    not(any(feature = "ndarray", feature = "candle", feature = "tch")),
+    allow(dead_code, unused_imports)
+)]
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -23,21 +29,13 @@ use std::time::{Duration, Instant};
 use amp::BoxError;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-#[path = "../examples/bench_report/fixtures.rs"]
-mod fixtures;
-#[path = "../examples/bench_report/metered.rs"]
-mod metered;
-#[path = "../examples/bench_report/mlp.rs"]
-mod mlp;
 #[cfg(feature = "candle")]
-#[path = "../examples/bench_report/mlp_candle.rs"]
-mod mlp_candle;
+use amp_bench::mlp_candle;
 #[cfg(feature = "ndarray")]
-#[path = "../examples/bench_report/mlp_ndarray.rs"]
-mod mlp_ndarray;
+use amp_bench::mlp_ndarray;
 #[cfg(feature = "tch")]
-#[path = "../examples/bench_report/mlp_tch.rs"]
-mod mlp_tch;
+use amp_bench::mlp_tch;
+use amp_bench::{fixtures, mlp};
 
 use fixtures::{layout, metered_step, opt_trainer, OptFixture, Trainer};
 use mlp::{Problem, SPECS};

@@ -3,9 +3,7 @@
 //! fixtures of every backend (a store of a given layout and a trivial
 //! closure that only hands over a gradient).
 //!
-//! Shared by the report program and the criterion benches (which include
-//! this file by path).
-#![allow(dead_code)]
+//! Shared by the report program, the GPU bench and the criterion benches.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

@@ -2,7 +2,6 @@
 //! A B A B …, after a warm-up, and the figure is the median of the per-round
 //! ratios, so that a change of machine load during the run hits both sides
 //! of each ratio alike.
-#![allow(dead_code)]
 
 use std::hint::black_box;
 use std::time::Instant;

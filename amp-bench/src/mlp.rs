@@ -5,7 +5,6 @@
 //! fixed batch, so that step times compare like for like. The ERM and AMP
 //! trainers of a pair are two copies of the same model with the same
 //! closure; only `inner_iter` differs (0 and 1).
-#![allow(dead_code)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -2,7 +2,6 @@
 //! that a `TchStore` holds; gradients from libtorch's autograd. With
 //! `--precision bf16` the variables are bf16, the loss is taken in f32 and
 //! the (plain) store steps f32 master weights.
-#![allow(dead_code)]
 
 use amp::backend::tch::TchStore;
 use amp::BoxError;

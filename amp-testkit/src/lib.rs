@@ -26,6 +26,7 @@ mod base;
 mod contract;
 pub mod data_parallel;
 pub mod faulty;
+pub mod grid;
 pub mod hooked;
 pub mod properties;
 pub mod reference;
@@ -728,7 +729,8 @@ pub fn proptest_config() -> proptest::test_runner::Config {
 ///
 /// Every property of [`properties`] becomes a proptest over
 /// [`strategies::case`]; a failing case is shrunk and printed, and its seed is
-/// kept in `proptest-regressions/` beside the test file.
+/// kept in `proptest-regressions/` beside the test file. The fixed
+/// configurations of [`grid`] run as one more test, `oracle_grid`.
 #[macro_export]
 macro_rules! conformance_suite {
     ($module:ident, $factory:expr, $dtype:expr) => {
@@ -754,6 +756,16 @@ macro_rules! conformance_suite {
                 loss_scale_is_exact,
                 overflow_skips_the_step
             );
+
+            /// The fixed grid of configurations against the oracle
+            /// (`amp_testkit::grid`).
+            #[test]
+            fn oracle_grid() {
+                let factory = $factory;
+                if let Err(message) = $crate::grid::matches_oracle(&factory, $dtype) {
+                    panic!("{}", message);
+                }
+            }
         }
     };
     // One proptest per property of `$module` (`properties`, `autograd`).

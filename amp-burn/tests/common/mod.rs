@@ -15,6 +15,8 @@ pub enum Weight {
     R1(Param<Tensor<1>>),
     /// A matrix.
     R2(Param<Tensor<2>>),
+    /// A rank-3 tensor.
+    R3(Param<Tensor<3>>),
     /// A convolution kernel.
     R4(Param<Tensor<4>>),
 }
@@ -29,6 +31,7 @@ impl Weight {
         match self {
             Weight::R1(p) => flatten(p),
             Weight::R2(p) => flatten(p),
+            Weight::R3(p) => flatten(p),
             Weight::R4(p) => flatten(p),
         }
     }
@@ -68,6 +71,7 @@ pub fn bag(values: &[HostTensor], dtype: DType, device: &Device) -> Result<Bag> 
         .map(|v| match v.shape().len() {
             1 => Ok(Weight::R1(param(v, dtype, device))),
             2 => Ok(Weight::R2(param(v, dtype, device))),
+            3 => Ok(Weight::R3(param(v, dtype, device))),
             4 => Ok(Weight::R4(param(v, dtype, device))),
             r => Err(AmpError::backend(format!(
                 "no rank-{r} weights in these tests"

@@ -2,14 +2,14 @@
 //! backend, in one table (issue 8).
 //!
 //! ```text
-//! cargo run --release --example bench_report                  # ndarray, candle
-//! cargo run --release --example bench_report --features tch   # + libtorch
-//! cargo run --release --example bench_report --features burn  # + burn (flex)
-//! cargo run --release --example bench_report -- --quick       # a short run
-//! cargo run --release --example bench_report -- --backend tch --skip-mlp
-//! cargo run --release --example bench_report --features tch -- --no-torch
-//! cargo build --release --example bench_report --features mpi &&
-//!   mpirun -np 2 target/release/examples/bench_report --distributed
+//! cargo run --release -p amp-bench --bin bench_report                  # ndarray, candle
+//! cargo run --release -p amp-bench --bin bench_report --features tch   # + libtorch
+//! cargo run --release -p amp-bench --bin bench_report --features burn  # + burn (flex)
+//! cargo run --release -p amp-bench --bin bench_report -- --quick       # a short run
+//! cargo run --release -p amp-bench --bin bench_report -- --backend tch --skip-mlp
+//! cargo run --release -p amp-bench --bin bench_report --features tch -- --no-torch
+//! cargo build --release -p amp-bench --bin bench_report --features mpi &&
+//!   mpirun -np 2 target/release/bench_report --distributed
 //! ```
 //! (`--features tch` needs libtorch: `source .venv/bin/activate;
 //! export LIBTORCH_USE_PYTORCH=1`. With `AMP_BENCH_CUDA=1` and a visible GPU
@@ -54,21 +54,28 @@
 //! Timing assertions live nowhere: this program reports, it does not fail on
 //! a missed target.
 #![warn(missing_docs)]
+// Built without any backend feature, the program has nothing to measure.
+#![cfg_attr(
+    not(any(
+        feature = "ndarray",
+        feature = "candle",
+        feature = "tch",
+        feature = "burn"
+    )),
+    allow(dead_code)
+)]
 
 #[cfg(all(feature = "mpi", feature = "ndarray"))]
 mod distributed;
-mod fixtures;
-mod measure;
-mod metered;
-mod mlp;
 #[cfg(feature = "burn")]
-mod mlp_burn;
+use amp_bench::mlp_burn;
 #[cfg(feature = "candle")]
-mod mlp_candle;
+use amp_bench::mlp_candle;
 #[cfg(feature = "ndarray")]
-mod mlp_ndarray;
+use amp_bench::mlp_ndarray;
 #[cfg(feature = "tch")]
-mod mlp_tch;
+use amp_bench::mlp_tch;
+use amp_bench::{fixtures, measure, metered, mlp};
 #[cfg(feature = "tch")]
 mod torch_ref;
 

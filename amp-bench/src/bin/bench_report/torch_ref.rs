@@ -318,7 +318,9 @@ impl Server {
     /// with libtorch's thread count and device; the server and a line about
     /// it.
     fn spawn() -> Result<(Server, String), BoxError> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        // The workspace root: amp-bench's parent.
+        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = crate_dir.parent().unwrap_or(crate_dir);
         let script = root.join("scripts/torch_reference.py");
         if !script.is_file() {
             return Err(format!("no {}", script.display()).into());

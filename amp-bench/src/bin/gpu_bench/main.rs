@@ -2,9 +2,9 @@
 //! `bench_report`, and the bench that `scripts/gpu-check.sh` runs.
 //!
 //! ```text
-//! cargo run --release --example gpu_bench --features tch,cuda            # CUDA:0
-//! cargo run --release --example gpu_bench --features tch,cuda -- --quick
-//! cargo run --release --example gpu_bench --features tch -- --device cpu --quick
+//! cargo run --release -p amp-bench --bin gpu_bench --features tch,cuda            # CUDA:0
+//! cargo run --release -p amp-bench --bin gpu_bench --features tch,cuda -- --quick
+//! cargo run --release -p amp-bench --bin gpu_bench --features tch -- --device cpu --quick
 //! ```
 //!
 //! AMP is *adversarial model perturbation* (Zheng, Zhang & Mao, CVPR 2021),
@@ -30,16 +30,13 @@
 //! It reports and never fails on a missed target; it exits with an error only
 //! when no backend could run on the requested device.
 #![warn(missing_docs)]
+// Built without candle and tch, the program has nothing to measure.
+#![cfg_attr(
+    not(any(feature = "candle", feature = "tch")),
+    allow(dead_code, unused_variables, clippy::vec_init_then_push)
+)]
 
 mod cnn;
-#[path = "../bench_report/fixtures.rs"]
-mod fixtures;
-#[path = "../bench_report/measure.rs"]
-mod measure;
-#[path = "../bench_report/metered.rs"]
-mod metered;
-#[path = "../bench_report/mlp.rs"]
-mod mlp;
 #[cfg(feature = "candle")]
 mod on_candle;
 #[cfg(feature = "tch")]
@@ -49,6 +46,7 @@ mod render;
 mod syncs;
 
 use amp::BoxError;
+use amp_bench::{fixtures, measure, metered, mlp};
 use clap::{Parser, ValueEnum};
 
 use crate::fixtures::Steps;
