@@ -1,4 +1,4 @@
-//! Build script of the `amp` facade package.
+//! Build script of the `amp` facade package, and of `amp-bench`.
 //!
 //! With the `tch` feature, the package's own examples, benches and tests link
 //! libtorch through amp-tch, and cargo applies amp-tch's `rustc-link-arg`
