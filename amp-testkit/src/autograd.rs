@@ -27,8 +27,8 @@ use amp_core::{AmpError, DType, HostTensor, ParamStore, Pass, Result, Slot};
 
 use crate::properties::{fail, unit_roundoff, Check};
 use crate::{
-    compare_outcomes, host_values, read_slot, run_case_with, Case, NdFactory, Objective, Outcome,
-    StoreFactory, Tolerance,
+    compare_outcomes, host_values, read_slot, run_case_with, Case, Conditioning, Objective,
+    Outcome, StoreFactory, Tolerance,
 };
 
 /// A [`StoreFactory`] whose framework computes the conformance objective
@@ -263,8 +263,10 @@ pub fn autograd_matches_oracle<F: AutogradFactory>(
     for &i in &run.empty_without_grad {
         oracle_case.objective.frozen[i] = true;
     }
-    let want = crate::run_case(&NdFactory, &oracle_case, DType::F64).map_err(fail("oracle run"))?;
-    compare_outcomes(case, &run.outcome, &want, Tolerance::for_dtype(dtype))
+    let (want, conditioning) =
+        Conditioning::oracle(&oracle_case, dtype).map_err(fail("oracle run"))?;
+    let tolerance = Tolerance::for_dtype(dtype);
+    compare_outcomes(case, &run.outcome, &want, tolerance, Some(&conditioning))
         .map_err(|e| format!("{} {dtype} (autograd): {e}", factory.name()))
 }
 

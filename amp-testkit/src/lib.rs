@@ -23,6 +23,7 @@
 
 pub mod autograd;
 mod base;
+mod compare;
 mod contract;
 pub mod data_parallel;
 pub mod faulty;
@@ -43,6 +44,7 @@ use amp_core::{
 };
 
 pub use crate::base::CaseBase;
+pub use crate::compare::{compare_outcomes, compare_tensors, Conditioning, Tolerance};
 
 /// Builds a store holding the given initial values (shapes and dtype included).
 pub trait StoreFactory {
@@ -342,196 +344,6 @@ where
     out.params = read_slot(amp.store(), Slot::Params)?;
     out.base_state = base_state(&amp)?;
     Ok(out)
-}
-
-/// Tolerances for comparing a backend with the `f64` oracle.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Tolerance {
-    /// Relative tolerance, applied against the scale of each tensor.
-    pub relative: f64,
-}
-
-impl Tolerance {
-    /// The tolerance for a dtype, per step of a run.
-    ///
-    /// - `f64`: 1e-10. Backends differ from the oracle only in reduction order
-    ///   (norms) and fused multiply-adds: a few ulps (1e-16) per operation,
-    ///   amplified at most by ~10 operations per step and momentum.
-    /// - `f32`: 5e-5. The weights are rounded to f32 at the start (≤ 6e-8
-    ///   relative) and every operation rounds again; the projection divides by
-    ///   a norm accumulated in f32 (error ≲ √n · 6e-8 for the sizes used),
-    ///   and momentum accumulates errors over steps.
-    /// - `bf16`/`f16`: 2e-2 (8 and 11 mantissa bits).
-    pub fn for_dtype(dtype: DType) -> Self {
-        let relative = match dtype {
-            DType::F64 => 1e-10,
-            DType::F32 => 5e-5,
-            _ => 2e-2,
-        };
-        Tolerance { relative }
-    }
-}
-
-/// Compares two sets of tensors element by element:
-/// `|a − b| ≤ relative · steps · (1 + scale)`, where `scale` is the largest
-/// magnitude in the tensor of either side and of `reference_scale` (the
-/// initial weights, whose magnitude bounds the cancellation error).
-pub fn compare_tensors(
-    what: &str,
-    got: &[HostTensor],
-    want: &[HostTensor],
-    reference_scale: &[HostTensor],
-    tolerance: Tolerance,
-    steps: usize,
-) -> std::result::Result<(), String> {
-    if got.len() != want.len() {
-        return Err(format!(
-            "{what}: {} tensors, expected {}",
-            got.len(),
-            want.len()
-        ));
-    }
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        if g.shape() != w.shape() {
-            return Err(format!(
-                "{what}[{i}]: shape {:?}, expected {:?}",
-                g.shape(),
-                w.shape()
-            ));
-        }
-        let max_abs = |t: &HostTensor| t.data().iter().fold(0.0f64, |m, x| m.max(x.abs()));
-        let scale = max_abs(g)
-            .max(max_abs(w))
-            .max(reference_scale.get(i).map(max_abs).unwrap_or(0.0));
-        let bound = tolerance.relative * steps.max(1) as f64 * (1.0 + scale);
-        for (j, (a, b)) in g.data().iter().zip(w.data()).enumerate() {
-            let ok = (a - b).abs() <= bound || (a.is_nan() && b.is_nan()) || a == b;
-            if !ok {
-                return Err(format!(
-                    "{what}[{i}][{j}]: got {a:e}, expected {b:e} (|Δ| {:e} > bound {bound:e})",
-                    (a - b).abs()
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Compares a backend's outcome with the oracle's: weights, momentum, losses
-/// and perturbation norms, at `tolerance`.
-pub fn compare_outcomes(
-    case: &Case,
-    got: &Outcome,
-    want: &Outcome,
-    tolerance: Tolerance,
-) -> std::result::Result<(), String> {
-    let steps = case.steps;
-    compare_tensors(
-        "params",
-        &got.params,
-        &want.params,
-        &case.init,
-        tolerance,
-        steps,
-    )?;
-    compare_states(
-        &got.base_state,
-        &want.base_state,
-        &case.init,
-        tolerance,
-        steps,
-    )?;
-    if got.closure_calls != want.closure_calls {
-        return Err(format!(
-            "closure calls: {} vs {}",
-            got.closure_calls, want.closure_calls
-        ));
-    }
-    let close = |a: f64, b: f64, scale: f64| {
-        (a - b).abs() <= tolerance.relative * 10.0 * steps.max(1) as f64 * (1.0 + scale)
-    };
-    for (s, (a, b)) in got.losses.iter().zip(&want.losses).enumerate() {
-        if !close(*a, *b, a.abs().max(b.abs())) {
-            return Err(format!("loss at step {s}: {a:e} vs {b:e}"));
-        }
-    }
-    for (s, (a, b)) in got
-        .perturbation_norms
-        .iter()
-        .zip(&want.perturbation_norms)
-        .enumerate()
-    {
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            if !close(*x, *y, x.abs().max(y.abs())) {
-                return Err(format!("‖δ‖ of tensor {i} at step {s}: {x:e} vs {y:e}"));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Compares two base-optimiser states: the same buffers, initialised for
-/// the same tensors, with values at ten times `tolerance` (they accumulate
-/// over steps), and the same host values (step counts) exactly.
-pub fn compare_states(
-    got: &OptimizerState,
-    want: &OptimizerState,
-    like: &[HostTensor],
-    tolerance: Tolerance,
-    steps: usize,
-) -> std::result::Result<(), String> {
-    let names =
-        |s: &OptimizerState| -> Vec<String> { s.buffers.iter().map(|b| b.0.clone()).collect() };
-    if names(got) != names(want) {
-        return Err(format!(
-            "state buffers {:?}, expected {:?}",
-            names(got),
-            names(want)
-        ));
-    }
-    if got.scalars != want.scalars {
-        return Err(format!(
-            "state values {:?}, expected {:?}",
-            got.scalars, want.scalars
-        ));
-    }
-    let unwrap = |m: &[Option<HostTensor>]| -> Vec<HostTensor> {
-        m.iter()
-            .zip(like)
-            .map(|(t, p)| {
-                t.clone().unwrap_or_else(|| {
-                    let mut zeros = p.clone();
-                    zeros.data_mut().fill(0.0);
-                    zeros
-                })
-            })
-            .collect()
-    };
-    for ((name, g), (_, w)) in got.buffers.iter().zip(&want.buffers) {
-        if g.len() != w.len() {
-            return Err(format!("{name}: {} tensors, expected {}", g.len(), w.len()));
-        }
-        for (i, (a, b)) in g.iter().zip(w).enumerate() {
-            if a.is_some() != b.is_some() {
-                return Err(format!(
-                    "{name}[{i}]: initialised {} vs {}",
-                    a.is_some(),
-                    b.is_some()
-                ));
-            }
-        }
-        compare_tensors(
-            name,
-            &unwrap(g),
-            &unwrap(w),
-            like,
-            Tolerance {
-                relative: tolerance.relative * 10.0,
-            },
-            steps,
-        )?;
-    }
-    Ok(())
 }
 
 /// The ndarray oracle as a [`StoreFactory`].
