@@ -92,6 +92,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType as CDType, Device, Tensor, Var};
 use candle_nn::VarMap;
 
+mod in_place;
 mod master;
 
 pub use candle_core;
@@ -248,12 +249,24 @@ impl CandleNorms {
 ///   bf16 vars): the store steps an f32 copy of θ and writes it, rounded,
 ///   into the vars; gradients and buffers are f32.
 ///
-/// Every operation is a handful of candle ops per tensor (candle has no
-/// multi-tensor kernels): `axpy` is a scale and an add, `scale` one multiply,
-/// the norm a square and a sum. Per-tensor scalars never leave the device
-/// inside a step: norms live in one [`CandleNorms`] vector, clip coefficients
-/// are computed from it with tensor ops and applied by broadcasting a 0-d view,
-/// and [`ParamStore::all_finite`] reduces the whole slot to one scalar before
+/// On the CPU with `f32` or `f64` storage, operations write into the
+/// existing storage of the vars, the buffers and the gradients the store
+/// made itself, one loop per tensor (candle's in-place custom operations;
+/// the arithmetic is that of the candle operations they replace, bit for
+/// bit), and norms and the finiteness check read the tensors' memory
+/// directly — no step allocates parameter-sized memory except for a
+/// gradient the caller handed over (from `backward()` or
+/// [`CandleStore::set_grad`]), which the store never writes into: its first
+/// update allocates the store's own copy.
+/// [`CandleStore::allocating`] turns the in-place writes off.
+///
+/// Elsewhere (CUDA, half precision) every operation is a handful of candle
+/// ops per tensor (candle has no multi-tensor kernels): `axpy` is a scale
+/// and an add, `scale` one multiply, the norm a square and a sum. Per-tensor
+/// scalars never leave the device inside a step: norms live in one
+/// [`CandleNorms`] vector, clip coefficients are computed from it with
+/// tensor ops and applied by broadcasting a 0-d view, and
+/// [`ParamStore::all_finite`] reduces the whole slot to one scalar before
 /// its single read. Half-precision tensors are widened to `f32` for each
 /// operation and rounded back when stored.
 ///
@@ -271,6 +284,14 @@ pub struct CandleStore {
     grads: Vec<Option<Tensor>>,
     /// Which tensors received a gradient since the last `zero_grads`.
     has_grad: Vec<bool>,
+    /// Which gradients the store made itself (results of its operations,
+    /// host writes), as opposed to tensors taken from the caller or from
+    /// candle's backward pass, which others may share: only the former are
+    /// written in place.
+    grad_owned: Vec<bool>,
+    /// Whether CPU operations may write into existing storage
+    /// ([`CandleStore::allocating`] turns it off).
+    in_place: bool,
     buffers: Buffers<Vec<Tensor>>,
     /// With master weights ([`CandleStore::with_master_weights`]): the f32
     /// copy of θ the optimiser steps; the vars hold it rounded to their
@@ -378,6 +399,8 @@ impl CandleStore {
             compute: compute_dtype(dtype),
             grads: vec![None; n],
             has_grad: vec![false; n],
+            grad_owned: vec![false; n],
+            in_place: true,
             buffers: Buffers::new(),
             master: None,
         })
@@ -442,6 +465,7 @@ impl CandleStore {
         let grad = self.accept_grad(index, grad)?;
         self.grads[index] = Some(grad);
         self.has_grad[index] = true;
+        self.grad_owned[index] = false;
         Ok(())
     }
 
@@ -456,6 +480,7 @@ impl CandleStore {
         for (index, grad) in taken {
             self.grads[index] = Some(grad);
             self.has_grad[index] = true;
+            self.grad_owned[index] = false;
         }
         Ok(count)
     }
@@ -470,16 +495,17 @@ impl CandleStore {
             let sum = match (self.has_grad[index], &self.grads[index]) {
                 (true, Some(held)) => {
                     let sum = self.up(held)?.add(&self.up(&grad)?).map_err(backend)?;
-                    self.down(sum)?
+                    (self.down(sum)?, true)
                 }
-                _ => grad,
+                _ => (grad, false),
             };
             sums.push((index, sum));
         }
         let count = sums.len();
-        for (index, sum) in sums {
+        for (index, (sum, owned)) in sums {
             self.grads[index] = Some(sum);
             self.has_grad[index] = true;
+            self.grad_owned[index] = owned;
         }
         Ok(count)
     }
@@ -614,6 +640,7 @@ impl CandleStore {
             }
             Slot::Grads => {
                 self.grads[index] = Some(value);
+                self.grad_owned[index] = true;
                 Ok(())
             }
             Slot::Buffer(id) => {
@@ -708,10 +735,20 @@ impl ParamStore for CandleStore {
         self.check_pair(dst, src)?;
         for index in (0..mask.len()).filter(|&i| mask[i]) {
             let mut value = self.value(src, index)?;
-            // Vars change in place: anything else must own a copy of θ.
-            // (`Var::set` copies by itself; master weights are replaced,
-            // never changed in place.)
-            if src == Slot::Params && self.master.is_none() {
+            if dst != Slot::Params {
+                if let Some(target) = self.in_place_target(dst, index) {
+                    target
+                        .inplace_op2(&value, &in_place::CopyFrom)
+                        .map_err(backend)?;
+                    continue;
+                }
+            }
+            // Vars change in place, and so do the store's own tensors where
+            // it writes in place: a slot must own its copy. (`Var::set`
+            // copies by itself; master weights are replaced, never changed
+            // in place.)
+            let shared = src == Slot::Params && self.master.is_none();
+            if dst != Slot::Params && (shared || self.writes_in_place()) {
                 value = value.copy().map_err(backend)?;
             }
             self.put(dst, index, value)?;
@@ -724,6 +761,11 @@ impl ParamStore for CandleStore {
         check_len("scale factors", mask.len(), factor.len())?;
         self.check_slot(dst)?;
         for index in (0..mask.len()).filter(|&i| mask[i] && factor[i] != 1.0) {
+            if let Some(target) = self.in_place_target(dst, index) {
+                let op = in_place::Scale(factor[index]);
+                target.inplace_op1(&op).map_err(backend)?;
+                continue;
+            }
             let d = self.up(&self.value(dst, index)?)?;
             let scaled = d.affine(factor[index], 0.0).map_err(backend)?;
             let scaled = self.down(scaled)?;
@@ -737,6 +779,12 @@ impl ParamStore for CandleStore {
         check_len("axpy coefficients", mask.len(), alpha.len())?;
         self.check_pair(dst, src)?;
         for index in (0..mask.len()).filter(|&i| mask[i]) {
+            if let Some(target) = self.in_place_target(dst, index) {
+                let s = self.value(src, index)?;
+                let op = in_place::Axpy(alpha[index]);
+                target.inplace_op2(&s, &op).map_err(backend)?;
+                continue;
+            }
             let d = self.up(&self.value(dst, index)?)?;
             let s = self.up(&self.value(src, index)?)?;
             // ±1 needs no multiply: x·1 is exact, so the result is the same.
@@ -762,6 +810,12 @@ impl ParamStore for CandleStore {
             self.check_slot(slot)?;
         }
         for index in (0..mask.len()).filter(|&i| mask[i]) {
+            if let Some(target) = self.in_place_target(dst, index) {
+                let (x, y) = (self.value(a, index)?, self.value(b, index)?);
+                let op = in_place::Addcmul(alpha[index]);
+                target.inplace_op3(&x, &y, &op).map_err(backend)?;
+                continue;
+            }
             let d = self.up(&self.value(dst, index)?)?;
             let x = self.up(&self.value(a, index)?)?;
             let y = self.up(&self.value(b, index)?)?;
@@ -793,6 +847,16 @@ impl ParamStore for CandleStore {
             self.check_slot(slot)?;
         }
         for index in (0..mask.len()).filter(|&i| mask[i]) {
+            if let Some(target) = self.in_place_target(dst, index) {
+                let (x, y) = (self.value(num, index)?, self.value(den, index)?);
+                let op = in_place::AddcdivSqrt {
+                    alpha: alpha[index],
+                    divisor: divisor[index],
+                    eps: eps[index],
+                };
+                target.inplace_op3(&x, &y, &op).map_err(backend)?;
+                continue;
+            }
             let d = self.up(&self.value(dst, index)?)?;
             let x = self.up(&self.value(num, index)?)?;
             let y = self.up(&self.value(den, index)?)?;
@@ -836,6 +900,9 @@ impl ParamStore for CandleStore {
     fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<CandleNorms> {
         self.check_mask(mask)?;
         self.check_slot(src)?;
+        if let Some(norms) = self.host_norms(src, mask)? {
+            return Ok(norms);
+        }
         let mut parts = Vec::with_capacity(mask.len());
         for (index, &active) in mask.iter().enumerate() {
             parts.push(if active {
@@ -875,7 +942,22 @@ impl ParamStore for CandleStore {
             .and_then(|guarded| max_norm.div(&guarded))
             .and_then(|c| c.minimum(1.0))
             .map_err(backend)?;
+        // Writing in place, the coefficients are read from host memory (on
+        // the CPU a read is a copy of one value per tensor).
+        let on_host = match self.writes_in_place() {
+            true => Some(
+                cast(&coefficients, CDType::F64)
+                    .and_then(|c| c.to_vec1::<f64>())
+                    .map_err(backend)?,
+            ),
+            false => None,
+        };
         for index in (0..mask.len()).filter(|&i| mask[i]) {
+            if let (Some(c), Some(target)) = (&on_host, self.in_place_target(dst, index)) {
+                let op = in_place::Multiply(c[index]);
+                target.inplace_op1(&op).map_err(backend)?;
+                continue;
+            }
             let d = self.up(&self.value(dst, index)?)?;
             // A 0-d view of the coefficient, broadcast: no host read.
             let clipped = coefficients
@@ -899,6 +981,23 @@ impl ParamStore for CandleStore {
         self.check_slot(src)?;
         if !mask.iter().any(|&m| m) {
             return Ok(true);
+        }
+        if self.writes_in_place() {
+            // On the CPU: a scan of each tensor's memory, nothing allocated.
+            let mut finite = Some(true);
+            for index in (0..mask.len()).filter(|&i| mask[i]) {
+                let t = self.value(src, index)?;
+                match in_place::all_finite(&t) {
+                    Some(true) => {}
+                    other => {
+                        finite = other;
+                        break;
+                    }
+                }
+            }
+            if let Some(finite) = finite {
+                return Ok(finite);
+            }
         }
         // x·0 is 0 for finite x and NaN for ±inf and NaN, so the sum of
         // x·0 over the slot is 0 exactly when every element is finite (a

@@ -1,0 +1,191 @@
+//! On the CPU, an `f32` or `f64` store writes its results into existing
+//! storage. These tests check that this changes nothing but memory traffic:
+//! whole training runs give the bits of the allocating store
+//! ([`CandleStore::allocating`]), and no tensor the caller holds changes
+//! behind its back.
+mod common;
+
+use amp_candle::candle_core::{Device, Tensor};
+use amp_candle::CandleStore;
+use amp_core::{
+    Adam, AdamConfig, Amp, AmpConfig, AmpError, BaseOptimizer, DType, HostTensor, ParamStore, Pass,
+    RestoreMode, Sgd, SgdConfig, Slot,
+};
+
+/// How the closure hands its gradients over.
+#[derive(Clone, Copy, Debug)]
+enum Grads {
+    /// Written from the host: tensors the store makes (and may update in
+    /// place from the first operation on).
+    Written,
+    /// Tensors the test made and keeps (`set_grad`): never written in place.
+    Handed,
+}
+
+/// The weights and the base optimiser's buffers after `steps` steps of
+/// `config` on the quartic loss.
+fn train<O: BaseOptimizer<CandleStore>>(
+    store: CandleStore,
+    config: &AmpConfig,
+    base: O,
+    grads: Grads,
+    steps: usize,
+) -> Vec<HostTensor> {
+    let mut amp = Amp::new(store, config.clone(), base).unwrap();
+    let mut handed: Vec<(Tensor, HostTensor)> = Vec::new();
+    for _ in 0..steps {
+        amp.step(|s: &mut CandleStore, pass: Pass| {
+            let out = common::quartic(s, pass)?;
+            if let Grads::Handed = grads {
+                for i in (0..s.num_tensors()).filter(|&i| i != common::NO_GRAD) {
+                    let host = s.read(Slot::Grads, i)?;
+                    let data: Vec<f64> = host.data().to_vec();
+                    let t = Tensor::from_vec(data, host.shape().to_vec(), s.device())
+                        .and_then(|t| t.to_dtype(s.candle_dtype()))
+                        .map_err(AmpError::backend)?;
+                    s.set_grad(i, &t)?;
+                    handed.push((t, host));
+                }
+            }
+            Ok::<_, AmpError>(out)
+        })
+        .unwrap();
+    }
+    // The tensors handed over are as the test made them.
+    for (t, host) in &handed {
+        let now: Vec<f64> = t
+            .to_dtype(amp_candle::candle_core::DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .unwrap();
+        let then: Vec<f64> = host.data().to_vec();
+        assert_eq!(now, then, "a gradient handed to the store changed");
+    }
+    let state = amp.base().save_state(amp.store()).unwrap();
+    let store = amp.store();
+    let mut out: Vec<HostTensor> = (0..store.num_tensors())
+        .map(|i| store.read(Slot::Params, i).unwrap())
+        .collect();
+    for (_, tensors) in state.buffers {
+        out.extend(tensors.into_iter().flatten());
+    }
+    out
+}
+
+fn bits(tensors: &[HostTensor]) -> Vec<Vec<u64>> {
+    tensors
+        .iter()
+        .map(|t| t.data().iter().map(|x| x.to_bits()).collect())
+        .collect()
+}
+
+fn configs() -> Vec<AmpConfig> {
+    let mut out = Vec::new();
+    for restore in [RestoreMode::Copy, RestoreMode::Subtract] {
+        for (inner_iter, inner_lr, epsilon) in [(1, 1.0, 0.05), (2, 0.5, 50.0), (1, 0.7, 0.3)] {
+            out.push(
+                AmpConfig::new(0.1, epsilon)
+                    .inner_iter(inner_iter)
+                    .inner_lr(inner_lr)
+                    .weight_decay(1e-2)
+                    .restore(restore),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn in_place_gives_the_bits_of_the_allocating_store() {
+    for dtype in [DType::F32, DType::F64] {
+        let init = common::initial_weights(dtype);
+        let store = || CandleStore::from_host(&init, &Device::Cpu).unwrap();
+        for config in configs() {
+            for grads in [Grads::Written, Grads::Handed] {
+                let what = format!("{dtype:?} {grads:?} {config:?}");
+                let sgd = || Sgd::new(SgdConfig::nesterov(0.9)).unwrap();
+                let a = train(store(), &config, sgd(), grads, 4);
+                let b = train(store().allocating(), &config, sgd(), grads, 4);
+                assert_eq!(bits(&a), bits(&b), "SGD, {what}");
+                let adam = || Adam::new(AdamConfig::adamw().amsgrad(true)).unwrap();
+                let a = train(store(), &config, adam(), grads, 4);
+                let b = train(store().allocating(), &config, adam(), grads, 4);
+                assert_eq!(bits(&a), bits(&b), "Adam, {what}");
+                let plain = || Adam::new(AdamConfig::adam().eps(1e-3)).unwrap();
+                let a = train(store(), &config, plain(), grads, 4);
+                let b = train(store().allocating(), &config, plain(), grads, 4);
+                assert_eq!(bits(&a), bits(&b), "Adam (L2), {what}");
+            }
+        }
+    }
+}
+
+/// A copy gives the destination its own storage: updating either in place
+/// afterwards leaves the other as it was.
+#[test]
+fn a_copy_owns_its_storage() {
+    let mut store =
+        CandleStore::from_host(&common::initial_weights(DType::F32), &Device::Cpu).unwrap();
+    let n = store.num_tensors();
+    let mask = vec![true; n];
+    let b = store.alloc_buffer().unwrap();
+    for i in 0..n {
+        let theta = store.read(Slot::Params, i).unwrap();
+        store.write(Slot::Buffer(b), i, &theta).unwrap();
+    }
+    let theta: Vec<HostTensor> = (0..n)
+        .map(|i| store.read(Slot::Params, i).unwrap())
+        .collect();
+    // Into gradients the caller handed over (which the store must not
+    // write into), replacing them.
+    for i in 0..n {
+        let handed = Tensor::zeros(store.vars()[i].shape(), store.candle_dtype(), &Device::Cpu);
+        store.set_grad(i, &handed.unwrap()).unwrap();
+    }
+    store.copy(Slot::Grads, Slot::Buffer(b), &mask).unwrap();
+    store.scale(Slot::Buffer(b), &vec![4.0; n], &mask).unwrap();
+    store.scale(Slot::Grads, &vec![2.0; n], &mask).unwrap();
+    for (i, t) in theta.iter().enumerate() {
+        let times = |k: f64| t.data().iter().map(|x| k * x).collect::<Vec<f64>>();
+        assert_eq!(store.read(Slot::Grads, i).unwrap().data(), &times(2.0)[..]);
+        assert_eq!(
+            store.read(Slot::Buffer(b), i).unwrap().data(),
+            &times(4.0)[..]
+        );
+    }
+}
+
+/// The scan for non-finite values finds one wherever it sits (inside the
+/// vectorised blocks, in the remainder, past the first chunk) and is not
+/// fooled by large finite values.
+#[test]
+fn all_finite_finds_every_non_finite_value() {
+    for n in [1usize, 15, 16, 17, 4096, 5000] {
+        for dtype in [DType::F32, DType::F64] {
+            let big = if dtype == DType::F32 {
+                f32::MAX as f64
+            } else {
+                f64::MAX
+            };
+            let values: Vec<f64> = (0..n)
+                .map(|j| if j % 3 == 0 { big } else { -1.5 })
+                .collect();
+            let host = HostTensor::new(vec![n], dtype, values.clone()).unwrap();
+            let mut store = CandleStore::from_host(&[host], &Device::Cpu).unwrap();
+            assert!(
+                store.all_finite(Slot::Params, &[true]).unwrap(),
+                "{dtype:?} n {n}"
+            );
+            for at in [0, n / 2, n - 1] {
+                for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                    let mut v = values.clone();
+                    v[at] = bad;
+                    let host = HostTensor::new(vec![n], dtype, v).unwrap();
+                    store.write(Slot::Params, 0, &host).unwrap();
+                    let finite = store.all_finite(Slot::Params, &[true]).unwrap();
+                    assert!(!finite, "{dtype:?} n {n}: {bad} at {at}");
+                }
+            }
+        }
+    }
+}
