@@ -25,11 +25,20 @@ use std::ops::{Add, Div, Mul, Range, Sub};
 use amp_core::{Result, Slot};
 use candle_core::{bail, CpuStorage, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Storage, Tensor};
 
+use rayon::prelude::*;
+
 use crate::{CandleNorms, CandleStore};
 
 /// The element types the loops run on.
 trait Real:
-    Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + PartialEq
+    Copy
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + PartialEq
+    + Send
+    + Sync
 {
     const ZERO: Self;
     /// A scalar operand rounded to the dtype, as candle rounds it.
@@ -61,6 +70,44 @@ impl Real for f64 {
     }
     fn is_finite(self) -> bool {
         f64::is_finite(self)
+    }
+}
+
+/// From this many elements on, a loop is split over rayon's threads in
+/// blocks of [`BLOCK`] elements. Every element is computed on its own, so
+/// the bits do not depend on the split.
+const PARALLEL: usize = 1 << 18;
+/// The block size of split loops, and of the partial sums of
+/// [`sum_of_squares`].
+const BLOCK: usize = 1 << 16;
+
+/// `f(d)`, split into blocks over rayon's threads for a long `d`.
+fn blocks1<T: Real>(d: &mut [T], f: impl Fn(&mut [T]) + Sync + Send) {
+    if d.len() >= PARALLEL {
+        d.par_chunks_mut(BLOCK).for_each(f);
+    } else {
+        f(d);
+    }
+}
+
+/// `f(d, s)` over matching blocks (see [`blocks1`]).
+fn blocks2<T: Real>(d: &mut [T], s: &[T], f: impl Fn(&mut [T], &[T]) + Sync + Send) {
+    if d.len() >= PARALLEL {
+        let blocks = d.par_chunks_mut(BLOCK).zip(s.par_chunks(BLOCK));
+        blocks.for_each(|(d, s)| f(d, s));
+    } else {
+        f(d, s);
+    }
+}
+
+/// `f(d, x, y)` over matching blocks (see [`blocks1`]).
+fn blocks3<T: Real>(d: &mut [T], x: &[T], y: &[T], f: impl Fn(&mut [T], &[T], &[T]) + Sync + Send) {
+    if d.len() >= PARALLEL {
+        let blocks = d.par_chunks_mut(BLOCK).zip(x.par_chunks(BLOCK));
+        let blocks = blocks.zip(y.par_chunks(BLOCK));
+        blocks.for_each(|((d, x), y)| f(d, x, y));
+    } else {
+        f(d, x, y);
     }
 }
 
@@ -114,7 +161,7 @@ impl InplaceOp1 for Scale {
     }
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
         with_slices!(self.name(), (s, l); |d| {
-            scale(d, self.0);
+            blocks1(d, |d| scale(d, self.0));
             Ok(())
         })
     }
@@ -135,7 +182,7 @@ impl InplaceOp1 for Multiply {
     }
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
         with_slices!(self.name(), (s, l); |d| {
-            multiply(d, self.0);
+            blocks1(d, |d| multiply(d, self.0));
             Ok(())
         })
     }
@@ -156,7 +203,7 @@ impl InplaceOp2 for CopyFrom {
         l2: &Layout,
     ) -> candle_core::Result<()> {
         with_slices!(self.name(), (s1, l1), (s2, l2) => src; |d| {
-            d.copy_from_slice(src);
+            blocks2(d, src, |d, s| d.copy_from_slice(s));
             Ok(())
         })
     }
@@ -190,7 +237,7 @@ impl InplaceOp2 for Axpy {
         l2: &Layout,
     ) -> candle_core::Result<()> {
         with_slices!(self.name(), (s1, l1), (s2, l2) => src; |d| {
-            axpy(d, self.0, src);
+            blocks2(d, src, |d, s| axpy(d, self.0, s));
             Ok(())
         })
     }
@@ -220,7 +267,7 @@ impl InplaceOp3 for Addcmul {
         l3: &Layout,
     ) -> candle_core::Result<()> {
         with_slices!(self.name(), (s1, l1), (s2, l2) => x, (s3, l3) => y; |d| {
-            addcmul(d, self.0, x, y);
+            blocks3(d, x, y, |d, x, y| addcmul(d, self.0, x, y));
             Ok(())
         })
     }
@@ -261,7 +308,7 @@ impl InplaceOp3 for AddcdivSqrt {
         l3: &Layout,
     ) -> candle_core::Result<()> {
         with_slices!(self.name(), (s1, l1), (s2, l2) => x, (s3, l3) => y; |d| {
-            addcdiv_sqrt(d, self, x, y);
+            blocks3(d, x, y, |d, x, y| addcdiv_sqrt(d, self, x, y));
             Ok(())
         })
     }
@@ -272,6 +319,9 @@ impl InplaceOp3 for AddcdivSqrt {
 /// operations). Reads the storage in place: nothing is allocated.
 pub(crate) fn all_finite(tensor: &Tensor) -> Option<bool> {
     fn scan<T: Real>(values: &[T]) -> bool {
+        if values.len() >= PARALLEL {
+            return values.par_chunks(BLOCK).all(scan);
+        }
         // x · 0 is 0 for a finite x and NaN otherwise, and a sum holding a
         // NaN stays NaN: sixteen independent sums per chunk let the loop
         // vectorise, and a chunk with a non-finite value ends the scan.
@@ -297,10 +347,21 @@ pub(crate) fn all_finite(tensor: &Tensor) -> Option<bool> {
 }
 
 /// The sum of the squares of a CPU tensor of `f32` or `f64`, accumulated
-/// in `f64` over eight interleaved partial sums (element `j` goes to sum
-/// `j mod 8`, the partial sums then added in order); `None` for any other
-/// tensor. Reads the storage in place: nothing is allocated.
+/// in `f64`: per block of [`BLOCK`] elements over eight interleaved partial
+/// sums (element `j` goes to sum `j mod 8`, the partial sums then added in
+/// order), the blocks' sums then added in order — the same bits whether the
+/// blocks run on one thread or on rayon's (from [`PARALLEL`] elements on).
+/// `None` for any other tensor. Reads the storage in place: nothing is
+/// allocated.
 pub(crate) fn sum_of_squares(tensor: &Tensor) -> Option<f64> {
+    fn blocks<T: Copy + Into<f64> + Sync>(values: &[T]) -> f64 {
+        if values.len() >= PARALLEL {
+            let sums: Vec<f64> = values.par_chunks(BLOCK).map(sum).collect();
+            sums.into_iter().sum()
+        } else {
+            values.chunks(BLOCK).map(sum).sum()
+        }
+    }
     fn sum<T: Copy + Into<f64>>(values: &[T]) -> f64 {
         let mut lanes = [0.0f64; 8];
         let mut chunks = values.chunks_exact(8);
@@ -319,8 +380,8 @@ pub(crate) fn sum_of_squares(tensor: &Tensor) -> Option<f64> {
     let (storage, layout) = tensor.storage_and_layout();
     let (start, end) = layout.contiguous_offsets()?;
     match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Some(sum(&v[start..end])),
-        Storage::Cpu(CpuStorage::F64(v)) => Some(sum(&v[start..end])),
+        Storage::Cpu(CpuStorage::F32(v)) => Some(blocks(&v[start..end])),
+        Storage::Cpu(CpuStorage::F64(v)) => Some(blocks(&v[start..end])),
         _ => None,
     }
 }

@@ -735,13 +735,11 @@ impl ParamStore for CandleStore {
         self.check_pair(dst, src)?;
         for index in (0..mask.len()).filter(|&i| mask[i]) {
             let mut value = self.value(src, index)?;
-            if dst != Slot::Params {
-                if let Some(target) = self.in_place_target(dst, index) {
-                    target
-                        .inplace_op2(&value, &in_place::CopyFrom)
-                        .map_err(backend)?;
-                    continue;
-                }
+            if let Some(target) = self.in_place_target(dst, index) {
+                target
+                    .inplace_op2(&value, &in_place::CopyFrom)
+                    .map_err(backend)?;
+                continue;
             }
             // Vars change in place, and so do the store's own tensors where
             // it writes in place: a slot must own its copy. (`Var::set`

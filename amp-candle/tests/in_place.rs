@@ -120,6 +120,30 @@ fn in_place_gives_the_bits_of_the_allocating_store() {
     }
 }
 
+/// Tensors long enough for the loops to be split over threads (from 2^18
+/// elements on, in blocks of 2^16: here a partial last block) give the same
+/// bits too.
+#[test]
+fn loops_split_over_threads_give_the_same_bits() {
+    let n = (1 << 18) + 12_345;
+    let init = vec![
+        HostTensor::new(vec![n], DType::F32, common::values(7, n)).unwrap(),
+        HostTensor::new(vec![3, 4], DType::F32, common::values(8, 12)).unwrap(),
+    ];
+    let store = || CandleStore::from_host(&init, &Device::Cpu).unwrap();
+    let config = AmpConfig::new(0.1, 0.3).inner_lr(0.7).weight_decay(1e-2);
+    for grads in [Grads::Written, Grads::Handed] {
+        let sgd = || Sgd::new(SgdConfig::nesterov(0.9)).unwrap();
+        let a = train(store(), &config, sgd(), grads, 2);
+        let b = train(store().allocating(), &config, sgd(), grads, 2);
+        assert!(bits(&a) == bits(&b), "SGD, {grads:?}");
+        let adam = || Adam::new(AdamConfig::adamw().amsgrad(true)).unwrap();
+        let a = train(store(), &config, adam(), grads, 2);
+        let b = train(store().allocating(), &config, adam(), grads, 2);
+        assert!(bits(&a) == bits(&b), "Adam, {grads:?}");
+    }
+}
+
 /// A copy gives the destination its own storage: updating either in place
 /// afterwards leaves the other as it was.
 #[test]
@@ -160,7 +184,7 @@ fn a_copy_owns_its_storage() {
 /// fooled by large finite values.
 #[test]
 fn all_finite_finds_every_non_finite_value() {
-    for n in [1usize, 15, 16, 17, 4096, 5000] {
+    for n in [1usize, 15, 16, 17, 4096, 5000, (1 << 18) + 5] {
         for dtype in [DType::F32, DType::F64] {
             let big = if dtype == DType::F32 {
                 f32::MAX as f64
