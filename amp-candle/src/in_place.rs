@@ -155,18 +155,6 @@ fn scale<T: Real>(d: &mut [T], factor: f64) {
     d.iter_mut().for_each(|x| *x = *x * f + T::ZERO);
 }
 
-impl InplaceOp1 for Scale {
-    fn name(&self) -> &'static str {
-        "amp-scale"
-    }
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        with_slices!(self.name(), (s, l); |d| {
-            blocks1(d, |d| scale(d, self.0));
-            Ok(())
-        })
-    }
-}
-
 /// `x ← x · c` (candle's `broadcast_mul` by a 0-d tensor holding `c`, a
 /// value already of the tensor's dtype).
 pub(crate) struct Multiply(pub f64);
@@ -176,38 +164,8 @@ fn multiply<T: Real>(d: &mut [T], c: f64) {
     d.iter_mut().for_each(|x| *x = *x * c);
 }
 
-impl InplaceOp1 for Multiply {
-    fn name(&self) -> &'static str {
-        "amp-multiply"
-    }
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        with_slices!(self.name(), (s, l); |d| {
-            blocks1(d, |d| multiply(d, self.0));
-            Ok(())
-        })
-    }
-}
-
 /// `d ← s` element for element.
 pub(crate) struct CopyFrom;
-
-impl InplaceOp2 for CopyFrom {
-    fn name(&self) -> &'static str {
-        "amp-copy"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        with_slices!(self.name(), (s1, l1), (s2, l2) => src; |d| {
-            blocks2(d, src, |d, s| d.copy_from_slice(s));
-            Ok(())
-        })
-    }
-}
 
 /// `d ← d + s` for `alpha = 1`, `d ← d − s` for `alpha = −1`, else
 /// `d ← d + (s · alpha + 0)` (the store's `axpy` in candle operations).
@@ -225,24 +183,6 @@ fn axpy<T: Real>(d: &mut [T], alpha: f64, s: &[T]) {
     }
 }
 
-impl InplaceOp2 for Axpy {
-    fn name(&self) -> &'static str {
-        "amp-axpy"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        with_slices!(self.name(), (s1, l1), (s2, l2) => src; |d| {
-            blocks2(d, src, |d, s| axpy(d, self.0, s));
-            Ok(())
-        })
-    }
-}
-
 /// `d ← d + (x · alpha + 0) · y` (the store's `addcmul`).
 pub(crate) struct Addcmul(pub f64);
 
@@ -250,26 +190,6 @@ fn addcmul<T: Real>(d: &mut [T], alpha: f64, x: &[T], y: &[T]) {
     let a = T::of(alpha);
     for ((d, &x), &y) in d.iter_mut().zip(x).zip(y) {
         *d = *d + (x * a + T::ZERO) * y;
-    }
-}
-
-impl InplaceOp3 for Addcmul {
-    fn name(&self) -> &'static str {
-        "amp-addcmul"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        with_slices!(self.name(), (s1, l1), (s2, l2) => x, (s3, l3) => y; |d| {
-            blocks3(d, x, y, |d, x, y| addcmul(d, self.0, x, y));
-            Ok(())
-        })
     }
 }
 
@@ -294,25 +214,77 @@ fn addcdiv_sqrt<T: Real>(d: &mut [T], op: &AddcdivSqrt, x: &[T], y: &[T]) {
     }
 }
 
-impl InplaceOp3 for AddcdivSqrt {
-    fn name(&self) -> &'static str {
-        "amp-addcdiv-sqrt"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        with_slices!(self.name(), (s1, l1), (s2, l2) => x, (s3, l3) => y; |d| {
-            blocks3(d, x, y, |d, x, y| addcdiv_sqrt(d, self, x, y));
-            Ok(())
-        })
-    }
+/// Implements candle's in-place operation trait for `$op`, running
+/// `$kernel` over the slices (split into blocks for long tensors).
+macro_rules! in_place_op {
+    (1, $op:ty, $name:literal, |$this:ident, $d:ident| $kernel:expr) => {
+        impl InplaceOp1 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+                let $this = self;
+                with_slices!($name, (s, l); |d| {
+                    blocks1(d, |$d| $kernel);
+                    Ok(())
+                })
+            }
+        }
+    };
+    (2, $op:ty, $name:literal, |$this:ident, $d:ident, $s:ident| $kernel:expr) => {
+        impl InplaceOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                s1: &mut CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<()> {
+                let $this = self;
+                with_slices!($name, (s1, l1), (s2, l2) => src; |d| {
+                    blocks2(d, src, |$d, $s| $kernel);
+                    Ok(())
+                })
+            }
+        }
+    };
+    (3, $op:ty, $name:literal, |$this:ident, $d:ident, $x:ident, $y:ident| $kernel:expr) => {
+        impl InplaceOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                s1: &mut CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> candle_core::Result<()> {
+                let $this = self;
+                with_slices!($name, (s1, l1), (s2, l2) => x, (s3, l3) => y; |d| {
+                    blocks3(d, x, y, |$d, $x, $y| $kernel);
+                    Ok(())
+                })
+            }
+        }
+    };
 }
+
+in_place_op!(1, Scale, "amp-scale", |op, d| scale(d, op.0));
+in_place_op!(1, Multiply, "amp-multiply", |op, d| multiply(d, op.0));
+in_place_op!(2, CopyFrom, "amp-copy", |_op, d, s| d.copy_from_slice(s));
+in_place_op!(2, Axpy, "amp-axpy", |op, d, s| axpy(d, op.0, s));
+in_place_op!(3, Addcmul, "amp-addcmul", |op, d, x, y| addcmul(
+    d, op.0, x, y
+));
+in_place_op!(3, AddcdivSqrt, "amp-addcdiv-sqrt", |op, d, x, y| {
+    addcdiv_sqrt(d, op, x, y)
+});
 
 /// Whether every element of a CPU tensor of `f32` or `f64` is finite;
 /// `None` for any other tensor (the caller falls back to candle's
