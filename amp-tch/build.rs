@@ -94,6 +94,30 @@ fn main() {
         // reference store computes it.
         .opt_level(3)
         .flag_if_supported("-ffp-contract=off")
+        // ATen's parallel_for is OpenMP inline code in PyTorch's builds.
+        .flag("-fopenmp")
         .files(SHIM_SOURCES)
         .compile("amp_tch_shim");
+    link_openmp(&lib_dir);
+}
+
+/// Links the OpenMP runtime the shim's `#pragma omp` code calls: the one
+/// libtorch itself loads (PyPI wheels ship `libgomp.so.1`, libtorch archives
+/// a `libgomp-<hash>.so.1`), so that a process holds one OpenMP runtime and
+/// one thread pool; the system's `libgomp` where libtorch has none.
+fn link_openmp(lib_dir: &Path) {
+    let bundled = std::fs::read_dir(lib_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("libgomp") && name.ends_with(".so.1"))
+        .min_by_key(|name| (name != "libgomp.so.1", name.clone()));
+    match bundled {
+        Some(name) => {
+            println!("cargo:rustc-link-search=native={}", lib_dir.display());
+            println!("cargo:rustc-link-lib=dylib:+verbatim={name}");
+        }
+        None => println!("cargo:rustc-link-lib=dylib=gomp"),
+    }
 }

@@ -20,7 +20,10 @@
 
 #include "common.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 namespace amp_tch {
@@ -29,6 +32,23 @@ namespace amp_tch {
 constexpr size_t LANES = 8;
 // Elements checked between two early-exit tests of `all_finite`.
 constexpr int64_t FINITE_BLOCK = 4096;
+
+// From this many elements on, an element-wise loop is split over ATen's
+// intra-op threads (at::parallel_for, OpenMP in PyTorch's builds: the shim
+// is compiled with -fopenmp) in pieces of at least GRAIN elements. Every
+// element is computed on its own, so the bits do not depend on the split;
+// the sums of squares stay on one thread (their order is amp-ndarray's).
+constexpr int64_t PARALLEL = int64_t{1} << 18;
+constexpr int64_t GRAIN = int64_t{1} << 16;
+
+// f(begin, end) over [0, n), split over threads for a long range.
+template <typename F> void split(int64_t n, const F &f) {
+  if (n >= PARALLEL && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, n, GRAIN, f);
+  } else if (n > 0) {
+    f(0, n);
+  }
+}
 
 // Many small tensors lie scattered in memory, and the hardware prefetcher
 // only picks a stream up after a few misses in each: while one tensor is
@@ -46,7 +66,18 @@ template <typename T> void fast_copy(const std::vector<Span> &d,
   for (size_t i = 0; i < d.size(); ++i) {
     prefetch(s, i + 1, sizeof(T));
     if (d[i].n == 0 || d[i].p == s[i].p) continue;
-    std::memmove(d[i].p, s[i].p, static_cast<size_t>(d[i].n) * sizeof(T));
+    char *dp = d[i].p;
+    const char *sp = s[i].p;
+    if (dp < sp + d[i].n * static_cast<int64_t>(sizeof(T)) &&
+        sp < dp + d[i].n * static_cast<int64_t>(sizeof(T))) {
+      // Overlapping views: one memmove, in order.
+      std::memmove(dp, sp, static_cast<size_t>(d[i].n) * sizeof(T));
+      continue;
+    }
+    split(d[i].n, [&](int64_t b, int64_t e) {
+      std::memcpy(dp + b * sizeof(T), sp + b * sizeof(T),
+                  static_cast<size_t>(e - b) * sizeof(T));
+    });
   }
 }
 
@@ -58,8 +89,9 @@ template <typename T> void fast_scale(const std::vector<Span> &d,
                                       const double *factor) {
   for (size_t i = 0; i < d.size(); ++i) {
     prefetch(d, i + 1, sizeof(T));
-    scale_loop<T>(reinterpret_cast<T *>(d[i].p), d[i].n,
-                  static_cast<T>(factor[i]));
+    T *dp = reinterpret_cast<T *>(d[i].p);
+    T f = static_cast<T>(factor[i]);
+    split(d[i].n, [&](int64_t b, int64_t e) { scale_loop<T>(dp + b, e - b, f); });
   }
 }
 
@@ -83,7 +115,7 @@ template <typename T> void fast_axpy(const std::vector<Span> &d,
       // Only reachable through aliasing views; no __restrict__ then.
       for (int64_t k = 0; k < n; ++k) dp[k] = dp[k] + a * dp[k];
     } else {
-      axpy_loop<T>(dp, sp, n, a);
+      split(n, [&](int64_t b, int64_t e) { axpy_loop<T>(dp + b, sp + b, e - b, a); });
     }
   }
 }
@@ -102,10 +134,13 @@ template <typename T> void fast_axpy_from(const std::vector<Span> &d,
   for (size_t i = 0; i < d.size(); ++i) {
     prefetch(b, i + 1, sizeof(T));
     prefetch(s, i + 1, sizeof(T));
-    axpy_from_loop<T>(reinterpret_cast<T *>(d[i].p),
-                      reinterpret_cast<const T *>(b[i].p),
-                      reinterpret_cast<const T *>(s[i].p), d[i].n,
-                      static_cast<T>(alpha[i]));
+    T *dp = reinterpret_cast<T *>(d[i].p);
+    const T *bp = reinterpret_cast<const T *>(b[i].p);
+    const T *sp = reinterpret_cast<const T *>(s[i].p);
+    T a = static_cast<T>(alpha[i]);
+    split(d[i].n, [&](int64_t lo, int64_t hi) {
+      axpy_from_loop<T>(dp + lo, bp + lo, sp + lo, hi - lo, a);
+    });
   }
 }
 
@@ -163,7 +198,8 @@ template <typename T> void fast_clip(const std::vector<Span> &d,
     if (c == one) continue;
     if (next <= i) next = i + 1;
     prefetch(d, next, sizeof(T));
-    scale_loop<T>(reinterpret_cast<T *>(d[i].p), d[i].n, c);
+    T *dp = reinterpret_cast<T *>(d[i].p);
+    split(d[i].n, [&](int64_t b, int64_t e) { scale_loop<T>(dp + b, e - b, c); });
   }
 }
 
@@ -210,8 +246,8 @@ void perturb_loop(T *__restrict__ theta, const T *__restrict__ g,
 }
 
 template <typename T>
-void perturb_tensor(T *theta, const T *g, T *snap, T *delta, int64_t n, T z,
-                    T c) {
+void perturb_range(T *theta, const T *g, T *snap, T *delta, int64_t n, T z,
+                   T c) {
   if (snap != nullptr && delta != nullptr) {
     perturb_loop<T, true, true>(theta, g, snap, delta, n, z, c);
   } else if (snap != nullptr) {
@@ -221,6 +257,15 @@ void perturb_tensor(T *theta, const T *g, T *snap, T *delta, int64_t n, T z,
   } else {
     perturb_loop<T, false, false>(theta, g, nullptr, nullptr, n, z, c);
   }
+}
+
+template <typename T>
+void perturb_tensor(T *theta, const T *g, T *snap, T *delta, int64_t n, T z,
+                    T c) {
+  split(n, [&](int64_t b, int64_t e) {
+    perturb_range<T>(theta + b, g + b, snap ? snap + b : nullptr,
+                     delta ? delta + b : nullptr, e - b, z, c);
+  });
 }
 
 // The fused first ascent step: per tensor, the norm of z·g (one read of g,
@@ -300,6 +345,19 @@ template <typename T> bool fast_all_finite(const std::vector<Span> &s) {
     prefetch(s, i + 1, sizeof(T));
     const T *p = reinterpret_cast<const T *>(s[i].p);
     int64_t n = s[i].n;
+    if (n >= PARALLEL) {
+      std::atomic<bool> finite{true};
+      split(n, [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e && finite.load(std::memory_order_relaxed);
+             k += FINITE_BLOCK) {
+          if (!finite_block<T>(p + k, std::min(FINITE_BLOCK, e - k))) {
+            finite.store(false, std::memory_order_relaxed);
+          }
+        }
+      });
+      if (!finite.load()) return false;
+      continue;
+    }
     for (int64_t k = 0; k < n; k += FINITE_BLOCK) {
       if (!finite_block<T>(p + k, std::min(FINITE_BLOCK, n - k))) return false;
     }

@@ -9,9 +9,10 @@ use ndarray::{ArrayD, IxDyn};
 use tch::{Device, Kind, Tensor};
 
 /// Shapes around the fast path's edges: empty, 0-d, shorter than the 8
-/// partial sums, ragged tails, and more than one 4096-element finite-check
-/// block.
-const SHAPES: [&[usize]; 12] = [
+/// partial sums, ragged tails, more than one 4096-element finite-check
+/// block, and long enough for the loops to be split over threads (2^18
+/// elements and more, in pieces of at least 2^16).
+const SHAPES: [&[usize]; 13] = [
     &[0],
     &[],
     &[1],
@@ -24,6 +25,7 @@ const SHAPES: [&[usize]; 12] = [
     &[3, 0, 2],
     &[5, 2001],
     &[3, 5],
+    &[(1 << 18) + 4099],
 ];
 
 /// Deterministic values of mixed magnitude, rounded to `dtype`.
@@ -219,8 +221,8 @@ fn matches_reference<T: Element>(dtype: DType) {
                 x,
                 y,
                 "{dtype} seed {seed}: slot {} tensor {}",
-                k / 12,
-                k % 12
+                k / SHAPES.len(),
+                k % SHAPES.len()
             );
         }
     }
@@ -238,7 +240,7 @@ fn f64_matches_reference_bit_for_bit() {
 
 #[test]
 fn all_finite_finds_every_bad_value() {
-    let sizes = [1usize, 7, 4096, 2 * 4096 + 3];
+    let sizes = [1usize, 7, 4096, 2 * 4096 + 3, (1 << 18) + 4099];
     for kind in [Kind::Float, Kind::Double, Kind::Half, Kind::BFloat16] {
         for contiguous in [true, false] {
             for &len in &sizes {
