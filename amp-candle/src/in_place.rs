@@ -17,17 +17,22 @@
 //! non-finite values ([`all_finite`]) read the tensors' memory in place on
 //! the CPU too.
 //!
+//! Gradients taken from the caller (from `backward()`) are never written.
+//! The first operation that writes one writes instead into the tensor's
+//! *spare*: the storage of a gradient the store made in an earlier step,
+//! kept when `zero_grads` dropped it — the CPU counterpart of a caching
+//! allocator, which spares each step the page faults of freshly mapped
+//! memory (tens of milliseconds per step at 1e7 parameters). The price is
+//! one gradient-sized tensor per parameter held between steps.
+//!
 //! Half-precision storage (computed in `f32`) and CUDA keep candle's
 //! allocating operations.
 
 use std::ops::{Add, Div, Mul, Range, Sub};
 
-use amp_core::{Result, Slot};
 use candle_core::{bail, CpuStorage, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Storage, Tensor};
 
 use rayon::prelude::*;
-
-use crate::{CandleNorms, CandleStore};
 
 /// The element types the loops run on.
 trait Real:
@@ -76,10 +81,10 @@ impl Real for f64 {
 /// From this many elements on, a loop is split over rayon's threads in
 /// blocks of [`BLOCK`] elements. Every element is computed on its own, so
 /// the bits do not depend on the split.
-const PARALLEL: usize = 1 << 18;
+pub(crate) const PARALLEL: usize = 1 << 18;
 /// The block size of split loops, and of the partial sums of
 /// [`sum_of_squares`].
-const BLOCK: usize = 1 << 16;
+pub(crate) const BLOCK: usize = 1 << 16;
 
 /// `f(d)`, split into blocks over rayon's threads for a long `d`.
 fn blocks1<T: Real>(d: &mut [T], f: impl Fn(&mut [T]) + Sync + Send) {
@@ -183,6 +188,43 @@ fn axpy<T: Real>(d: &mut [T], alpha: f64, s: &[T]) {
     }
 }
 
+/// `d ← b + s`, `d ← b − s` or `d ← b + (s · alpha + 0)`: [`Axpy`] with
+/// its addend read from `b` (the store's `axpy_from`: the bits of a copy
+/// and an axpy, in one pass).
+pub(crate) struct AxpyFrom(pub f64);
+
+fn axpy_from<T: Real>(d: &mut [T], alpha: f64, b: &[T], s: &[T]) {
+    let triples = d.iter_mut().zip(b).zip(s);
+    if alpha == 1.0 {
+        triples.for_each(|((d, &b), &s)| *d = b + s);
+    } else if alpha == -1.0 {
+        triples.for_each(|((d, &b), &s)| *d = b - s);
+    } else {
+        let a = T::of(alpha);
+        triples.for_each(|((d, &b), &s)| *d = b + (s * a + T::ZERO));
+    }
+}
+
+/// `d ← d + v · c` with `v = s · inner_lr + 0`, or `v = s` for an inner
+/// learning rate of 1: AMP's first ascent step after its projection by
+/// `c`, in one pass — the bits of the store's `scale`, `clip_to_norms` and
+/// `axpy` (coefficient 1) in sequence.
+pub(crate) struct Ascend {
+    pub inner_lr: f64,
+    pub c: f64,
+}
+
+fn ascend<T: Real>(d: &mut [T], op: &Ascend, s: &[T]) {
+    let c = T::of(op.c);
+    let pairs = d.iter_mut().zip(s);
+    if op.inner_lr == 1.0 {
+        pairs.for_each(|(d, &s)| *d = *d + s * c);
+    } else {
+        let lr = T::of(op.inner_lr);
+        pairs.for_each(|(d, &s)| *d = *d + (s * lr + T::ZERO) * c);
+    }
+}
+
 /// `d ← d + (x · alpha + 0) · y` (the store's `addcmul`).
 pub(crate) struct Addcmul(pub f64);
 
@@ -279,6 +321,10 @@ in_place_op!(1, Scale, "amp-scale", |op, d| scale(d, op.0));
 in_place_op!(1, Multiply, "amp-multiply", |op, d| multiply(d, op.0));
 in_place_op!(2, CopyFrom, "amp-copy", |_op, d, s| d.copy_from_slice(s));
 in_place_op!(2, Axpy, "amp-axpy", |op, d, s| axpy(d, op.0, s));
+in_place_op!(2, Ascend, "amp-ascend", |op, d, s| ascend(d, op, s));
+in_place_op!(3, AxpyFrom, "amp-axpy-from", |op, d, b, s| axpy_from(
+    d, op.0, b, s
+));
 in_place_op!(3, Addcmul, "amp-addcmul", |op, d, x, y| addcmul(
     d, op.0, x, y
 ));
@@ -318,33 +364,42 @@ pub(crate) fn all_finite(tensor: &Tensor) -> Option<bool> {
     }
 }
 
-/// The sum of the squares of a CPU tensor of `f32` or `f64`, accumulated
-/// in `f64`: per block of [`BLOCK`] elements over eight interleaved partial
-/// sums (element `j` goes to sum `j mod 8`, the partial sums then added in
-/// order), the blocks' sums then added in order — the same bits whether the
-/// blocks run on one thread or on rayon's (from [`PARALLEL`] elements on).
-/// `None` for any other tensor. Reads the storage in place: nothing is
-/// allocated.
-pub(crate) fn sum_of_squares(tensor: &Tensor) -> Option<f64> {
-    fn blocks<T: Copy + Into<f64> + Sync>(values: &[T]) -> f64 {
+/// The sum of the squares of `v` for a CPU tensor `x` of `f32` or `f64`,
+/// with `v = x · scale + 0` in the tensor's dtype (the store's `scale`), or
+/// `v = x` for a scale of 1; accumulated in `f64`: per block of [`BLOCK`]
+/// elements over eight interleaved partial sums (element `j` goes to sum
+/// `j mod 8`, the partial sums then added in order), the blocks' sums then
+/// added in order — the same bits whether the blocks run on one thread or
+/// on rayon's (from [`PARALLEL`] elements on), and whether `v` is computed
+/// here or stored first. `None` for any other tensor. Reads the storage in
+/// place: nothing is allocated.
+pub(crate) fn sum_of_squares(tensor: &Tensor, scale: f64) -> Option<f64> {
+    fn blocks<T: Real + Into<f64>>(values: &[T], scale: f64) -> f64 {
+        let block = |values: &[T]| match scale == 1.0 {
+            true => sum(values, |x| x),
+            false => {
+                let s = T::of(scale);
+                sum(values, |x| x * s + T::ZERO)
+            }
+        };
         if values.len() >= PARALLEL {
-            let sums: Vec<f64> = values.par_chunks(BLOCK).map(sum).collect();
+            let sums: Vec<f64> = values.par_chunks(BLOCK).map(block).collect();
             sums.into_iter().sum()
         } else {
-            values.chunks(BLOCK).map(sum).sum()
+            values.chunks(BLOCK).map(block).sum()
         }
     }
-    fn sum<T: Copy + Into<f64>>(values: &[T]) -> f64 {
+    fn sum<T: Real + Into<f64>>(values: &[T], v: impl Fn(T) -> T) -> f64 {
         let mut lanes = [0.0f64; 8];
         let mut chunks = values.chunks_exact(8);
         for chunk in &mut chunks {
             for (lane, &x) in lanes.iter_mut().zip(chunk) {
-                let x: f64 = x.into();
+                let x: f64 = v(x).into();
                 *lane += x * x;
             }
         }
         for (lane, &x) in lanes.iter_mut().zip(chunks.remainder()) {
-            let x: f64 = x.into();
+            let x: f64 = v(x).into();
             *lane += x * x;
         }
         lanes.iter().sum()
@@ -352,68 +407,8 @@ pub(crate) fn sum_of_squares(tensor: &Tensor) -> Option<f64> {
     let (storage, layout) = tensor.storage_and_layout();
     let (start, end) = layout.contiguous_offsets()?;
     match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Some(blocks(&v[start..end])),
-        Storage::Cpu(CpuStorage::F64(v)) => Some(blocks(&v[start..end])),
+        Storage::Cpu(CpuStorage::F32(v)) => Some(blocks(&v[start..end], scale)),
+        Storage::Cpu(CpuStorage::F64(v)) => Some(blocks(&v[start..end], scale)),
         _ => None,
-    }
-}
-
-impl CandleStore {
-    /// This store with every operation allocating its result, as candle's
-    /// operations do, instead of writing into the existing storage on the
-    /// CPU. The results are the same bits; what changes is memory traffic
-    /// (each result is freshly allocated memory). For comparisons and
-    /// debugging; CUDA and half-precision stores always allocate.
-    pub fn allocating(mut self) -> Self {
-        self.in_place = false;
-        self
-    }
-
-    /// Whether this store writes into existing storage: on the CPU, with
-    /// `f32` or `f64` storage computed in its own dtype, without master
-    /// weights, unless [`CandleStore::allocating`].
-    pub(crate) fn writes_in_place(&self) -> bool {
-        self.in_place && self.device.is_cpu() && self.compute == self.dtype && self.master.is_none()
-    }
-
-    /// The norms of `src` read from host memory ([`sum_of_squares`]) on
-    /// the CPU for `f32` and `f64` storage, in both modes (they write
-    /// nothing); `None` elsewhere, and for a tensor that is not contiguous.
-    pub(crate) fn host_norms(&self, src: Slot, mask: &[bool]) -> Result<Option<CandleNorms>> {
-        if !self.device.is_cpu() || self.compute != self.dtype {
-            return Ok(None);
-        }
-        let mut sums = vec![0.0f64; mask.len()];
-        for (index, sum) in sums.iter_mut().enumerate().filter(|(i, _)| mask[*i]) {
-            match sum_of_squares(&self.value(src, index)?) {
-                Some(s) => *sum = s,
-                None => return Ok(None),
-            }
-        }
-        let norms = sums.into_iter().map(f64::sqrt).collect::<Vec<_>>();
-        let n = norms.len();
-        let norms = Tensor::from_vec(norms, n, &self.device)
-            .and_then(|t| t.to_dtype(self.compute))
-            .map_err(crate::backend)?;
-        Ok(Some(CandleNorms { norms }))
-    }
-
-    /// Tensor `index` of `slot` when an operation may write into its
-    /// storage: a var (updated in place anyway, as `Var::set` does), a
-    /// buffer, or a gradient the store made itself; contiguous and not
-    /// empty.
-    pub(crate) fn in_place_target(&self, slot: Slot, index: usize) -> Option<Tensor> {
-        if !self.writes_in_place() {
-            return None;
-        }
-        let tensor = match slot {
-            Slot::Params => self.vars.get(index)?.as_tensor().clone(),
-            Slot::Grads => match (self.grad_owned.get(index)?, &self.grads[index]) {
-                (true, Some(grad)) => grad.clone(),
-                _ => return None,
-            },
-            Slot::Buffer(id) => self.buffers.get(id).ok()?.get(index)?.clone(),
-        };
-        (tensor.is_contiguous() && tensor.elem_count() > 0).then_some(tensor)
     }
 }

@@ -82,6 +82,7 @@
 //! starts on a machine that has them; keep the feature opt-in.
 #![warn(missing_docs)]
 
+use std::collections::HashSet;
 use std::fmt;
 
 use amp_core::{
@@ -92,8 +93,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType as CDType, Device, Tensor, Var};
 use candle_nn::VarMap;
 
+mod fused;
 mod in_place;
 mod master;
+mod targets;
+
+use targets::Batch;
 
 pub use candle_core;
 pub use candle_nn;
@@ -149,9 +154,14 @@ fn backend(error: candle_core::Error) -> AmpError {
 /// Whether two tensors share one storage (a gradient that *is* a parameter's
 /// storage would silently change when the parameter is updated in place).
 fn same_storage(a: &Tensor, b: &Tensor) -> bool {
-    let (sa, _) = a.storage_and_layout();
-    let (sb, _) = b.storage_and_layout();
-    std::ptr::eq(&*sa, &*sb)
+    storage_address(a) == storage_address(b)
+}
+
+/// The address of a tensor's storage: equal for two live tensors exactly
+/// when they share it (views included).
+fn storage_address(tensor: &Tensor) -> usize {
+    let (storage, _) = tensor.storage_and_layout();
+    std::ptr::from_ref(&*storage) as usize
 }
 
 fn device_name(device: &Device) -> String {
@@ -254,11 +264,14 @@ impl CandleNorms {
 /// made itself, one loop per tensor (candle's in-place custom operations;
 /// the arithmetic is that of the candle operations they replace, bit for
 /// bit), and norms and the finiteness check read the tensors' memory
-/// directly — no step allocates parameter-sized memory except for a
-/// gradient the caller handed over (from `backward()` or
-/// [`CandleStore::set_grad`]), which the store never writes into: its first
-/// update allocates the store's own copy.
-/// [`CandleStore::allocating`] turns the in-place writes off.
+/// directly. A gradient the caller handed over (from `backward()` or
+/// [`CandleStore::set_grad`]) is never written into: its first update
+/// writes into the storage of a gradient the store made in an earlier step
+/// (its first step allocates it), so that a step allocates no
+/// parameter-sized memory once the first is done; the store holds one
+/// gradient-sized tensor per parameter between steps for this.
+/// `axpy_from` and AMP's ascent step (`perturb_from_grads`) are fused, one
+/// pass per tensor. [`CandleStore::allocating`] turns all of this off.
 ///
 /// Elsewhere (CUDA, half precision) every operation is a handful of candle
 /// ops per tensor (candle has no multi-tensor kernels): `axpy` is a scale
@@ -276,6 +289,10 @@ impl CandleNorms {
 #[derive(Debug)]
 pub struct CandleStore {
     vars: Vec<Var>,
+    /// The addresses of the vars' storage ([`storage_address`]), to tell
+    /// in one lookup whether a gradient shares a var's storage. Stable:
+    /// the store holds the vars, and `Var::set` writes into their storage.
+    var_storage: HashSet<usize>,
     names: Option<Vec<String>>,
     device: Device,
     dtype: CDType,
@@ -289,6 +306,12 @@ pub struct CandleStore {
     /// candle's backward pass, which others may share: only the former are
     /// written in place.
     grad_owned: Vec<bool>,
+    /// Per tensor, a gradient the store made itself and holds no longer
+    /// (dropped by `zero_grads` or replaced), kept for the next write to a
+    /// gradient taken from the caller: on the CPU, that write goes into
+    /// this already mapped memory instead of a fresh allocation (see
+    /// [`CandleStore::grad`]). In-place stores only.
+    spare: Vec<Option<Tensor>>,
     /// Whether CPU operations may write into existing storage
     /// ([`CandleStore::allocating`] turns it off).
     in_place: bool,
@@ -391,8 +414,10 @@ impl CandleStore {
             }
         }
         let n = vars.len();
+        let var_storage = vars.iter().map(|v| storage_address(v)).collect();
         Ok(CandleStore {
             vars,
+            var_storage,
             names,
             device,
             dtype,
@@ -400,6 +425,7 @@ impl CandleStore {
             grads: vec![None; n],
             has_grad: vec![false; n],
             grad_owned: vec![false; n],
+            spare: vec![None; n],
             in_place: true,
             buffers: Buffers::new(),
             master: None,
@@ -451,6 +477,15 @@ impl CandleStore {
     }
 
     /// The gradient of tensor `index` from the last closure call, if any.
+    ///
+    /// On the CPU (`f32` and `f64` stores, unless
+    /// [`CandleStore::allocating`]) the store updates the gradients it made
+    /// itself in place, and reuses their storage for later steps'
+    /// gradients, as PyTorch reuses `.grad` across steps: a clone of the
+    /// tensor returned here shares that storage. `copy()` it to keep its
+    /// values past the next step. Tensors handed to the store
+    /// ([`CandleStore::set_grad`], [`CandleStore::absorb_grads`]) are never
+    /// written.
     pub fn grad(&self, index: usize) -> Option<&Tensor> {
         match self.has_grad.get(index) {
             Some(true) => self.grads[index].as_ref(),
@@ -463,9 +498,8 @@ impl CandleStore {
     pub fn set_grad(&mut self, index: usize, grad: &Tensor) -> Result<()> {
         self.check_index(index)?;
         let grad = self.accept_grad(index, grad)?;
-        self.grads[index] = Some(grad);
+        self.replace_grad(index, Some(grad), false);
         self.has_grad[index] = true;
-        self.grad_owned[index] = false;
         Ok(())
     }
 
@@ -478,9 +512,8 @@ impl CandleStore {
         let taken = self.grads_from(grads)?;
         let count = taken.len();
         for (index, grad) in taken {
-            self.grads[index] = Some(grad);
+            self.replace_grad(index, Some(grad), false);
             self.has_grad[index] = true;
-            self.grad_owned[index] = false;
         }
         Ok(count)
     }
@@ -503,9 +536,8 @@ impl CandleStore {
         }
         let count = sums.len();
         for (index, (sum, owned)) in sums {
-            self.grads[index] = Some(sum);
+            self.replace_grad(index, Some(sum), owned);
             self.has_grad[index] = true;
-            self.grad_owned[index] = owned;
         }
         Ok(count)
     }
@@ -566,7 +598,7 @@ impl CandleStore {
         if widen && grad.dtype() != self.dtype {
             // A new tensor: it shares no storage with a var.
             cast(&grad, self.dtype).map_err(backend)
-        } else if self.vars.iter().any(|v| same_storage(v.as_tensor(), &grad)) {
+        } else if self.var_storage.contains(&storage_address(&grad)) {
             grad.copy().map_err(backend)
         } else {
             Ok(grad)
@@ -617,6 +649,16 @@ impl CandleStore {
         }
     }
 
+    /// Tensor `index` of `slot` as the source of an in-place kernel or a
+    /// scan of host memory, which record no autograd graph: as
+    /// [`CandleStore::value`], without detaching a var (which allocates).
+    fn source(&self, slot: Slot, index: usize) -> Result<Tensor> {
+        match (slot, &self.master) {
+            (Slot::Params, None) => Ok(self.vars[index].as_tensor().clone()),
+            _ => self.value(slot, index),
+        }
+    }
+
     /// Stores `value` (of the storage dtype, and never sharing a var's
     /// storage) as tensor `index` of `slot`. Writing a gradient does not
     /// change [`ParamStore::grad_mask`].
@@ -639,8 +681,7 @@ impl CandleStore {
                 Ok(())
             }
             Slot::Grads => {
-                self.grads[index] = Some(value);
-                self.grad_owned[index] = true;
+                self.replace_grad(index, Some(value), true);
                 Ok(())
             }
             Slot::Buffer(id) => {
@@ -658,6 +699,20 @@ impl CandleStore {
     /// Rounds back to the storage dtype.
     fn down(&self, tensor: Tensor) -> Result<Tensor> {
         cast(&tensor, self.dtype).map_err(backend)
+    }
+
+    /// The projection's coefficients `min(1, max_norm / (norm + 1e-12))`,
+    /// all tensors at once, on the device, in the compute dtype.
+    fn coefficients(&self, norms: &CandleNorms, max_norm: &[f64]) -> Result<Tensor> {
+        let max_norm = Tensor::from_slice(max_norm, max_norm.len(), &self.device)
+            .and_then(|t| t.to_dtype(self.compute))
+            .map_err(backend)?;
+        let norms = cast(&norms.norms, self.compute).map_err(backend)?;
+        norms
+            .affine(1.0, PROJECTION_GUARD)
+            .and_then(|guarded| max_norm.div(&guarded))
+            .and_then(|c| c.minimum(1.0))
+            .map_err(backend)
     }
 
     /// One tensor of `dtype` and length `n` from per-tensor 0-d results of
@@ -702,8 +757,11 @@ impl ParamStore for CandleStore {
     }
 
     fn zero_grads(&mut self) -> Result<()> {
-        // Dropping the tensors frees their memory before the next backward.
-        self.grads.iter_mut().for_each(|g| *g = None);
+        // Dropping the tensors frees their memory before the next backward
+        // (those the store made become spares, when it writes in place).
+        for index in 0..self.grads.len() {
+            self.replace_grad(index, None, false);
+        }
         self.has_grad.fill(false);
         Ok(())
     }
@@ -733,14 +791,16 @@ impl ParamStore for CandleStore {
     fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
         self.check_mask(mask)?;
         self.check_pair(dst, src)?;
+        let mut batch = Batch::with_capacity(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
-            let mut value = self.value(src, index)?;
-            if let Some(target) = self.in_place_target(dst, index) {
-                target
-                    .inplace_op2(&value, &in_place::CopyFrom)
-                    .map_err(backend)?;
+            if let Some(target) = self.in_place_target(dst, index, true)? {
+                let value = self.source(src, index)?;
+                batch.push(target.elem_count(), move || {
+                    target.inplace_op2(&value, &in_place::CopyFrom)
+                });
                 continue;
             }
+            let mut value = self.value(src, index)?;
             // Vars change in place, and so do the store's own tensors where
             // it writes in place: a slot must own its copy. (`Var::set`
             // copies by itself; master weights are replaced, never changed
@@ -751,17 +811,18 @@ impl ParamStore for CandleStore {
             }
             self.put(dst, index, value)?;
         }
-        Ok(())
+        batch.run()
     }
 
     fn scale(&mut self, dst: Slot, factor: &[f64], mask: &[bool]) -> Result<()> {
         self.check_mask(mask)?;
         check_len("scale factors", mask.len(), factor.len())?;
         self.check_slot(dst)?;
+        let mut batch = Batch::with_capacity(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i] && factor[i] != 1.0) {
-            if let Some(target) = self.in_place_target(dst, index) {
+            if let Some(target) = self.in_place_target(dst, index, false)? {
                 let op = in_place::Scale(factor[index]);
-                target.inplace_op1(&op).map_err(backend)?;
+                batch.push(target.elem_count(), move || target.inplace_op1(&op));
                 continue;
             }
             let d = self.up(&self.value(dst, index)?)?;
@@ -769,18 +830,34 @@ impl ParamStore for CandleStore {
             let scaled = self.down(scaled)?;
             self.put(dst, index, scaled)?;
         }
-        Ok(())
+        batch.run()
     }
 
     fn axpy(&mut self, dst: Slot, alpha: &[f64], src: Slot, mask: &[bool]) -> Result<()> {
         self.check_mask(mask)?;
         check_len("axpy coefficients", mask.len(), alpha.len())?;
         self.check_pair(dst, src)?;
+        let (mut batch, mut adopted) = (Batch::with_capacity(mask.len()), Vec::new());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
-            if let Some(target) = self.in_place_target(dst, index) {
-                let s = self.value(src, index)?;
-                let op = in_place::Axpy(alpha[index]);
-                target.inplace_op2(&s, &op).map_err(backend)?;
+            // A gradient taken from the caller goes to the spare, summed on
+            // the way: `spare ← g + alpha · src` in one pass. The spare
+            // becomes the gradient once written.
+            let spare = (dst == Slot::Grads)
+                .then(|| self.take_spare(index, false))
+                .flatten();
+            let (target, base) = match spare {
+                Some((spare, Some(g))) => {
+                    adopted.push((index, spare.clone()));
+                    (Some(spare), Some(g))
+                }
+                _ => (self.in_place_target(dst, index, false)?, None),
+            };
+            if let Some(target) = target {
+                let (s, a) = (self.source(src, index)?, alpha[index]);
+                batch.push(target.elem_count(), move || match &base {
+                    Some(g) => target.inplace_op3(g, &s, &in_place::AxpyFrom(a)),
+                    None => target.inplace_op2(&s, &in_place::Axpy(a)),
+                });
                 continue;
             }
             let d = self.up(&self.value(dst, index)?)?;
@@ -798,6 +875,10 @@ impl ParamStore for CandleStore {
             let sum = self.down(sum)?;
             self.put(dst, index, sum)?;
         }
+        batch.run()?;
+        for (index, spare) in adopted {
+            self.replace_grad(index, Some(spare), true);
+        }
         Ok(())
     }
 
@@ -807,11 +888,12 @@ impl ParamStore for CandleStore {
         for slot in [dst, a, b] {
             self.check_slot(slot)?;
         }
+        let mut batch = Batch::with_capacity(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
-            if let Some(target) = self.in_place_target(dst, index) {
-                let (x, y) = (self.value(a, index)?, self.value(b, index)?);
+            if let Some(target) = self.in_place_target(dst, index, false)? {
+                let (x, y) = (self.source(a, index)?, self.source(b, index)?);
                 let op = in_place::Addcmul(alpha[index]);
-                target.inplace_op3(&x, &y, &op).map_err(backend)?;
+                batch.push(target.elem_count(), move || target.inplace_op3(&x, &y, &op));
                 continue;
             }
             let d = self.up(&self.value(dst, index)?)?;
@@ -826,7 +908,7 @@ impl ParamStore for CandleStore {
             let sum = self.down(sum)?;
             self.put(dst, index, sum)?;
         }
-        Ok(())
+        batch.run()
     }
 
     fn addcdiv_sqrt(
@@ -844,15 +926,16 @@ impl ParamStore for CandleStore {
         for slot in [dst, num, den] {
             self.check_slot(slot)?;
         }
+        let mut batch = Batch::with_capacity(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
-            if let Some(target) = self.in_place_target(dst, index) {
-                let (x, y) = (self.value(num, index)?, self.value(den, index)?);
+            if let Some(target) = self.in_place_target(dst, index, false)? {
+                let (x, y) = (self.source(num, index)?, self.source(den, index)?);
                 let op = in_place::AddcdivSqrt {
                     alpha: alpha[index],
                     divisor: divisor[index],
                     eps: eps[index],
                 };
-                target.inplace_op3(&x, &y, &op).map_err(backend)?;
+                batch.push(target.elem_count(), move || target.inplace_op3(&x, &y, &op));
                 continue;
             }
             let d = self.up(&self.value(dst, index)?)?;
@@ -875,7 +958,35 @@ impl ParamStore for CandleStore {
             let sum = self.down(sum)?;
             self.put(dst, index, sum)?;
         }
-        Ok(())
+        batch.run()
+    }
+
+    fn axpy_from(
+        &mut self,
+        dst: Slot,
+        base: Slot,
+        alpha: &[f64],
+        src: Slot,
+        mask: &[bool],
+    ) -> Result<()> {
+        if self.fused_axpy_from(dst, base, alpha, src, mask)? {
+            return Ok(());
+        }
+        amp_core::composed::axpy_from(self, dst, base, alpha, src, mask)
+    }
+
+    fn perturb_from_grads(
+        &mut self,
+        snapshot: Option<Slot>,
+        delta: Option<Slot>,
+        inner_lr: &[f64],
+        epsilon: &[f64],
+        mask: &[bool],
+    ) -> Result<CandleNorms> {
+        if let Some(norms) = self.fused_perturb(snapshot, delta, inner_lr, epsilon, mask)? {
+            return Ok(norms);
+        }
+        amp_core::composed::perturb_from_grads(self, snapshot, delta, inner_lr, epsilon, mask)
     }
 
     fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
@@ -898,7 +1009,7 @@ impl ParamStore for CandleStore {
     fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<CandleNorms> {
         self.check_mask(mask)?;
         self.check_slot(src)?;
-        if let Some(norms) = self.host_norms(src, mask)? {
+        if let Some(norms) = self.host_norms(src, mask, None)? {
             return Ok(norms);
         }
         let mut parts = Vec::with_capacity(mask.len());
@@ -929,17 +1040,7 @@ impl ParamStore for CandleStore {
         if !mask.iter().any(|&m| m) {
             return Ok(());
         }
-        // coefficient = min(1, max_norm / (norm + 1e-12)), all tensors at
-        // once, on the device, in the compute dtype.
-        let max_norm = Tensor::from_slice(max_norm, max_norm.len(), &self.device)
-            .and_then(|t| t.to_dtype(self.compute))
-            .map_err(backend)?;
-        let norms = cast(&norms.norms, self.compute).map_err(backend)?;
-        let coefficients = norms
-            .affine(1.0, PROJECTION_GUARD)
-            .and_then(|guarded| max_norm.div(&guarded))
-            .and_then(|c| c.minimum(1.0))
-            .map_err(backend)?;
+        let coefficients = self.coefficients(norms, max_norm)?;
         // Writing in place, the coefficients are read from host memory (on
         // the CPU a read is a copy of one value per tensor).
         let on_host = match self.writes_in_place() {
@@ -950,11 +1051,14 @@ impl ParamStore for CandleStore {
             ),
             false => None,
         };
+        let mut batch = Batch::with_capacity(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
-            if let (Some(c), Some(target)) = (&on_host, self.in_place_target(dst, index)) {
-                let op = in_place::Multiply(c[index]);
-                target.inplace_op1(&op).map_err(backend)?;
-                continue;
+            if let Some(c) = &on_host {
+                if let Some(target) = self.in_place_target(dst, index, false)? {
+                    let op = in_place::Multiply(c[index]);
+                    batch.push(target.elem_count(), move || target.inplace_op1(&op));
+                    continue;
+                }
             }
             let d = self.up(&self.value(dst, index)?)?;
             // A 0-d view of the coefficient, broadcast: no host read.
@@ -965,7 +1069,7 @@ impl ParamStore for CandleStore {
             let clipped = self.down(clipped)?;
             self.put(dst, index, clipped)?;
         }
-        Ok(())
+        batch.run()
     }
 
     fn norms_to_host(&self, norms: &CandleNorms) -> Result<Vec<f64>> {
@@ -981,18 +1085,14 @@ impl ParamStore for CandleStore {
             return Ok(true);
         }
         if self.writes_in_place() {
-            // On the CPU: a scan of each tensor's memory, nothing allocated.
-            let mut finite = Some(true);
-            for index in (0..mask.len()).filter(|&i| mask[i]) {
-                let t = self.value(src, index)?;
-                match in_place::all_finite(&t) {
-                    Some(true) => {}
-                    other => {
-                        finite = other;
-                        break;
-                    }
-                }
-            }
+            // On the CPU: a scan of each tensor's memory, nothing allocated
+            // (`None`: a tensor that is not contiguous).
+            let scans = self.read_each(src, mask, |_, t| in_place::all_finite(t))?;
+            let scans: Vec<Option<bool>> = scans.into_iter().flatten().collect();
+            let finite = match scans.contains(&Some(false)) {
+                true => Some(false),
+                false => scans.iter().all(Option::is_some).then_some(true),
+            };
             if let Some(finite) = finite {
                 return Ok(finite);
             }

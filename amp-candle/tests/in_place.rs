@@ -121,16 +121,26 @@ fn in_place_gives_the_bits_of_the_allocating_store() {
 }
 
 /// Tensors long enough for the loops to be split over threads (from 2^18
-/// elements on, in blocks of 2^16: here a partial last block) give the same
-/// bits too.
+/// elements on, in blocks of 2^16: here a partial last block), and many
+/// short tensors holding more than 2^18 elements between them (run over
+/// threads tensor by tensor), give the same bits too.
 #[test]
 fn loops_split_over_threads_give_the_same_bits() {
     let n = (1 << 18) + 12_345;
-    let init = vec![
+    let long = vec![
         HostTensor::new(vec![n], DType::F32, common::values(7, n)).unwrap(),
         HostTensor::new(vec![3, 4], DType::F32, common::values(8, 12)).unwrap(),
     ];
-    let store = || CandleStore::from_host(&init, &Device::Cpu).unwrap();
+    let many: Vec<HostTensor> = (0..40)
+        .map(|i| HostTensor::new(vec![80, 100], DType::F32, common::values(i, 8000)).unwrap())
+        .collect();
+    for init in [long, many] {
+        split_runs_match(&init);
+    }
+}
+
+fn split_runs_match(init: &[HostTensor]) {
+    let store = || CandleStore::from_host(init, &Device::Cpu).unwrap();
     let config = AmpConfig::new(0.1, 0.3).inner_lr(0.7).weight_decay(1e-2);
     for grads in [Grads::Written, Grads::Handed] {
         let sgd = || Sgd::new(SgdConfig::nesterov(0.9)).unwrap();
@@ -212,4 +222,79 @@ fn all_finite_finds_every_non_finite_value() {
             }
         }
     }
+}
+
+/// The address of a tensor's storage (equal for tensors sharing it).
+fn storage_of(t: &Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    std::ptr::from_ref(&*storage) as usize
+}
+
+/// One step of AMP over SGD with weight decay (which writes into the
+/// gradient) on a one-tensor store whose closure hands over `grad(pass)`.
+fn step_handing(amp: &mut Amp<CandleStore, Sgd>, grad: &mut dyn FnMut(&CandleStore) -> Tensor) {
+    amp.step(|s: &mut CandleStore, _pass: Pass| {
+        let g = grad(s);
+        s.set_grad(0, &g)?;
+        Ok::<_, AmpError>(((), 1.0))
+    })
+    .unwrap();
+}
+
+fn one_tensor_amp(store: CandleStore) -> Amp<CandleStore, Sgd> {
+    let config = AmpConfig::new(0.1, 0.05).weight_decay(1e-2);
+    Amp::new(store, config, Sgd::new(SgdConfig::nesterov(0.9)).unwrap()).unwrap()
+}
+
+/// The first write into a gradient taken from the caller lands in the
+/// storage of a gradient the store made in an earlier step (its spare),
+/// not in freshly allocated memory: the gradient after a second step is
+/// the storage of the first one, which a clone keeps alive (so that a new
+/// allocation cannot take its address).
+#[test]
+fn gradients_written_in_place_reuse_the_storage_of_earlier_steps() {
+    let init = [HostTensor::new(vec![4, 5], DType::F32, common::values(3, 20)).unwrap()];
+    let mut amp = one_tensor_amp(CandleStore::from_host(&init, &Device::Cpu).unwrap());
+    let handed = Tensor::full(0.25f32, (4, 5), &Device::Cpu).unwrap();
+    step_handing(&mut amp, &mut |_| handed.clone());
+    let first = amp.store().grad(0).unwrap().clone();
+    assert_ne!(storage_of(&first), storage_of(&handed), "not written");
+    step_handing(&mut amp, &mut |_| handed.clone());
+    let second = amp.store().grad(0).unwrap();
+    assert_eq!(storage_of(second), storage_of(&first));
+    // The allocating store allocates instead.
+    let store = CandleStore::from_host(&init, &Device::Cpu).unwrap();
+    let mut amp = one_tensor_amp(store.allocating());
+    step_handing(&mut amp, &mut |_| handed.clone());
+    let first = amp.store().grad(0).unwrap().clone();
+    step_handing(&mut amp, &mut |_| handed.clone());
+    assert_ne!(storage_of(amp.store().grad(0).unwrap()), storage_of(&first));
+}
+
+/// A gradient the store made, handed back to it by the caller in the next
+/// step, shares its storage with the store's spare: the store must neither
+/// write into it nor copy it onto itself. The steps give the allocating
+/// store's bits.
+#[test]
+fn a_gradient_handed_back_is_not_written() {
+    let init = [HostTensor::new(vec![6], DType::F64, common::values(5, 6)).unwrap()];
+    let run = |store: CandleStore| {
+        let mut amp = one_tensor_amp(store);
+        let start = Tensor::full(0.5f64, 6, &Device::Cpu).unwrap();
+        step_handing(&mut amp, &mut |_| start.clone());
+        for _ in 0..3 {
+            // The store's gradient of the last step, handed back in each
+            // pass of this one.
+            let held = amp.store().grad(0).unwrap().clone();
+            let before = held.to_vec1::<f64>().unwrap();
+            step_handing(&mut amp, &mut |_| held.clone());
+            assert_eq!(held.to_vec1::<f64>().unwrap(), before, "written");
+        }
+        amp.store().read(Slot::Params, 0).unwrap()
+    };
+    let a = run(CandleStore::from_host(&init, &Device::Cpu).unwrap());
+    let b = run(CandleStore::from_host(&init, &Device::Cpu)
+        .unwrap()
+        .allocating());
+    assert_eq!(bits(&[a]), bits(&[b]));
 }

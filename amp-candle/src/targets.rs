@@ -1,0 +1,221 @@
+//! Where the store's CPU operations write: which tensor of a slot an
+//! in-place operation may write into ([`CandleStore::in_place_target`]),
+//! the spare storage that receives the first write to a gradient taken from
+//! the caller, and [`Batch`], which runs the kernels of one operation over
+//! many tensors on rayon's threads.
+
+use amp_core::{Result, Slot};
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use crate::in_place::{sum_of_squares, CopyFrom, BLOCK, PARALLEL};
+use crate::{backend, same_storage, CandleNorms, CandleStore};
+
+/// The in-place kernels of one operation, on distinct tensors, queued and
+/// then run together: over rayon's threads, tensor by tensor, when there
+/// are several holding at least [`PARALLEL`] elements between them (a long
+/// tensor also splits its own loop); in order otherwise. Every element is
+/// computed on its own, so the bits do not depend on the schedule. `J` is
+/// the one closure type of the operation (no allocation per kernel).
+pub(crate) struct Batch<J> {
+    jobs: Vec<J>,
+    elements: usize,
+}
+
+impl<J: FnOnce() -> candle_core::Result<()> + Send> Batch<J> {
+    /// An empty batch with room for `capacity` kernels.
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Batch {
+            jobs: Vec::with_capacity(capacity),
+            elements: 0,
+        }
+    }
+
+    /// Queues `job`, which writes `elements` elements.
+    pub(crate) fn push(&mut self, elements: usize, job: J) {
+        self.elements += elements;
+        self.jobs.push(job);
+    }
+
+    /// Runs every job; the first error is returned (the others may have
+    /// run).
+    pub(crate) fn run(self) -> Result<()> {
+        if self.jobs.len() > 1 && self.elements >= PARALLEL {
+            // Pieces of about BLOCK elements at least: short tensors go to
+            // rayon's threads in groups, not one task each.
+            let per_piece = (self.jobs.len() * BLOCK / self.elements).max(1);
+            let jobs = self.jobs.into_par_iter().with_min_len(per_piece);
+            jobs.try_for_each(|job| job())
+        } else {
+            self.jobs.into_iter().try_for_each(|job| job())
+        }
+        .map_err(backend)
+    }
+}
+
+impl CandleStore {
+    /// This store with every operation allocating its result, as candle's
+    /// operations do, instead of writing into the existing storage on the
+    /// CPU. The results are the same bits; what changes is memory traffic
+    /// (each result is freshly allocated memory). For comparisons and
+    /// debugging; CUDA and half-precision stores always allocate.
+    pub fn allocating(mut self) -> Self {
+        self.in_place = false;
+        self
+    }
+
+    /// Whether this store writes into existing storage: on the CPU, with
+    /// `f32` or `f64` storage computed in its own dtype, without master
+    /// weights, unless [`CandleStore::allocating`].
+    pub(crate) fn writes_in_place(&self) -> bool {
+        self.in_place && self.device.is_cpu() && self.compute == self.dtype && self.master.is_none()
+    }
+
+    /// The norms of `src` read from host memory ([`sum_of_squares`]) on
+    /// the CPU for `f32` and `f64` storage, in both modes (they write
+    /// nothing); `None` elsewhere, and for a tensor that is not contiguous.
+    /// With `scale`, the norms of `src` scaled tensor by tensor as the
+    /// store's `scale` would scale it.
+    pub(crate) fn host_norms(
+        &self,
+        src: Slot,
+        mask: &[bool],
+        scale: Option<&[f64]>,
+    ) -> Result<Option<CandleNorms>> {
+        if !self.device.is_cpu() || self.compute != self.dtype {
+            return Ok(None);
+        }
+        let factor = |index: usize| scale.map_or(1.0, |s| s[index]);
+        let sums = self.read_each(src, mask, |index, t| sum_of_squares(t, factor(index)))?;
+        let mut out = vec![0.0f64; mask.len()];
+        for (index, sum) in sums.into_iter().enumerate() {
+            match sum {
+                Some(Some(sum)) => out[index] = sum,
+                Some(None) => return Ok(None),
+                None => {}
+            }
+        }
+        let sums = out;
+        let norms = sums.into_iter().map(f64::sqrt).collect::<Vec<_>>();
+        let n = norms.len();
+        let norms = Tensor::from_vec(norms, n, &self.device)
+            .and_then(|t| t.to_dtype(self.compute))
+            .map_err(crate::backend)?;
+        Ok(Some(CandleNorms { norms }))
+    }
+
+    /// `read(index, tensor)` for every tensor of `slot` under `mask` (`None`
+    /// where masked out), over rayon's threads tensor by tensor when there
+    /// are several holding at least [`PARALLEL`] elements between them: for
+    /// scans of host memory.
+    pub(crate) fn read_each<R: Send>(
+        &self,
+        slot: Slot,
+        mask: &[bool],
+        read: impl Fn(usize, &Tensor) -> R + Sync,
+    ) -> Result<Vec<Option<R>>> {
+        let mut tensors = Vec::with_capacity(mask.len());
+        let mut elements = 0;
+        for (index, &active) in mask.iter().enumerate() {
+            let tensor = active.then(|| self.source(slot, index)).transpose()?;
+            elements += tensor.as_ref().map_or(0, Tensor::elem_count);
+            tensors.push(tensor);
+        }
+        let one = |(index, t): (usize, &Option<Tensor>)| t.as_ref().map(|t| read(index, t));
+        Ok(if tensors.len() > 1 && elements >= PARALLEL {
+            let per_piece = (tensors.len() * BLOCK / elements).max(1);
+            let tensors = tensors.par_iter().with_min_len(per_piece);
+            tensors.enumerate().map(one).collect()
+        } else {
+            tensors.iter().enumerate().map(one).collect()
+        })
+    }
+
+    /// Tensor `index` of `slot` when an operation may write into its
+    /// storage: a var (updated in place anyway, as `Var::set` does), a
+    /// buffer, or a gradient the store made itself; contiguous and not
+    /// empty. A gradient taken from the caller is first moved into the
+    /// tensor's spare ([`CandleStore::grad_target`]). `overwrite`: the
+    /// operation writes every element without reading it (a copy).
+    pub(crate) fn in_place_target(
+        &mut self,
+        slot: Slot,
+        index: usize,
+        overwrite: bool,
+    ) -> Result<Option<Tensor>> {
+        if !self.writes_in_place() {
+            return Ok(None);
+        }
+        let tensor = match slot {
+            Slot::Params => self.vars.get(index).map(|v| v.as_tensor().clone()),
+            Slot::Grads => self.grad_target(index, overwrite)?,
+            Slot::Buffer(id) => self.buffers.get(id)?.get(index).cloned(),
+        };
+        Ok(tensor.filter(|t| t.is_contiguous() && t.elem_count() > 0))
+    }
+
+    /// Gradient `index` as the target of an in-place operation: one the
+    /// store made itself, or else the tensor's spare, given the gradient's
+    /// values (unless `overwrite`) and made the gradient — one pass over
+    /// memory already mapped, where an allocating operation would map
+    /// fresh pages. `None` without a spare (then the operation allocates).
+    fn grad_target(&mut self, index: usize, overwrite: bool) -> Result<Option<Tensor>> {
+        if self.grad_owned.get(index) == Some(&true) {
+            return Ok(self.grads[index].clone());
+        }
+        let Some((spare, grad)) = self.take_spare(index, overwrite) else {
+            return Ok(None);
+        };
+        if let (Some(grad), false) = (grad, overwrite) {
+            spare.inplace_op2(&grad, &CopyFrom).map_err(backend)?;
+        }
+        self.replace_grad(index, Some(spare.clone()), true);
+        Ok(Some(spare))
+    }
+
+    /// The spare of tensor `index`, to receive a value computed from the
+    /// gradient taken from the caller, returned beside it (`None` for a
+    /// missing gradient, which reads as zeros: only when `overwrite`, the
+    /// caller then writing every element without reading it). Once written,
+    /// the caller makes the spare the gradient ([`CandleStore::replace_grad`],
+    /// owned); on failure the gradient is untouched. `None` when the
+    /// gradient is the store's own, when there is no spare, or when the
+    /// gradient is the spare's own storage or not contiguous.
+    pub(crate) fn take_spare(
+        &mut self,
+        index: usize,
+        overwrite: bool,
+    ) -> Option<(Tensor, Option<Tensor>)> {
+        if !self.writes_in_place() || self.grad_owned.get(index) != Some(&false) {
+            return None;
+        }
+        let grad = self.grads[index].clone();
+        let usable = match &grad {
+            Some(grad) => grad.is_contiguous(),
+            None => overwrite,
+        };
+        if !usable {
+            return None;
+        }
+        let spare = self.spare[index].take()?;
+        // A spare that is the gradient's own storage (handed back by the
+        // caller) is dropped: it must not be written while read.
+        if grad.as_ref().is_some_and(|g| same_storage(g, &spare)) {
+            return None;
+        }
+        Some((spare, grad))
+    }
+
+    /// Makes `value` gradient `index`, `owned` when the store made it; a
+    /// gradient the store made itself that this replaces becomes the
+    /// tensor's spare (in-place stores).
+    pub(crate) fn replace_grad(&mut self, index: usize, value: Option<Tensor>, owned: bool) {
+        let old = std::mem::replace(&mut self.grads[index], value);
+        if self.grad_owned[index] && self.writes_in_place() {
+            if let Some(old) = old {
+                self.spare[index] = Some(old);
+            }
+        }
+        self.grad_owned[index] = owned;
+    }
+}
