@@ -24,8 +24,10 @@ pub const FROZEN: usize = 5;
 /// Steps of every case.
 pub const STEPS: usize = 4;
 
-/// Deterministic values in [-1, 1).
-fn values(seed: u64, n: usize) -> Vec<f64> {
+/// `n` deterministic values in [-1, 1) from `seed` (a linear congruential
+/// generator: the same values on every platform), for the grid's weights
+/// and for tests that need fixed, irregular data.
+pub fn values(seed: u64, n: usize) -> Vec<f64> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {

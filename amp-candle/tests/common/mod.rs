@@ -20,18 +20,8 @@ pub const SHAPES: &[&[usize]] = &[&[3, 4], &[4], &[], &[2, 2, 3], &[0, 3], &[5]]
 /// The tensor the loss does not depend on.
 pub const NO_GRAD: usize = 5;
 
-/// Deterministic values in [-1, 1).
-pub fn values(seed: u64, n: usize) -> Vec<f64> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect()
-}
+/// Deterministic values in [-1, 1) (the conformance grid's generator).
+pub use amp_testkit::grid::values;
 
 /// The initial weights, tagged with `dtype` (values not yet rounded).
 pub fn initial_weights(dtype: DType) -> Vec<HostTensor> {
