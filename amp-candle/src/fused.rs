@@ -38,8 +38,7 @@ impl CandleStore {
         }
         let mut batch = Batch::with_capacity(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
-            // Every element of `dst` is written, none read.
-            match self.in_place_target(dst, index, true)? {
+            match self.in_place_target(dst, index)? {
                 Some(target) => {
                     let (b, s) = (self.source(base, index)?, self.source(src, index)?);
                     let op = AxpyFrom(alpha[index]);
@@ -91,7 +90,7 @@ impl CandleStore {
         let mut batch = Batch::with_capacity(n);
         for index in (0..n).filter(|&i| mask[i]) {
             // Empty vars have nothing to write.
-            let Some(target) = self.in_place_target(Slot::Params, index, false)? else {
+            let Some(target) = self.in_place_target(Slot::Params, index)? else {
                 continue;
             };
             let g = self.source(Slot::Grads, index)?;

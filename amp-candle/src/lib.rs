@@ -793,7 +793,7 @@ impl ParamStore for CandleStore {
         self.check_pair(dst, src)?;
         let mut batch = Batch::with_capacity(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
-            if let Some(target) = self.in_place_target(dst, index, true)? {
+            if let Some(target) = self.in_place_target(dst, index)? {
                 let value = self.source(src, index)?;
                 batch.push(target.elem_count(), move || {
                     target.inplace_op2(&value, &in_place::CopyFrom)
@@ -820,7 +820,7 @@ impl ParamStore for CandleStore {
         self.check_slot(dst)?;
         let mut batch = Batch::with_capacity(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i] && factor[i] != 1.0) {
-            if let Some(target) = self.in_place_target(dst, index, false)? {
+            if let Some(target) = self.in_place_target(dst, index)? {
                 let op = in_place::Scale(factor[index]);
                 batch.push(target.elem_count(), move || target.inplace_op1(&op));
                 continue;
@@ -843,14 +843,14 @@ impl ParamStore for CandleStore {
             // the way: `spare ← g + alpha · src` in one pass. The spare
             // becomes the gradient once written.
             let spare = (dst == Slot::Grads)
-                .then(|| self.take_spare(index, false))
+                .then(|| self.take_spare(index))
                 .flatten();
             let (target, base) = match spare {
-                Some((spare, Some(g))) => {
+                Some((spare, g)) => {
                     adopted.push((index, spare.clone()));
                     (Some(spare), Some(g))
                 }
-                _ => (self.in_place_target(dst, index, false)?, None),
+                None => (self.in_place_target(dst, index)?, None),
             };
             if let Some(target) = target {
                 let (s, a) = (self.source(src, index)?, alpha[index]);
@@ -890,7 +890,7 @@ impl ParamStore for CandleStore {
         }
         let mut batch = Batch::with_capacity(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
-            if let Some(target) = self.in_place_target(dst, index, false)? {
+            if let Some(target) = self.in_place_target(dst, index)? {
                 let (x, y) = (self.source(a, index)?, self.source(b, index)?);
                 let op = in_place::Addcmul(alpha[index]);
                 batch.push(target.elem_count(), move || target.inplace_op3(&x, &y, &op));
@@ -928,7 +928,7 @@ impl ParamStore for CandleStore {
         }
         let mut batch = Batch::with_capacity(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
-            if let Some(target) = self.in_place_target(dst, index, false)? {
+            if let Some(target) = self.in_place_target(dst, index)? {
                 let (x, y) = (self.source(num, index)?, self.source(den, index)?);
                 let op = in_place::AddcdivSqrt {
                     alpha: alpha[index],
@@ -1054,7 +1054,7 @@ impl ParamStore for CandleStore {
         let mut batch = Batch::with_capacity(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
             if let Some(c) = &on_host {
-                if let Some(target) = self.in_place_target(dst, index, false)? {
+                if let Some(target) = self.in_place_target(dst, index)? {
                     let op = in_place::Multiply(c[index]);
                     batch.push(target.elem_count(), move || target.inplace_op1(&op));
                     continue;

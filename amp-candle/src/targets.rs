@@ -134,21 +134,15 @@ impl CandleStore {
     /// Tensor `index` of `slot` when an operation may write into its
     /// storage: a var (updated in place anyway, as `Var::set` does), a
     /// buffer, or a gradient the store made itself; contiguous and not
-    /// empty. A gradient taken from the caller is first moved into the
-    /// tensor's spare ([`CandleStore::grad_target`]). `overwrite`: the
-    /// operation writes every element without reading it (a copy).
-    pub(crate) fn in_place_target(
-        &mut self,
-        slot: Slot,
-        index: usize,
-        overwrite: bool,
-    ) -> Result<Option<Tensor>> {
+    /// empty. A gradient taken from the caller is first copied into the
+    /// tensor's spare ([`CandleStore::grad_target`]).
+    pub(crate) fn in_place_target(&mut self, slot: Slot, index: usize) -> Result<Option<Tensor>> {
         if !self.writes_in_place() {
             return Ok(None);
         }
         let tensor = match slot {
             Slot::Params => self.vars.get(index).map(|v| v.as_tensor().clone()),
-            Slot::Grads => self.grad_target(index, overwrite)?,
+            Slot::Grads => self.grad_target(index)?,
             Slot::Buffer(id) => self.buffers.get(id)?.get(index).cloned(),
         };
         Ok(tensor.filter(|t| t.is_contiguous() && t.elem_count() > 0))
@@ -156,51 +150,36 @@ impl CandleStore {
 
     /// Gradient `index` as the target of an in-place operation: one the
     /// store made itself, or else the tensor's spare, given the gradient's
-    /// values (unless `overwrite`) and made the gradient — one pass over
-    /// memory already mapped, where an allocating operation would map
-    /// fresh pages. `None` without a spare (then the operation allocates).
-    fn grad_target(&mut self, index: usize, overwrite: bool) -> Result<Option<Tensor>> {
+    /// values and then made the gradient — one pass over memory already
+    /// mapped, where an allocating operation would map fresh pages. `None`
+    /// without a spare (then the operation allocates).
+    fn grad_target(&mut self, index: usize) -> Result<Option<Tensor>> {
         if self.grad_owned.get(index) == Some(&true) {
             return Ok(self.grads[index].clone());
         }
-        let Some((spare, grad)) = self.take_spare(index, overwrite) else {
+        let Some((spare, grad)) = self.take_spare(index) else {
             return Ok(None);
         };
-        if let (Some(grad), false) = (grad, overwrite) {
-            spare.inplace_op2(&grad, &CopyFrom).map_err(backend)?;
-        }
+        spare.inplace_op2(&grad, &CopyFrom).map_err(backend)?;
         self.replace_grad(index, Some(spare.clone()), true);
         Ok(Some(spare))
     }
 
     /// The spare of tensor `index`, to receive a value computed from the
-    /// gradient taken from the caller, returned beside it (`None` for a
-    /// missing gradient, which reads as zeros: only when `overwrite`, the
-    /// caller then writing every element without reading it). Once written,
+    /// gradient taken from the caller, returned beside it. Once written,
     /// the caller makes the spare the gradient ([`CandleStore::replace_grad`],
     /// owned); on failure the gradient is untouched. `None` when the
-    /// gradient is the store's own, when there is no spare, or when the
-    /// gradient is the spare's own storage or not contiguous.
-    pub(crate) fn take_spare(
-        &mut self,
-        index: usize,
-        overwrite: bool,
-    ) -> Option<(Tensor, Option<Tensor>)> {
+    /// gradient is the store's own or missing, when there is no spare, or
+    /// when the gradient is the spare's own storage or not contiguous.
+    pub(crate) fn take_spare(&mut self, index: usize) -> Option<(Tensor, Tensor)> {
         if !self.writes_in_place() || self.grad_owned.get(index) != Some(&false) {
             return None;
         }
-        let grad = self.grads[index].clone();
-        let usable = match &grad {
-            Some(grad) => grad.is_contiguous(),
-            None => overwrite,
-        };
-        if !usable {
-            return None;
-        }
+        let grad = self.grads[index].clone().filter(Tensor::is_contiguous)?;
         let spare = self.spare[index].take()?;
         // A spare that is the gradient's own storage (handed back by the
         // caller) is dropped: it must not be written while read.
-        if grad.as_ref().is_some_and(|g| same_storage(g, &spare)) {
+        if same_storage(&grad, &spare) {
             return None;
         }
         Some((spare, grad))
