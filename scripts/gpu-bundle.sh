@@ -57,7 +57,11 @@ cuda_env_setup || die "CUDA toolchain setup failed"
 if ! "$VENV_TORCH/bin/python" -c 'import torch' 2>/dev/null; then
   die "no torch in $VENV_TORCH (run scripts/test.sh once, or set AMP_VENV)"
 fi
-export VIRTUAL_ENV=$VENV_TORCH PATH="$VENV_TORCH/bin:$PATH" LIBTORCH_USE_PYTORCH=1
+# torch-sys only checks that LIBTORCH_USE_PYTORCH is set, and reruns its
+# build script only when that value changes: naming the venv in it keeps the
+# shared target directory below from reusing the libtorch paths of another
+# checkout's venv (which may have been deleted since).
+export VIRTUAL_ENV=$VENV_TORCH PATH="$VENV_TORCH/bin:$PATH" LIBTORCH_USE_PYTORCH=$VENV_TORCH
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=debuginfo
 PACKAGES=(-p amp -p amp-tch -p amp-candle -p amp-bench)
