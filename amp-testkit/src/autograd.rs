@@ -27,8 +27,8 @@ use amp_core::{AmpError, DType, HostTensor, ParamStore, Pass, Result, Slot};
 
 use crate::properties::{fail, unit_roundoff, Check};
 use crate::{
-    compare_outcomes, host_values, read_slot, run_case_with, Case, Conditioning, Objective,
-    Outcome, StoreFactory, Tolerance,
+    compare_with_oracle, host_values, read_slot, run_case_with, Case, Objective, Outcome,
+    StoreFactory,
 };
 
 /// A [`StoreFactory`] whose framework computes the conformance objective
@@ -263,10 +263,7 @@ pub fn autograd_matches_oracle<F: AutogradFactory>(
     for &i in &run.empty_without_grad {
         oracle_case.objective.frozen[i] = true;
     }
-    let (want, conditioning) =
-        Conditioning::oracle(&oracle_case, dtype).map_err(fail("oracle run"))?;
-    let tolerance = Tolerance::for_dtype(dtype);
-    compare_outcomes(case, &run.outcome, &want, tolerance, Some(&conditioning))
+    compare_with_oracle(case, &oracle_case, &run.outcome, dtype)
         .map_err(|e| format!("{} {dtype} (autograd): {e}", factory.name()))
 }
 

@@ -88,6 +88,36 @@ impl Conditioning {
     }
 }
 
+impl Conditioning {
+    /// Compares `got`, a run of `case` in `dtype`, with `want` at
+    /// [`Tolerance::for_dtype`], widened by this conditioning (of the same
+    /// case and dtype).
+    pub fn compare(
+        &self,
+        case: &Case,
+        got: &Outcome,
+        want: &Outcome,
+        dtype: DType,
+    ) -> std::result::Result<(), String> {
+        compare_outcomes(case, got, want, Tolerance::for_dtype(dtype), Some(self))
+    }
+}
+
+/// Compares `got`, a run of `case` in `dtype`, with the oracle's run of
+/// `oracle_case` (`case` itself, or `case` with what the run could not
+/// update marked frozen) at the dtype's tolerance, widened by the oracle's
+/// [`Conditioning`].
+pub fn compare_with_oracle(
+    case: &Case,
+    oracle_case: &Case,
+    got: &Outcome,
+    dtype: DType,
+) -> std::result::Result<(), String> {
+    let (want, conditioning) =
+        Conditioning::oracle(oracle_case, dtype).map_err(|e| format!("oracle run: {e}"))?;
+    conditioning.compare(case, got, &want, dtype)
+}
+
 /// An outcome of the same structure with every value zero.
 fn zeroed(like: &Outcome) -> Outcome {
     let zero = |t: &HostTensor| {

@@ -44,7 +44,9 @@ use amp_core::{
 };
 
 pub use crate::base::CaseBase;
-pub use crate::compare::{compare_outcomes, compare_tensors, Conditioning, Tolerance};
+pub use crate::compare::{
+    compare_outcomes, compare_tensors, compare_with_oracle, Conditioning, Tolerance,
+};
 
 /// Builds a store holding the given initial values (shapes and dtype included).
 pub trait StoreFactory {

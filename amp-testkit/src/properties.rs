@@ -8,8 +8,8 @@ use amp_core::{Amp, AmpError, DType, HostTensor, ParamStore, Pass, RestoreMode, 
 
 use crate::faulty::FaultyStore;
 use crate::{
-    base_state, compare_outcomes, host_values, read_slot, reference, run_case, Case, CaseBase,
-    Conditioning, Fault, NdFactory, StoreFactory, Tolerance,
+    base_state, compare_outcomes, compare_with_oracle, host_values, read_slot, reference, run_case,
+    Case, CaseBase, Conditioning, Fault, NdFactory, StoreFactory, Tolerance,
 };
 
 pub use crate::contract::gradient_presence;
@@ -106,10 +106,8 @@ pub fn oracle_matches_reference(case: &Case) -> Check {
 /// [`Conditioning`]): weights, momentum, losses and perturbation norms after
 /// every step of the case.
 pub fn matches_oracle<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
-    let (want, conditioning) = Conditioning::oracle(case, dtype).map_err(fail("oracle run"))?;
     let got = run_case(factory, case, dtype).map_err(fail("backend run"))?;
-    let tolerance = Tolerance::for_dtype(dtype);
-    compare_outcomes(case, &got, &want, tolerance, Some(&conditioning))
+    compare_with_oracle(case, case, &got, dtype)
         .map_err(|e| format!("{} {dtype}: {e}", factory.name()))
 }
 
@@ -732,8 +730,8 @@ pub fn devices_agree<A: StoreFactory, B: StoreFactory>(
     let got = run_case(device, case, dtype).map_err(fail("device run"))?;
     let want = run_case(cpu, case, dtype).map_err(fail("CPU run"))?;
     let (_, conditioning) = Conditioning::oracle(case, dtype).map_err(fail("oracle run"))?;
-    let tolerance = Tolerance::for_dtype(dtype);
-    compare_outcomes(case, &got, &want, tolerance, Some(&conditioning))
+    conditioning
+        .compare(case, &got, &want, dtype)
         .map_err(|e| format!("{} against {}: {e}", device.name(), cpu.name()))
 }
 
