@@ -340,27 +340,35 @@ template <typename T> bool finite_block(const T *__restrict__ p, int64_t n) {
   return (bad >> (8 * sizeof(U) - 1)) == 0;
 }
 
+// true when p[b..e) holds no inf or NaN, read FINITE_BLOCK elements at a
+// time; gives up early (returning true) once `go` is false, when another
+// thread has already found one.
+template <typename T>
+bool finite_range(const T *p, int64_t b, int64_t e,
+                  const std::atomic<bool> &go) {
+  for (int64_t k = b; k < e && go.load(std::memory_order_relaxed);
+       k += FINITE_BLOCK) {
+    if (!finite_block<T>(p + k, std::min(FINITE_BLOCK, e - k))) return false;
+  }
+  return true;
+}
+
 template <typename T> bool fast_all_finite(const std::vector<Span> &s) {
+  std::atomic<bool> finite{true};
   for (size_t i = 0; i < s.size(); ++i) {
     prefetch(s, i + 1, sizeof(T));
     const T *p = reinterpret_cast<const T *>(s[i].p);
     int64_t n = s[i].n;
     if (n >= PARALLEL) {
-      std::atomic<bool> finite{true};
       split(n, [&](int64_t b, int64_t e) {
-        for (int64_t k = b; k < e && finite.load(std::memory_order_relaxed);
-             k += FINITE_BLOCK) {
-          if (!finite_block<T>(p + k, std::min(FINITE_BLOCK, e - k))) {
-            finite.store(false, std::memory_order_relaxed);
-          }
+        if (!finite_range<T>(p, b, e, finite)) {
+          finite.store(false, std::memory_order_relaxed);
         }
       });
-      if (!finite.load()) return false;
-      continue;
+    } else if (!finite_range<T>(p, 0, n, finite)) {
+      finite.store(false, std::memory_order_relaxed);
     }
-    for (int64_t k = 0; k < n; k += FINITE_BLOCK) {
-      if (!finite_block<T>(p + k, std::min(FINITE_BLOCK, n - k))) return false;
-    }
+    if (!finite.load()) return false;
   }
   return true;
 }
