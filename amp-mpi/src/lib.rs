@@ -57,10 +57,10 @@
 //! thread at any time; a library initialised at a lower level is refused.
 #![warn(missing_docs)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use amp_core::collective::CollectiveStats;
 use amp_core::collective::{grads_to_host, host_to_grads, mean_in_rank_order};
 use amp_core::{AmpError, Collective, ParamStore, Result};
 use mpi::collective::SystemOperation;
@@ -99,65 +99,6 @@ pub struct MpiCollective {
     rank: usize,
     world_size: usize,
     stats: Arc<CollectiveStats>,
-}
-
-/// What an [`MpiCollective`] has done so far: shared, so that it can be
-/// read while the collective itself is boxed inside an `Amp`
-/// ([`MpiCollective::stats`]). Times are wall-clock, waiting for the other
-/// ranks included.
-#[derive(Debug, Default)]
-pub struct CollectiveStats {
-    reduce_nanos: AtomicU64,
-    agree_nanos: AtomicU64,
-    sent_bytes: AtomicU64,
-    reductions: AtomicU64,
-    agreements: AtomicU64,
-}
-
-impl CollectiveStats {
-    /// Seconds spent in gradient reductions (reading the gradients to the
-    /// host, the exchange, the mean, writing them back).
-    pub fn reduce_seconds(&self) -> f64 {
-        self.reduce_nanos.load(Ordering::Relaxed) as f64 * 1e-9
-    }
-
-    /// Seconds spent agreeing on flags.
-    pub fn agree_seconds(&self) -> f64 {
-        self.agree_nanos.load(Ordering::Relaxed) as f64 * 1e-9
-    }
-
-    /// Bytes of gradient this rank has sent.
-    pub fn sent_bytes(&self) -> u64 {
-        self.sent_bytes.load(Ordering::Relaxed)
-    }
-
-    /// Gradient reductions.
-    pub fn reductions(&self) -> u64 {
-        self.reductions.load(Ordering::Relaxed)
-    }
-
-    /// Flag agreements.
-    pub fn agreements(&self) -> u64 {
-        self.agreements.load(Ordering::Relaxed)
-    }
-
-    /// Starts counting afresh.
-    pub fn reset(&self) {
-        for counter in [
-            &self.reduce_nanos,
-            &self.agree_nanos,
-            &self.sent_bytes,
-            &self.reductions,
-            &self.agreements,
-        ] {
-            counter.store(0, Ordering::Relaxed);
-        }
-    }
-}
-
-fn add_elapsed(counter: &AtomicU64, since: Instant) {
-    let nanos = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    counter.fetch_add(nanos, Ordering::Relaxed);
 }
 
 /// The communicator, movable to another thread: sound because
@@ -248,8 +189,7 @@ impl<S: ParamStore> Collective<S> for MpiCollective {
         self.comm
             .0
             .all_reduce_into(&mine[..], &mut all[..], SystemOperation::min());
-        add_elapsed(&self.stats.agree_nanos, start);
-        self.stats.agreements.fetch_add(1, Ordering::Relaxed);
+        self.stats.record_agreement(start);
         Ok(all.into_iter().map(|v| v != 0).collect())
     }
 
@@ -271,11 +211,7 @@ impl<S: ParamStore> Collective<S> for MpiCollective {
         } else {
             host_to_grads(store, mask, &mean_in_rank_order(&parts))
         };
-        add_elapsed(&self.stats.reduce_nanos, start);
-        self.stats
-            .sent_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
-        self.stats.reductions.fetch_add(1, Ordering::Relaxed);
+        self.stats.record_reduction(start, bytes as u64);
         written
     }
 }
