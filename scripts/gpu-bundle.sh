@@ -11,10 +11,12 @@
 #     wheel (AMP_VENV, default .venv; scripts/test.sh creates it).
 #  2. Writes a stub libcuda for the link, exporting every driver function
 #     that cudarc's bindings declare (the driver's own libcuda.so.1 is loaded
-#     at run time).
+#     at run time), and likewise a stub libnccl (the nvidia-nccl wheel's
+#     libnccl.so.2 is loaded at run time).
 #  3. Builds, in one cargo invocation with debug info stripped, the test
 #     binaries with CUDA tests: amp-tch's store, autograd, oracle and link
-#     tests, amp-candle's (`cuda` feature) cuda and store tests, the facade's
+#     tests, amp-candle's (`cuda` and `nccl` features) cuda, nccl and store
+#     tests, the facade's
 #     tch and candle suites (whose CUDA tests hold the GPU-vs-CPU agreement
 #     properties); the main job (example `train`) and amp-bench's
 #     `gpu_bench` program. amp-candle's
@@ -24,7 +26,8 @@
 #     packed. This is the CUDA compile-and-link check of
 #     `bash scripts/test.sh`.
 #  4. Runs the cuda build's device-selection tests against the stub driver
-#     (no GPU usable must give a clear error or the CPU, never a panic),
+#     (no GPU usable must give a clear error or the CPU, never a panic; NCCL
+#     refuses a CPU device and a missing library with an error),
 #     unless AMP_CUDA_SKIP_RUN=1.
 #  5. Packs the binaries into DIR/bin.tar.xz with DIR/MANIFEST (what was
 #     built from what, sha256 of every binary) and fails when DIR is larger
@@ -65,7 +68,7 @@ export VIRTUAL_ENV=$VENV_TORCH PATH="$VENV_TORCH/bin:$PATH" LIBTORCH_USE_PYTORCH
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=debuginfo
 PACKAGES=(-p amp -p amp-tch -p amp-candle -p amp-bench)
-FEATURES=amp/tch,amp/cuda,amp-candle/cuda,amp-bench/tch,amp-bench/cuda
+FEATURES=amp/tch,amp/cuda,amp/nccl,amp-candle/cuda,amp-candle/nccl,amp-bench/tch,amp-bench/cuda
 
 # 2. The stub driver, from the driver bindings of the cudarc that
 # Cargo.lock pins (read before anything is built, so that the whole build is
@@ -76,11 +79,12 @@ found = [p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name
 print(os.path.dirname(found[0]) if found else "")') || die "cargo metadata failed"
 [[ -n $cudarc && -f $cudarc/src/driver/sys/mod.rs ]] || die "cudarc's driver bindings not found"
 cuda_stub_libcuda "$cudarc"/src/driver/sys/*.rs || die "cannot make the stub libcuda"
+cuda_stub_libnccl "$cudarc"/src/nccl/sys/*.rs || die "cannot make the stub libnccl"
 STUBS=$CUDA/lib/stubs
 
 # 3. Test binaries and examples, one invocation; the JSON messages name the
 # executables.
-TESTS=(--test store --test autograd --test oracle --test link --test cuda --test tch --test candle)
+TESTS=(--test store --test autograd --test oracle --test link --test cuda --test nccl --test tch --test candle)
 EXAMPLES=(--example train --example candle_mlp --bin gpu_bench)
 log "cargo build --release ${TESTS[*]} ${EXAMPLES[*]}"
 json=$(mktemp)
@@ -98,7 +102,7 @@ import json, os, sys
 root = sys.argv[2]
 keep = {  # package: (its manifest, the targets to keep)
     "amp-tch": (os.path.join(root, "amp-tch", "Cargo.toml"), {"store", "autograd", "oracle", "link"}),
-    "amp-candle": (os.path.join(root, "amp-candle", "Cargo.toml"), {"cuda", "store"}),
+    "amp-candle": (os.path.join(root, "amp-candle", "Cargo.toml"), {"cuda", "nccl", "store"}),
     "amp": (os.path.join(root, "Cargo.toml"), {"tch", "candle", "train"}),
     "amp-bench": (os.path.join(root, "amp-bench", "Cargo.toml"), {"gpu_bench"}),
 }
@@ -121,7 +125,7 @@ for line in open(sys.argv[1]):
 PY
 )
 count=$(printf '%s\n' "$list" | grep -c . || true)
-((count == 10)) || die "expected 8 test binaries and 2 examples, found $count:
+((count == 11)) || die "expected 9 test binaries and 2 examples, found $count:
 $list"
 
 # 4. The device-selection tests against the stub driver.
@@ -129,7 +133,8 @@ if [[ ${AMP_CUDA_SKIP_RUN:-0} != 1 ]]; then
   log "device-selection tests of the cuda build against the stub driver"
   candle_store=$(printf '%s\n' "$list" | awk -F'\t' '$1 == "amp-candle--store" {print $2}')
   candle_cuda=$(printf '%s\n' "$list" | awk -F'\t' '$1 == "amp-candle--cuda" {print $2}')
-  for bin in "$candle_store" "$candle_cuda"; do
+  candle_nccl=$(printf '%s\n' "$list" | awk -F'\t' '$1 == "amp-candle--nccl" {print $2}')
+  for bin in "$candle_store" "$candle_cuda" "$candle_nccl"; do
     (cd amp-candle && LD_LIBRARY_PATH=$STUBS:$CUDA/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
       "$bin" device --nocapture) || die "device tests of $bin failed against the stub"
   done

@@ -117,6 +117,7 @@ SUITES=(
   "tch-link|amp-tch|60|$BIN/amp-tch--link --exact tiny_tch_op"
   "candle-store|amp-candle|90|$BIN/amp-candle--store"
   "candle-cuda|amp-candle|150|$BIN/amp-candle--cuda"
+  "candle-nccl|amp-candle|120|$BIN/amp-candle--nccl --nocapture"
   "gpu-vs-cpu-tch|.|240|$BIN/amp--tch tch_cuda"
   "gpu-vs-cpu-candle|.|240|$BIN/amp--candle candle_cuda"
   "train-candle-cuda|.|150|$BIN/train --backend candle --device cuda --seeds $SEEDS --quiet --out-dir $LOGS/train-candle"

@@ -15,6 +15,8 @@
 //! | `tch`     | `backend::tch`     | `TchStore`              |
 //! | `burn`    | `backend::burn`    | `BurnStore<M>` (any burn module) |
 //! | `cuda`    | candle with CUDA   |                         |
+//! | `mpi`     | `distributed::mpi` | data-parallel, MPI (CPU clusters) |
+//! | `nccl`    | `distributed::nccl` | data-parallel, NCCL (GPUs; with `cuda`) |
 //!
 //! ```
 //! use amp::{Amp, AmpConfig, SgdConfig};
@@ -67,6 +69,10 @@ pub mod backend {
 /// amp-core's ([`InProcess`], [`Reduce`], [`Collective`]); the transports
 /// of other libraries come with their features.
 pub mod distributed {
+    /// NCCL for GPUs, one rank per GPU (feature `nccl`, with candle's
+    /// CUDA): `amp_candle::nccl`.
+    #[cfg(feature = "nccl")]
+    pub use amp_candle::nccl;
     /// MPI for CPU clusters (feature `mpi`): the `amp-mpi` crate.
     #[cfg(feature = "mpi")]
     pub use amp_mpi as mpi;

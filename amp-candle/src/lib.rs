@@ -91,6 +91,8 @@ mod fused;
 mod grads;
 mod in_place;
 mod master;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod param_store;
 mod slots;
 mod targets;
