@@ -7,21 +7,10 @@
 //! do not depend on summation order beyond a few ulps.
 mod common;
 
-use amp_candle::candle_core::{DType as CDType, Device};
+use amp_candle::candle_core::DType as CDType;
 use amp_candle::CandleStore;
 use amp_core::{DType, ParamStore, Slot};
-use common::{cases, run_against_oracle, stores, Tol};
-
-/// The GPU, or `None` after printing why the test is skipped.
-fn gpu(test: &str) -> Option<Device> {
-    match amp_candle::cuda_device(0) {
-        Ok(device) => Some(device),
-        Err(reason) => {
-            eprintln!("SKIPPED {test}: no usable CUDA device ({reason})");
-            None
-        }
-    }
-}
+use common::{cases, gpu, run_against_oracle, stores, Tol};
 
 #[test]
 fn cuda_device_matches_oracle() {

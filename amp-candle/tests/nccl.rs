@@ -20,7 +20,11 @@ fn nccl() {
 }
 
 #[cfg(feature = "nccl")]
+mod common;
+
+#[cfg(feature = "nccl")]
 mod on_gpus {
+    use crate::common::gpu;
     use amp_candle::candle_core::{Device, Tensor, Var};
     use amp_candle::nccl::{NcclCollective, NcclId};
     use amp_candle::CandleStore;
@@ -34,17 +38,6 @@ mod on_gpus {
             .inner_iter(1)
             .weight_decay(1e-3)
             .reduce(Reduce::EveryPass)
-    }
-
-    /// GPU 0, or `None` after printing why the test is skipped.
-    fn gpu(test: &str) -> Option<Device> {
-        match amp_candle::cuda_device(0) {
-            Ok(device) => Some(device),
-            Err(reason) => {
-                eprintln!("SKIPPED {test}: no usable CUDA device ({reason})");
-                None
-            }
-        }
     }
 
     /// How many GPUs can be opened.

@@ -335,3 +335,14 @@ pub fn train_mlp(dev: &Device, dtype: CDType, steps: usize) -> (f64, f64, f64) {
     );
     (first.unwrap(), last, accuracy)
 }
+
+/// CUDA device 0, or `None` after printing why `test` is skipped.
+pub fn gpu(test: &str) -> Option<Device> {
+    match amp_candle::cuda_device(0) {
+        Ok(device) => Some(device),
+        Err(reason) => {
+            eprintln!("SKIPPED {test}: no usable CUDA device ({reason})");
+            None
+        }
+    }
+}
