@@ -86,9 +86,7 @@ impl Conditioning {
         }
         Ok((want, Conditioning { spread }))
     }
-}
 
-impl Conditioning {
     /// Compares `got`, a run of `case` in `dtype`, with `want` at
     /// [`Tolerance::for_dtype`], widened by this conditioning (of the same
     /// case and dtype).

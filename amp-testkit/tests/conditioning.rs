@@ -3,9 +3,7 @@
 //! there.
 
 use amp_core::{AdamConfig, AmpConfig, DType, HostTensor, SgdConfig};
-use amp_testkit::{
-    compare_outcomes, properties, Case, Conditioning, NdFactory, Objective, Tolerance,
-};
+use amp_testkit::{properties, Case, Conditioning, NdFactory, Objective};
 
 /// Adam's first step is `lr · g/(|g| + eps)`: with `g` a cancellation
 /// (curvature term against weight decay) of size `eps`, one rounding of θ
@@ -48,8 +46,7 @@ fn only_the_ill_conditioned_case_is_widened() {
         let (want, conditioning) = Conditioning::oracle(case, DType::F32).unwrap();
         let mut got = want.clone();
         got.params[0].data_mut()[0] += 1.7e-4;
-        let tolerance = Tolerance::for_dtype(DType::F32);
-        compare_outcomes(case, &got, &want, tolerance, Some(&conditioning))
+        conditioning.compare(case, &got, &want, DType::F32)
     };
     let ill = adam_on_a_cancelling_gradient();
     assert!(off(&ill).is_ok());
