@@ -33,22 +33,14 @@ constexpr size_t LANES = 8;
 // Elements checked between two early-exit tests of `all_finite`.
 constexpr int64_t FINITE_BLOCK = 4096;
 
-// From this many elements on, an element-wise loop is split over ATen's
-// intra-op threads (at::parallel_for, OpenMP in PyTorch's builds: the shim
-// is compiled with -fopenmp) in pieces of at least GRAIN elements. Every
-// element is computed on its own, so the bits do not depend on the split;
-// the sums of squares stay on one thread (their order is amp-ndarray's).
+// From this many elements in all, the work of one operation is shared over
+// ATen's intra-op threads (at::parallel_for, OpenMP in PyTorch's builds:
+// the shim is compiled with -fopenmp). Every element is computed on its
+// own, so the bits do not depend on the split; each sum of squares stays on
+// one thread (its order is amp-ndarray's).
 constexpr int64_t PARALLEL = int64_t{1} << 18;
+// The least number of elements one thread takes of an element-wise loop.
 constexpr int64_t GRAIN = int64_t{1} << 16;
-
-// f(begin, end) over [0, n), split over threads for a long range.
-template <typename F> void split(int64_t n, const F &f) {
-  if (n >= PARALLEL && at::get_num_threads() > 1 && !at::in_parallel_region()) {
-    at::parallel_for(0, n, GRAIN, f);
-  } else if (n > 0) {
-    f(0, n);
-  }
-}
 
 // Many small tensors lie scattered in memory, and the hardware prefetcher
 // only picks a stream up after a few misses in each: while one tensor is
@@ -61,24 +53,95 @@ inline void prefetch(const std::vector<Span> &v, size_t i, size_t elem) {
   for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(v[i].p + k);
 }
 
+// Where each span starts when the spans are read as one range of
+// elements: start[i], with start[v.size()] the total.
+inline std::vector<int64_t> starts(const std::vector<Span> &v) {
+  std::vector<int64_t> start(v.size() + 1, 0);
+  for (size_t i = 0; i < v.size(); ++i) start[i + 1] = start[i] + v[i].n;
+  return start;
+}
+
+// Whether an operation over `total` elements is shared over threads.
+inline bool threaded(int64_t total) {
+  return total >= PARALLEL && at::get_num_threads() > 1 &&
+         !at::in_parallel_region();
+}
+
+// f(i, b, e) on elements [b, e) of span i, for every element of every span
+// of `v` (the lead list: the others an operation reads have the same
+// element counts). Below PARALLEL elements in all, span by span in order;
+// from it on, the spans are taken as one range of elements and that range
+// is split over threads in pieces of at least GRAIN, so that a thousand
+// small tensors are shared out as one large tensor is. f is never called
+// on an empty range.
+template <typename F> void each_piece(const std::vector<Span> &v, const F &f) {
+  std::vector<int64_t> start = starts(v);
+  if (!threaded(start.back())) {
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (v[i].n > 0) f(i, int64_t{0}, v[i].n);
+    }
+    return;
+  }
+  at::parallel_for(0, start.back(), GRAIN, [&](int64_t b, int64_t e) {
+    // The last span starting at or before b is the non-empty one holding it.
+    size_t i = static_cast<size_t>(
+        std::upper_bound(start.begin(), start.end(), b) - start.begin() - 1);
+    while (b < e) {
+      int64_t hi = std::min(e, start[i + 1]);
+      if (hi > b) f(i, b - start[i], hi - start[i]);
+      b = hi;
+      ++i;
+    }
+  });
+}
+
+// f(i) for every span of `v`, each span whole on one thread (for sums,
+// whose order must not depend on the split). From PARALLEL elements in
+// all, the spans are cut into one run of consecutive spans per thread,
+// runs of about equal element counts.
+template <typename F> void each_whole(const std::vector<Span> &v, const F &f) {
+  std::vector<int64_t> start = starts(v);
+  const int64_t total = start.back();
+  const int64_t threads = at::get_num_threads();
+  if (!threaded(total) || v.size() < 2) {
+    for (size_t i = 0; i < v.size(); ++i) f(i);
+    return;
+  }
+  // Run k holds the spans from cut[k] (the first starting at or after
+  // k·total/threads) up to cut[k + 1]; the last run takes the rest.
+  std::vector<size_t> cut(static_cast<size_t>(threads) + 1, v.size());
+  for (int64_t k = 0; k < threads; ++k) {
+    int64_t at = total / threads * k + total % threads * k / threads;
+    cut[k] = static_cast<size_t>(
+        std::lower_bound(start.begin(), start.end() - 1, at) - start.begin());
+  }
+  cut[0] = 0;
+  at::parallel_for(0, threads, 1, [&](int64_t kb, int64_t ke) {
+    for (int64_t k = kb; k < ke; ++k) {
+      for (size_t i = cut[k]; i < cut[k + 1]; ++i) f(i);
+    }
+  });
+}
+
 template <typename T> void fast_copy(const std::vector<Span> &d,
                                      const std::vector<Span> &s) {
+  // Overlapping views are copied first, whole, with one memmove each.
+  std::vector<bool> moved(d.size(), false);
   for (size_t i = 0; i < d.size(); ++i) {
-    prefetch(s, i + 1, sizeof(T));
-    if (d[i].n == 0 || d[i].p == s[i].p) continue;
     char *dp = d[i].p;
     const char *sp = s[i].p;
-    if (dp < sp + d[i].n * static_cast<int64_t>(sizeof(T)) &&
-        sp < dp + d[i].n * static_cast<int64_t>(sizeof(T))) {
-      // Overlapping views: one memmove, in order.
-      std::memmove(dp, sp, static_cast<size_t>(d[i].n) * sizeof(T));
-      continue;
+    int64_t bytes = d[i].n * static_cast<int64_t>(sizeof(T));
+    if (d[i].n > 0 && dp != sp && dp < sp + bytes && sp < dp + bytes) {
+      std::memmove(dp, sp, static_cast<size_t>(bytes));
+      moved[i] = true;
     }
-    split(d[i].n, [&](int64_t b, int64_t e) {
-      std::memcpy(dp + b * sizeof(T), sp + b * sizeof(T),
-                  static_cast<size_t>(e - b) * sizeof(T));
-    });
   }
+  each_piece(d, [&](size_t i, int64_t b, int64_t e) {
+    if (b == 0) prefetch(s, i + 1, sizeof(T));
+    if (moved[i] || d[i].p == s[i].p) return;
+    std::memcpy(d[i].p + b * sizeof(T), s[i].p + b * sizeof(T),
+                static_cast<size_t>(e - b) * sizeof(T));
+  });
 }
 
 template <typename T> void scale_loop(T *__restrict__ d, int64_t n, T f) {
@@ -87,12 +150,11 @@ template <typename T> void scale_loop(T *__restrict__ d, int64_t n, T f) {
 
 template <typename T> void fast_scale(const std::vector<Span> &d,
                                       const double *factor) {
-  for (size_t i = 0; i < d.size(); ++i) {
-    prefetch(d, i + 1, sizeof(T));
-    T *dp = reinterpret_cast<T *>(d[i].p);
-    T f = static_cast<T>(factor[i]);
-    split(d[i].n, [&](int64_t b, int64_t e) { scale_loop<T>(dp + b, e - b, f); });
-  }
+  each_piece(d, [&](size_t i, int64_t b, int64_t e) {
+    if (b == 0) prefetch(d, i + 1, sizeof(T));
+    scale_loop<T>(reinterpret_cast<T *>(d[i].p) + b, e - b,
+                  static_cast<T>(factor[i]));
+  });
 }
 
 // d + a * s, rounded after the multiply and after the add (-ffp-contract=off).
@@ -104,20 +166,21 @@ void axpy_loop(T *__restrict__ d, const T *__restrict__ s, int64_t n, T a) {
 template <typename T> void fast_axpy(const std::vector<Span> &d,
                                      const std::vector<Span> &s,
                                      const double *alpha) {
-  for (size_t i = 0; i < d.size(); ++i) {
-    prefetch(d, i + 1, sizeof(T));
-    prefetch(s, i + 1, sizeof(T));
-    T *dp = reinterpret_cast<T *>(d[i].p);
-    const T *sp = reinterpret_cast<const T *>(s[i].p);
-    int64_t n = d[i].n;
-    T a = static_cast<T>(alpha[i]);
-    if (n > 0 && dp == sp) {
-      // Only reachable through aliasing views; no __restrict__ then.
-      for (int64_t k = 0; k < n; ++k) dp[k] = dp[k] + a * dp[k];
-    } else {
-      split(n, [&](int64_t b, int64_t e) { axpy_loop<T>(dp + b, sp + b, e - b, a); });
+  each_piece(d, [&](size_t i, int64_t b, int64_t e) {
+    if (b == 0) {
+      prefetch(d, i + 1, sizeof(T));
+      prefetch(s, i + 1, sizeof(T));
     }
-  }
+    T *dp = reinterpret_cast<T *>(d[i].p) + b;
+    const T *sp = reinterpret_cast<const T *>(s[i].p) + b;
+    T a = static_cast<T>(alpha[i]);
+    if (dp == sp) {
+      // Only reachable through aliasing views; no __restrict__ then.
+      for (int64_t k = 0; k < e - b; ++k) dp[k] = dp[k] + a * dp[k];
+    } else {
+      axpy_loop<T>(dp, sp, e - b, a);
+    }
+  });
 }
 
 // d + a * s with the addend read from b (b is not d; b may be s).
@@ -131,17 +194,16 @@ template <typename T> void fast_axpy_from(const std::vector<Span> &d,
                                           const std::vector<Span> &b,
                                           const std::vector<Span> &s,
                                           const double *alpha) {
-  for (size_t i = 0; i < d.size(); ++i) {
-    prefetch(b, i + 1, sizeof(T));
-    prefetch(s, i + 1, sizeof(T));
-    T *dp = reinterpret_cast<T *>(d[i].p);
-    const T *bp = reinterpret_cast<const T *>(b[i].p);
-    const T *sp = reinterpret_cast<const T *>(s[i].p);
-    T a = static_cast<T>(alpha[i]);
-    split(d[i].n, [&](int64_t lo, int64_t hi) {
-      axpy_from_loop<T>(dp + lo, bp + lo, sp + lo, hi - lo, a);
-    });
-  }
+  each_piece(d, [&](size_t i, int64_t lo, int64_t hi) {
+    if (lo == 0) {
+      prefetch(b, i + 1, sizeof(T));
+      prefetch(s, i + 1, sizeof(T));
+    }
+    axpy_from_loop<T>(reinterpret_cast<T *>(d[i].p) + lo,
+                      reinterpret_cast<const T *>(b[i].p) + lo,
+                      reinterpret_cast<const T *>(s[i].p) + lo, hi - lo,
+                      static_cast<T>(alpha[i]));
+  });
 }
 
 // Σ x² in f64 exactly as amp-ndarray's `sum_of_squares`: LANES partial sums
@@ -168,11 +230,11 @@ template <typename T> double sum_of_squares(const T *__restrict__ p, int64_t n) 
 
 // o[i] <- ‖s[i]‖₂ in T.
 template <typename T> void norms_into(const std::vector<Span> &s, T *o) {
-  for (size_t i = 0; i < s.size(); ++i) {
+  each_whole(s, [&](size_t i) {
     prefetch(s, i + 1, sizeof(T));
     double sum = sum_of_squares<T>(reinterpret_cast<const T *>(s[i].p), s[i].n);
     o[i] = static_cast<T>(std::sqrt(sum));
-  }
+  });
 }
 
 // A 1-D CPU tensor of the dtype T holding ‖s[i]‖₂.
@@ -184,23 +246,30 @@ template <typename T> at::Tensor fast_norms(const std::vector<Span> &s,
   return out;
 }
 
+// min(1, max / (norm + guard)) in T; a NaN quotient gives 1, as Rust's `min`.
+template <typename T> T clip_coefficient(double max_norm, T norm, double guard) {
+  const T one = static_cast<T>(1);
+  T q = static_cast<T>(max_norm) / (norm + static_cast<T>(guard));
+  return q < one ? q : one;
+}
+
 // `norms` holds one value per tensor of `d`, of type T, on the CPU.
 template <typename T> void fast_clip(const std::vector<Span> &d,
                                      const T *norms, const double *max_norm,
                                      double guard) {
-  const T one = static_cast<T>(1);
-  const T g = static_cast<T>(guard);
-  size_t next = 0; // the next tensor that will be scaled, for prefetching
+  // Only the tensors whose coefficient is not 1 are read at all.
+  std::vector<Span> scaled;
+  std::vector<T> coefficient;
   for (size_t i = 0; i < d.size(); ++i) {
-    T q = static_cast<T>(max_norm[i]) / (norms[i] + g);
-    // Rust's `min`: a NaN quotient gives 1.
-    T c = q < one ? q : one;
-    if (c == one) continue;
-    if (next <= i) next = i + 1;
-    prefetch(d, next, sizeof(T));
-    T *dp = reinterpret_cast<T *>(d[i].p);
-    split(d[i].n, [&](int64_t b, int64_t e) { scale_loop<T>(dp + b, e - b, c); });
+    T c = clip_coefficient<T>(max_norm[i], norms[i], guard);
+    if (c == static_cast<T>(1)) continue;
+    scaled.push_back(d[i]);
+    coefficient.push_back(c);
   }
+  each_piece(scaled, [&](size_t i, int64_t b, int64_t e) {
+    if (b == 0) prefetch(scaled, i + 1, sizeof(T));
+    scale_loop<T>(reinterpret_cast<T *>(scaled[i].p) + b, e - b, coefficient[i]);
+  });
 }
 
 // Σ (z·x)² in f64, z·x rounded to T first: `sum_of_squares` of the scaled
@@ -259,42 +328,47 @@ void perturb_range(T *theta, const T *g, T *snap, T *delta, int64_t n, T z,
   }
 }
 
-template <typename T>
-void perturb_tensor(T *theta, const T *g, T *snap, T *delta, int64_t n, T z,
-                    T c) {
-  split(n, [&](int64_t b, int64_t e) {
-    perturb_range<T>(theta + b, g + b, snap ? snap + b : nullptr,
-                     delta ? delta + b : nullptr, e - b, z, c);
-  });
+template <typename T> T *span_or_null(const std::vector<Span> *v, size_t i) {
+  return v ? reinterpret_cast<T *>((*v)[i].p) : nullptr;
 }
 
-// The fused first ascent step: per tensor, the norm of z·g (one read of g,
-// still in cache for the second one when the tensor is small), the
-// projection coefficient, then one pass writing θ (and the snapshot, δ).
-// o[i] <- ‖z·g[i]‖₂ in T.
+// The fused first ascent step: per tensor, the norm of z·g, the projection
+// coefficient, then one pass writing θ (and the snapshot, δ).
+// o[i] <- ‖z·g[i]‖₂ in T. Below PARALLEL elements in all, tensor by tensor
+// (g is still in cache for its second read when the tensor is small); from
+// it on, every norm first (each on one thread, the tensors shared out),
+// then the writes split over threads as one range of elements.
 template <typename T>
 void perturb_into(const std::vector<Span> &theta, const std::vector<Span> &g,
                   const std::vector<Span> *snap,
                   const std::vector<Span> *delta, const double *inner_lr,
                   const double *max_norm, double guard, T *o) {
-  const T one = static_cast<T>(1);
-  const T gd = static_cast<T>(guard);
-  for (size_t i = 0; i < theta.size(); ++i) {
+  std::vector<T> c(theta.size());
+  auto norm = [&](size_t i) {
     prefetch(g, i + 1, sizeof(T));
-    prefetch(theta, i + 1, sizeof(T));
-    const T *gp = reinterpret_cast<const T *>(g[i].p);
-    int64_t n = theta[i].n;
     T z = static_cast<T>(inner_lr[i]);
-    T norm = static_cast<T>(std::sqrt(scaled_sum_of_squares<T>(gp, n, z)));
-    o[i] = norm;
-    T q = static_cast<T>(max_norm[i]) / (norm + gd);
-    // Rust's `min`: a NaN quotient gives 1.
-    T c = q < one ? q : one;
-    perturb_tensor<T>(reinterpret_cast<T *>(theta[i].p), gp,
-                      snap ? reinterpret_cast<T *>((*snap)[i].p) : nullptr,
-                      delta ? reinterpret_cast<T *>((*delta)[i].p) : nullptr,
-                      n, z, c);
+    const T *gp = reinterpret_cast<const T *>(g[i].p);
+    o[i] = static_cast<T>(std::sqrt(scaled_sum_of_squares<T>(gp, theta[i].n, z)));
+    c[i] = clip_coefficient<T>(max_norm[i], o[i], guard);
+  };
+  auto write = [&](size_t i, int64_t b, int64_t e) {
+    if (b == 0) prefetch(theta, i + 1, sizeof(T));
+    T *s = span_or_null<T>(snap, i);
+    T *d = span_or_null<T>(delta, i);
+    perturb_range<T>(reinterpret_cast<T *>(theta[i].p) + b,
+                     reinterpret_cast<const T *>(g[i].p) + b, s ? s + b : nullptr,
+                     d ? d + b : nullptr, e - b, static_cast<T>(inner_lr[i]),
+                     c[i]);
+  };
+  if (!threaded(starts(theta).back())) {
+    for (size_t i = 0; i < theta.size(); ++i) {
+      norm(i);
+      if (theta[i].n > 0) write(i, 0, theta[i].n);
+    }
+    return;
   }
+  each_whole(theta, norm);
+  each_piece(theta, write);
 }
 
 template <typename T>
@@ -354,23 +428,15 @@ bool finite_range(const T *p, int64_t b, int64_t e,
 }
 
 template <typename T> bool fast_all_finite(const std::vector<Span> &s) {
+  // Once a thread finds an inf or NaN, every piece not yet read is skipped.
   std::atomic<bool> finite{true};
-  for (size_t i = 0; i < s.size(); ++i) {
-    prefetch(s, i + 1, sizeof(T));
-    const T *p = reinterpret_cast<const T *>(s[i].p);
-    int64_t n = s[i].n;
-    if (n >= PARALLEL) {
-      split(n, [&](int64_t b, int64_t e) {
-        if (!finite_range<T>(p, b, e, finite)) {
-          finite.store(false, std::memory_order_relaxed);
-        }
-      });
-    } else if (!finite_range<T>(p, 0, n, finite)) {
+  each_piece(s, [&](size_t i, int64_t b, int64_t e) {
+    if (b == 0) prefetch(s, i + 1, sizeof(T));
+    if (!finite_range<T>(reinterpret_cast<const T *>(s[i].p), b, e, finite)) {
       finite.store(false, std::memory_order_relaxed);
     }
-    if (!finite.load()) return false;
-  }
-  return true;
+  });
+  return finite.load();
 }
 
 } // namespace amp_tch

@@ -28,8 +28,23 @@ const SHAPES: [&[usize]; 13] = [
     &[(1 << 18) + 4099],
 ];
 
+/// Many tensors, none long enough to be split on its own, more than 2^18
+/// elements between them: the loops take them as one range of elements
+/// shared over threads, pieces starting and ending inside tensors; the
+/// sums of squares share the tensors out whole.
+fn many_small() -> Vec<Vec<usize>> {
+    (0..120)
+        .map(|k| match k % 40 {
+            0 => vec![0],
+            1 => vec![],
+            2 => vec![3],
+            _ => vec![3, 700 + 37 * k],
+        })
+        .collect()
+}
+
 /// Deterministic values of mixed magnitude, rounded to `dtype`.
-fn values(dtype: DType, seed: u64) -> Vec<HostTensor> {
+fn values<S: AsRef<[usize]>>(shapes: &[S], dtype: DType, seed: u64) -> Vec<HostTensor> {
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut next = move || {
         state ^= state << 13;
@@ -40,9 +55,10 @@ fn values(dtype: DType, seed: u64) -> Vec<HostTensor> {
         let scale = 10f64.powi(((state >> 3) % 7) as i32 - 3);
         u * scale
     };
-    SHAPES
+    shapes
         .iter()
         .map(|shape| {
+            let shape = shape.as_ref();
             let numel = shape.iter().product();
             let data = (0..numel)
                 .map(|_| {
@@ -199,10 +215,12 @@ fn exercise<S: ParamStore>(store: &mut S, grads: &[HostTensor], seed: u64) -> Ve
     seen
 }
 
-fn matches_reference<T: Element>(dtype: DType) {
+fn matches_reference<T: Element, S: AsRef<[usize]>>(shapes: &[S], dtype: DType) {
+    let total: usize = shapes.iter().map(|s| s.as_ref().iter().product::<usize>()).sum();
+    assert!(total > 1 << 18, "the shapes reach the threaded loops");
     for seed in 0..4 {
-        let params = values(dtype, 2 * seed);
-        let grads = values(dtype, 2 * seed + 1);
+        let params = values(shapes, dtype, 2 * seed);
+        let grads = values(shapes, dtype, 2 * seed + 1);
         let mut tch = TchStore::from_host(&params, Device::Cpu).unwrap();
         let mut nd = nd_store::<T>(&params);
         let got = exercise(&mut tch, &grads, seed);
@@ -221,8 +239,8 @@ fn matches_reference<T: Element>(dtype: DType) {
                 x,
                 y,
                 "{dtype} seed {seed}: slot {} tensor {}",
-                k / SHAPES.len(),
-                k % SHAPES.len()
+                k / shapes.len(),
+                k % shapes.len()
             );
         }
     }
@@ -230,12 +248,18 @@ fn matches_reference<T: Element>(dtype: DType) {
 
 #[test]
 fn f32_matches_reference_bit_for_bit() {
-    matches_reference::<f32>(DType::F32);
+    matches_reference::<f32, _>(&SHAPES, DType::F32);
 }
 
 #[test]
 fn f64_matches_reference_bit_for_bit() {
-    matches_reference::<f64>(DType::F64);
+    matches_reference::<f64, _>(&SHAPES, DType::F64);
+}
+
+#[test]
+fn many_small_tensors_match_reference_bit_for_bit() {
+    matches_reference::<f32, _>(&many_small(), DType::F32);
+    matches_reference::<f64, _>(&many_small(), DType::F64);
 }
 
 #[test]
@@ -287,6 +311,36 @@ fn all_finite_finds_every_bad_value() {
             stored_finite,
             "{kind:?}"
         );
+    }
+}
+
+/// More than 2^18 elements in small tensors, shared over threads as one
+/// range: an inf or NaN anywhere in any of them is found, and one in a
+/// masked-out tensor is not.
+#[test]
+fn all_finite_finds_bad_values_among_many_small_tensors() {
+    const TENSORS: usize = 150;
+    const LEN: usize = 2003;
+    for kind in [Kind::Float, Kind::Double] {
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            for (tensor, at) in [(0, 0), (1, LEN - 1), (74, 1000), (149, LEN - 1), (149, 0)] {
+                let tensors = (0..TENSORS)
+                    .map(|k| {
+                        let mut data = vec![0.25f64; LEN];
+                        if k == tensor {
+                            data[at] = bad;
+                        }
+                        Tensor::from_slice(&data).to_kind(kind)
+                    })
+                    .collect();
+                let mut s = TchStore::from_tensors(tensors).unwrap();
+                let context = format!("{kind:?} {bad} in tensor {tensor} at {at}");
+                assert!(!s.all_finite(Slot::Params, &[true; TENSORS]).unwrap(), "{context}");
+                let mut mask = [true; TENSORS];
+                mask[tensor] = false;
+                assert!(s.all_finite(Slot::Params, &mask).unwrap(), "{context}: masked out");
+            }
+        }
     }
 }
 
