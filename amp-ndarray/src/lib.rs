@@ -11,7 +11,10 @@
 //! [`NdStore::set_grad`] or writes them through [`NdStore::grad_mut`].
 //! Norms are accumulated in `f64` whatever `T` is, so that the oracle is as
 //! accurate as it can be; everything else is computed in `T`, one fused loop
-//! per tensor.
+//! per tensor. Element-wise loops over a tensor of 2^18 elements or more
+//! are split over rayon's threads; every element is computed on its own,
+//! so the bits are those of one thread. Sums of squares stay on one thread
+//! (their order is part of the oracle).
 //!
 //! Softmax regression on a toy problem, trained with AMP:
 //! ```
@@ -63,6 +66,11 @@ use amp_core::{
     Buffers, DType, HostTensor, ParamStore, Result, Scalar, Slot, PROJECTION_GUARD,
 };
 use ndarray::{ArrayD, IxDyn, NdFloat, Zip};
+
+use loops::{all_finite, each1, each2, each3};
+
+#[macro_use]
+mod loops;
 
 /// The element types the reference backend stores: `f32` and `f64`.
 pub trait Element: NdFloat + Scalar {
@@ -258,11 +266,6 @@ impl<T: Element> NdStore<T> {
     }
 }
 
-/// Tensors from this many elements up have their fused Adam update split
-/// over rayon's threads; below it, handing work to threads costs more than
-/// the memory traffic they share.
-const PARALLEL_ADAM: usize = 1 << 18;
-
 /// Independent partial sums in [`sum_of_squares`]: enough to hide the
 /// latency of the f64 add, and a whole number of SIMD vectors.
 const LANES: usize = 8;
@@ -298,22 +301,6 @@ fn sum_of_squares<T: Element>(t: &ArrayD<T>) -> f64 {
         }
     }
     lanes[0] + tail
-}
-
-/// `true` when every element of `t` is finite.
-///
-/// `Iterator::all` stops at the first non-finite element, which makes it a
-/// branch per element that the compiler does not vectorise; a branch-free
-/// `&` over blocks of elements vectorises, and the check still stops at the
-/// first bad block.
-fn all_finite<T: Element>(t: &ArrayD<T>) -> bool {
-    const BLOCK: usize = 4096;
-    match t.as_slice_memory_order() {
-        Some(slice) => slice
-            .chunks(BLOCK)
-            .all(|block| block.iter().fold(true, |ok, x| ok & x.is_finite())),
-        None => t.iter().all(|x| x.is_finite()),
-    }
 }
 
 impl<T: Element> ParamStore for NdStore<T> {
@@ -365,7 +352,7 @@ impl<T: Element> ParamStore for NdStore<T> {
         self.check_mask(mask)?;
         let (d, s) = self.pair(dst, src)?;
         for ((d, s), _) in d.iter_mut().zip(s).zip(mask).filter(|(_, &m)| m) {
-            d.assign(s);
+            each2(d, s, |d, s| *d = s);
         }
         Ok(())
     }
@@ -377,7 +364,7 @@ impl<T: Element> ParamStore for NdStore<T> {
         for (i, d) in d.iter_mut().enumerate() {
             if mask[i] && factor[i] != T::one() {
                 let f = factor[i];
-                d.mapv_inplace(|x| x * f);
+                each1(d, |x| *x *= f);
             }
         }
         Ok(())
@@ -390,7 +377,7 @@ impl<T: Element> ParamStore for NdStore<T> {
         for (i, (d, s)) in d.iter_mut().zip(s).enumerate() {
             if mask[i] {
                 let a = alpha[i];
-                Zip::from(d).and(s).for_each(|d, &s| *d += a * s);
+                each2(d, s, |d, s| *d += a * s);
             }
         }
         Ok(())
@@ -405,10 +392,9 @@ impl<T: Element> ParamStore for NdStore<T> {
             let (x, y) = (store.slot(a)?, store.slot(b)?);
             for i in (0..mask.len()).filter(|&i| mask[i]) {
                 let al = alpha[i];
-                Zip::from(&mut d[i])
-                    .and(&x[i])
-                    .and(&y[i])
-                    .for_each(|d, &x, &y| *d = elementwise::addcmul(*d, al, x, y));
+                each3(&mut d[i], &x[i], &y[i], |d, x, y| {
+                    *d = elementwise::addcmul(*d, al, x, y)
+                });
             }
             Ok(())
         })
@@ -432,10 +418,9 @@ impl<T: Element> ParamStore for NdStore<T> {
             let (x, y) = (store.slot(num)?, store.slot(den)?);
             for i in (0..mask.len()).filter(|&i| mask[i]) {
                 let (al, c, e) = (alpha[i], divisor[i], eps[i]);
-                Zip::from(&mut d[i])
-                    .and(&x[i])
-                    .and(&y[i])
-                    .for_each(|d, &x, &y| *d = elementwise::addcdiv_sqrt(*d, al, x, y, c, e));
+                each3(&mut d[i], &x[i], &y[i], |d, x, y| {
+                    *d = elementwise::addcdiv_sqrt(*d, al, x, y, c, e)
+                });
             }
             Ok(())
         })
@@ -464,9 +449,7 @@ impl<T: Element> ParamStore for NdStore<T> {
         if let [m, v, rest @ ..] = taken.as_mut_slice() {
             for i in (0..mask.len()).filter(|&i| mask[i]) {
                 let c = &coefficients[i];
-                // Large tensors are split over rayon's threads: every
-                // element is computed on its own, so the bits are the same.
-                let parallel = params[i].len() >= PARALLEL_ADAM;
+                let len = params[i].len();
                 let zip = Zip::from(&mut params[i])
                     .and(&grads[i])
                     .and(&mut m[i])
@@ -477,21 +460,13 @@ impl<T: Element> ParamStore for NdStore<T> {
                         let step = |t: &mut T, &g: &T, m: &mut T, v: &mut T, max: &mut T| {
                             (*t, *m, *v) = elementwise::adam(*t, g, *m, *v, Some(max), c);
                         };
-                        if parallel {
-                            zip.par_for_each(step);
-                        } else {
-                            zip.for_each(step);
-                        }
+                        zip_each!(len, zip, step);
                     }
                     None => {
                         let step = |t: &mut T, &g: &T, m: &mut T, v: &mut T| {
                             (*t, *m, *v) = elementwise::adam(*t, g, *m, *v, None, c);
                         };
-                        if parallel {
-                            zip.par_for_each(step);
-                        } else {
-                            zip.for_each(step);
-                        }
+                        zip_each!(len, zip, step);
                     }
                 }
             }
@@ -507,9 +482,7 @@ impl<T: Element> ParamStore for NdStore<T> {
         let (d, s) = self.pair(dst, src)?;
         for (i, (d, s)) in d.iter_mut().zip(s).enumerate() {
             if mask[i] {
-                Zip::from(d)
-                    .and(s)
-                    .for_each(|d, &s| *d = elementwise::maximum(*d, s));
+                each2(d, s, |d, s| *d = elementwise::maximum(*d, s));
             }
         }
         Ok(())
@@ -549,7 +522,7 @@ impl<T: Element> ParamStore for NdStore<T> {
             let coefficient = (max_norm[i] / (norms[i] + guard)).min(T::one());
             // A coefficient of exactly 1 leaves δ unchanged bit for bit.
             if coefficient != T::one() {
-                d.mapv_inplace(|x| x * coefficient);
+                each1(d, |x| *x *= coefficient);
             }
         }
         Ok(())

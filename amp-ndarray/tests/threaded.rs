@@ -1,0 +1,129 @@
+//! Element-wise loops over tensors of 2^18 elements or more run on rayon's
+//! threads; each element is computed on its own, so every operation must
+//! give, bit for bit, what the same operation gives on the same values cut
+//! into small tensors (which stay on one thread). One tensor of each pair
+//! is not in standard layout (a transposed matrix).
+
+use amp_core::{ParamStore, Slot};
+use amp_ndarray::{Element, NdStore};
+use ndarray::{Array1, Array2, ArrayD};
+
+/// Elements per tensor of the cut store: far below the threaded size.
+const PIECE: usize = 1000;
+
+fn wave<T: Element>(n: usize, k: f64) -> Vec<T> {
+    (0..n)
+        .map(|i| T::from_f64_rounded(((i as f64) * k).sin() * 3.0))
+        .collect()
+}
+
+/// A 1-D tensor of 300 000 elements and a transposed 600 × 500 matrix.
+fn big<T: Element>(k: f64) -> Vec<ArrayD<T>> {
+    let line = Array1::from_vec(wave(300_000, k)).into_dyn();
+    let square = Array2::from_shape_vec((600, 500), wave(300_000, k + 0.1)).unwrap();
+    let transposed = square.reversed_axes().into_dyn();
+    assert!(!transposed.is_standard_layout());
+    vec![line, transposed]
+}
+
+/// The same values in logical order, cut into 1-D tensors of `PIECE`.
+fn cut<T: Element>(tensors: &[ArrayD<T>]) -> Vec<ArrayD<T>> {
+    tensors
+        .iter()
+        .flat_map(|t| {
+            let values: Vec<T> = t.iter().copied().collect();
+            values
+                .chunks(PIECE)
+                .map(|c| Array1::from_vec(c.to_vec()).into_dyn())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn store<T: Element>(params: Vec<ArrayD<T>>, grads: Vec<ArrayD<T>>) -> NdStore<T> {
+    let mut s = NdStore::new(params);
+    for (i, g) in grads.into_iter().enumerate() {
+        s.set_grad(i, g).unwrap();
+    }
+    s
+}
+
+/// Every element-wise operation of the store, with one coefficient for
+/// every tensor; then every slot's values, in logical order, end to end.
+fn exercise<T: Element>(s: &mut NdStore<T>) -> Vec<u64> {
+    let n = s.num_tensors();
+    let all = vec![true; n];
+    let c = |x: f64| vec![T::from_f64_rounded(x); n];
+    let b = Slot::Buffer(s.alloc_buffer().unwrap());
+    let d = Slot::Buffer(s.alloc_buffer().unwrap());
+    s.copy(b, Slot::Params, &all).unwrap();
+    s.scale(Slot::Params, &c(-0.37), &all).unwrap();
+    s.axpy(Slot::Params, &c(0.113), Slot::Grads, &all).unwrap();
+    s.maximum(b, Slot::Params, &all).unwrap();
+    s.clip_to_norms(b, &c(10.0), &c(3.3), &all).unwrap();
+    s.addcmul(b, &c(0.7), Slot::Params, Slot::Grads, &all)
+        .unwrap();
+    // A positive denominator: the squares of the gradients, plus one.
+    s.copy(d, Slot::Grads, &all).unwrap();
+    s.addcmul(d, &c(1.0), Slot::Grads, Slot::Grads, &all)
+        .unwrap();
+    s.addcdiv_sqrt(Slot::Params, &c(-0.01), b, d, &c(0.9), &c(1e-3), &all)
+        .unwrap();
+    [Slot::Params, Slot::Grads, b, d]
+        .iter()
+        .flat_map(|&slot| {
+            (0..n)
+                .flat_map(|i| s.read(slot, i).unwrap().into_data())
+                .map(f64::to_bits)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn threaded_matches_cut<T: Element>() {
+    let (params, grads) = (big::<T>(0.37), big::<T>(0.53));
+    let mut whole = store(params.clone(), grads.clone());
+    let mut pieces = store(cut(&params), cut(&grads));
+    assert!(pieces.num_tensors() > 500);
+    assert!(
+        exercise(&mut whole) == exercise(&mut pieces),
+        "{}: threaded loops differ from the same loops on small tensors",
+        T::DTYPE
+    );
+}
+
+#[test]
+fn f32_threaded_loops_give_the_bits_of_small_tensors() {
+    threaded_matches_cut::<f32>();
+}
+
+#[test]
+fn f64_threaded_loops_give_the_bits_of_small_tensors() {
+    threaded_matches_cut::<f64>();
+}
+
+/// The finiteness check, shared over threads with an early exit, finds an
+/// inf or NaN wherever it is, and none in a masked-out tensor.
+#[test]
+fn threaded_finiteness_check_finds_every_bad_value() {
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for tensor in [0, 1] {
+            for at in [0, 4095, 4096, 150_001, 299_999] {
+                let mut params = big::<f32>(0.2);
+                *params[tensor].iter_mut().nth(at).unwrap() = bad;
+                let mut s = NdStore::new(params);
+                let context = format!("{bad} in tensor {tensor} at {at}");
+                assert!(
+                    !s.all_finite(Slot::Params, &[true, true]).unwrap(),
+                    "{context}"
+                );
+                let mut mask = [true, true];
+                mask[tensor] = false;
+                assert!(
+                    s.all_finite(Slot::Params, &mask).unwrap(),
+                    "{context}: masked out"
+                );
+            }
+        }
+    }
+}
