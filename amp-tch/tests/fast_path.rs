@@ -216,7 +216,10 @@ fn exercise<S: ParamStore>(store: &mut S, grads: &[HostTensor], seed: u64) -> Ve
 }
 
 fn matches_reference<T: Element, S: AsRef<[usize]>>(shapes: &[S], dtype: DType) {
-    let total: usize = shapes.iter().map(|s| s.as_ref().iter().product::<usize>()).sum();
+    let total: usize = shapes
+        .iter()
+        .map(|s| s.as_ref().iter().product::<usize>())
+        .sum();
     assert!(total > 1 << 18, "the shapes reach the threaded loops");
     for seed in 0..4 {
         let params = values(shapes, dtype, 2 * seed);
@@ -335,10 +338,16 @@ fn all_finite_finds_bad_values_among_many_small_tensors() {
                     .collect();
                 let mut s = TchStore::from_tensors(tensors).unwrap();
                 let context = format!("{kind:?} {bad} in tensor {tensor} at {at}");
-                assert!(!s.all_finite(Slot::Params, &[true; TENSORS]).unwrap(), "{context}");
+                assert!(
+                    !s.all_finite(Slot::Params, &[true; TENSORS]).unwrap(),
+                    "{context}"
+                );
                 let mut mask = [true; TENSORS];
                 mask[tensor] = false;
-                assert!(s.all_finite(Slot::Params, &mask).unwrap(), "{context}: masked out");
+                assert!(
+                    s.all_finite(Slot::Params, &mask).unwrap(),
+                    "{context}: masked out"
+                );
             }
         }
     }
