@@ -67,8 +67,9 @@ use amp_core::{
 };
 use ndarray::{ArrayD, IxDyn, NdFloat, Zip};
 
-use loops::{all_finite, each1, each2, each3};
+use loops::{all_finite, each1, each2, each3, sum_of_squares};
 
+mod fused;
 #[macro_use]
 mod loops;
 
@@ -266,43 +267,6 @@ impl<T: Element> NdStore<T> {
     }
 }
 
-/// Independent partial sums in [`sum_of_squares`]: enough to hide the
-/// latency of the f64 add, and a whole number of SIMD vectors.
-const LANES: usize = 8;
-
-/// `Σ x²` accumulated in `f64`.
-///
-/// A single running sum is a chain of dependent adds (one element per add
-/// latency, about 3 GB/s of f32); `LANES` independent sums over a contiguous
-/// slice let the compiler vectorise and run at memory speed. The order of
-/// the additions differs from a left-to-right sum only in the last bits of
-/// the `f64` total (it is, if anything, more accurate: partial sums are
-/// smaller), far below the rounding to `T` that follows for `f32`.
-fn sum_of_squares<T: Element>(t: &ArrayD<T>) -> f64 {
-    let Some(slice) = t.as_slice_memory_order() else {
-        return t.iter().map(|&x| x.widen() * x.widen()).sum();
-    };
-    let mut lanes = [0.0f64; LANES];
-    let chunks = slice.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            let x = x.widen();
-            *lane += x * x;
-        }
-    }
-    let tail: f64 = rest.iter().map(|&x| x.widen() * x.widen()).sum();
-    // Pairwise combination of the lanes.
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for i in 0..width {
-            lanes[i] += lanes[i + width];
-        }
-    }
-    lanes[0] + tail
-}
-
 impl<T: Element> ParamStore for NdStore<T> {
     type Scalar = T;
     type Norms = Vec<T>;
@@ -475,6 +439,35 @@ impl<T: Element> ParamStore for NdStore<T> {
             *self.slot_vec_mut(slot)? = tensors;
         }
         Ok(())
+    }
+
+    /// One pass per tensor (`base + alpha · src`), not a copy and an axpy.
+    fn axpy_from(
+        &mut self,
+        dst: Slot,
+        base: Slot,
+        alpha: &[T],
+        src: Slot,
+        mask: &[bool],
+    ) -> Result<()> {
+        self.fused_axpy_from(dst, base, alpha, src, mask)
+    }
+
+    /// The norm read from the gradient, then one pass writing θ, the
+    /// snapshot and δ (the composed sequence where a tensor's slots are not
+    /// laid out alike).
+    fn perturb_from_grads(
+        &mut self,
+        snapshot: Option<Slot>,
+        delta: Option<Slot>,
+        inner_lr: &[T],
+        epsilon: &[T],
+        mask: &[bool],
+    ) -> Result<Vec<T>> {
+        match self.fused_perturb(snapshot, delta, inner_lr, epsilon, mask)? {
+            Some(norms) => Ok(norms),
+            None => composed::perturb_from_grads(self, snapshot, delta, inner_lr, epsilon, mask),
+        }
     }
 
     fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
