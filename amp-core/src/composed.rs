@@ -11,7 +11,7 @@
 
 use num_traits::{One, Zero};
 
-use crate::elementwise::{self, AdamCoefficients, AdamSlots};
+use crate::elementwise::{self, AdamCoefficients, AdamSlots, SgdCoefficients, SgdMomentum};
 use crate::error::{AmpError, Result};
 use crate::store::{check_len, DType, HostTensor, ParamStore, Scalar, Slot};
 
@@ -285,4 +285,79 @@ pub fn adam_update<S: ParamStore + ?Sized>(
         &get(|c| c.eps),
         mask,
     )
+}
+
+/// Checks the arguments of [`ParamStore::sgd_update`]: θ is read from
+/// [`Slot::Params`] or a buffer, the momentum buffer is another buffer, one
+/// coefficient set per tensor.
+pub fn check_sgd_update<T>(
+    n: usize,
+    weights: Slot,
+    momentum: Option<&SgdMomentum<T>>,
+    coefficients: &[SgdCoefficients<T>],
+    mask: &[bool],
+) -> Result<()> {
+    check_len("mask", n, mask.len())?;
+    check_len("SGD coefficients", n, coefficients.len())?;
+    if weights == Slot::Grads {
+        return Err(AmpError::backend(
+            "sgd_update: the weights are read from Params or a buffer, got Grads",
+        ));
+    }
+    if let Some(m) = momentum {
+        if matches!(m.buffer, Slot::Params | Slot::Grads) || m.buffer == weights {
+            return Err(AmpError::backend(format!(
+                "sgd_update: the momentum buffer must be a buffer other than the \
+                 weights ({weights:?}), got {:?}",
+                m.buffer
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// [`ParamStore::sgd_update`] as the sequence of store operations whose
+/// element arithmetic [`elementwise::sgd`] fuses: axpy of the weight decay
+/// into g, copy (first step) or scale and axpy of the momentum buffer, axpy
+/// of Nesterov's term into g, and [`ParamStore::axpy_from`] writing θ.
+pub fn sgd_update<S: ParamStore + ?Sized>(
+    store: &mut S,
+    weights: Slot,
+    momentum: Option<&SgdMomentum<S::Scalar>>,
+    coefficients: &[SgdCoefficients<S::Scalar>],
+    mask: &[bool],
+) -> Result<()> {
+    let n = store.num_tensors();
+    check_sgd_update(n, weights, momentum, coefficients, mask)?;
+    let where_ = |f: &dyn Fn(&SgdCoefficients<S::Scalar>) -> bool| -> Vec<bool> {
+        (0..n).map(|i| mask[i] && f(&coefficients[i])).collect()
+    };
+    let zero = S::Scalar::zero();
+    let decay = where_(&|c| c.weight_decay != zero);
+    if decay.contains(&true) {
+        let lambda: Vec<S::Scalar> = coefficients.iter().map(|c| c.weight_decay).collect();
+        store.axpy(Slot::Grads, &lambda, weights, &decay)?;
+    }
+    let update = match momentum {
+        Some(m) => {
+            let first = where_(&|c| c.first);
+            let later = where_(&|c| !c.first);
+            if first.contains(&true) {
+                store.copy(m.buffer, Slot::Grads, &first)?;
+            }
+            if later.contains(&true) {
+                store.scale(m.buffer, &vec![m.momentum; n], &later)?;
+                store.axpy(m.buffer, &vec![m.keep; n], Slot::Grads, &later)?;
+            }
+            if m.nesterov {
+                store.axpy(Slot::Grads, &vec![m.momentum; n], m.buffer, mask)?;
+                Slot::Grads
+            } else {
+                m.buffer
+            }
+        }
+        None => Slot::Grads,
+    };
+    let step: Vec<S::Scalar> = coefficients.iter().map(|c| c.step).collect();
+    store.axpy_from(Slot::Params, weights, &step, update, mask)
 }

@@ -1,7 +1,8 @@
 //! The element formulas of the operations that Adam-type optimisers need
 //! ([`ParamStore::addcmul`](crate::ParamStore::addcmul),
 //! [`ParamStore::addcdiv_sqrt`](crate::ParamStore::addcdiv_sqrt),
-//! [`ParamStore::maximum`](crate::ParamStore::maximum)), written once.
+//! [`ParamStore::maximum`](crate::ParamStore::maximum)) and of the fused
+//! optimiser steps ([`adam`], [`sgd`]), written once.
 //!
 //! Each is evaluated in the order written, one rounding per operation, as
 //! ATen's CPU kernels evaluate `addcmul_`, `addcdiv_` and `maximum`. A
@@ -158,6 +159,73 @@ pub fn adam<T: Float>(
         None => v,
     };
     (addcdiv_sqrt(theta, c.step, m, den, c.divisor, c.eps), m, v)
+}
+
+/// The momentum of one SGD step, for
+/// [`ParamStore::sgd_update`](crate::ParamStore::sgd_update): the buffer
+/// that holds it and the settings every tensor shares.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdMomentum<T> {
+    /// The momentum buffer b.
+    pub buffer: crate::Slot,
+    /// μ.
+    pub momentum: T,
+    /// `1 − dampening`.
+    pub keep: T,
+    /// Nesterov's update `d + μ·b` instead of `b`.
+    pub nesterov: bool,
+}
+
+/// The per-tensor coefficients of one SGD step on one tensor, in the
+/// store's scalar type: what [`sgd`] and
+/// [`ParamStore::sgd_update`](crate::ParamStore::sgd_update) apply.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdCoefficients<T> {
+    /// L2 weight decay λ: `d = g + λ·θ` (0: none, and `d` is `g` itself).
+    pub weight_decay: T,
+    /// `−lr`.
+    pub step: T,
+    /// The tensor's first step with momentum: the buffer is set to `d`
+    /// instead of `μ·b + (1 − dampening)·d`.
+    pub first: bool,
+}
+
+/// One SGD step on one element, exactly as the sequence of store
+/// operations [`composed::sgd_update`](crate::composed::sgd_update) runs
+/// it: `d = g + λ·w` (when `λ ≠ 0`), the momentum buffer `b ← d` on the
+/// first step and `b ← (b·μ) + keep·d` after it, the update `u = d + μ·b`
+/// (Nesterov), `b` (momentum) or `d` (none), and the new weight `w + step·u`.
+/// `w` is θ as the step reads it (AMP's snapshot, or θ itself).
+#[inline]
+pub fn sgd<T: Float>(
+    w: T,
+    g: T,
+    buffer: Option<&mut T>,
+    momentum: Option<&SgdMomentum<T>>,
+    c: &SgdCoefficients<T>,
+) -> T {
+    let d = if c.weight_decay != T::zero() {
+        g + c.weight_decay * w
+    } else {
+        g
+    };
+    let u = match (buffer, momentum) {
+        (Some(b), Some(m)) => {
+            *b = if c.first {
+                d
+            } else {
+                let scaled = *b * m.momentum;
+                scaled + m.keep * d
+            };
+            if m.nesterov {
+                d + m.momentum * *b
+            } else {
+                *b
+            }
+        }
+        _ => d,
+    };
+    w + c.step * u
 }
 
 #[cfg(test)]

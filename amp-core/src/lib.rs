@@ -71,7 +71,7 @@ pub use crate::adam::{Adam, AdamConfig};
 pub use crate::amp::{Amp, External, Perturbed};
 pub use crate::collective::{Collective, InProcess, Reduce};
 pub use crate::config::{AmpConfig, EpsilonSchedule, NonFinitePolicy, ParamGroup, RestoreMode};
-pub use crate::elementwise::{AdamCoefficients, AdamSlots};
+pub use crate::elementwise::{AdamCoefficients, AdamSlots, SgdCoefficients, SgdMomentum};
 pub use crate::error::{AmpError, BoxError, Result};
 pub use crate::grad_fn::{GradFn, Pass};
 pub use crate::loss_scale::{LossScale, LossScaleConfig, LossScaleState, MAX_SCALE, MIN_SCALE};

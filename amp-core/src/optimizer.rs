@@ -1,8 +1,7 @@
 //! The [`BaseOptimizer`] trait and [`Sgd`], stochastic gradient descent with
 //! PyTorch's semantics, written once against [`ParamStore`].
 
-use num_traits::Zero;
-
+use crate::elementwise::{SgdCoefficients, SgdMomentum};
 use crate::error::{AmpError, Result};
 use crate::store::{BufferId, HostTensor, ParamStore, Scalar, Slot};
 
@@ -282,18 +281,7 @@ impl Sgd {
                 self.initialized.len()
             )));
         }
-        let zero = S::Scalar::zero();
-
-        // d = g + weight_decay · θ, in place in the gradient slot; tensors whose
-        // group has no weight decay are left alone, as PyTorch skips them.
-        let decay_mask: Vec<bool> = (0..n)
-            .map(|i| ctx.mask[i] && ctx.weight_decay[i] != zero)
-            .collect();
-        if decay_mask.iter().any(|&m| m) {
-            store.axpy(Slot::Grads, ctx.weight_decay, weights, &decay_mask)?;
-        }
-
-        let update = if self.config.momentum != 0.0 {
+        let momentum = if self.config.momentum != 0.0 {
             let buffer = match self.momentum_buffer {
                 Some(buffer) => buffer,
                 None => {
@@ -304,36 +292,32 @@ impl Sgd {
                     buffer
                 }
             };
-            let slot = Slot::Buffer(buffer);
-            let first: Vec<bool> = (0..n)
-                .map(|i| ctx.mask[i] && !self.initialized[i])
-                .collect();
-            let later: Vec<bool> = (0..n).map(|i| ctx.mask[i] && self.initialized[i]).collect();
-            if first.iter().any(|&m| m) {
-                store.copy(slot, Slot::Grads, &first)?;
-            }
-            if later.iter().any(|&m| m) {
-                let momentum = vec![S::Scalar::from_f64_rounded(self.config.momentum); n];
-                let keep = vec![S::Scalar::from_f64_rounded(1.0 - self.config.dampening); n];
-                store.scale(slot, &momentum, &later)?;
-                store.axpy(slot, &keep, Slot::Grads, &later)?;
-            }
+            Some(SgdMomentum {
+                buffer: Slot::Buffer(buffer),
+                momentum: S::Scalar::from_f64_rounded(self.config.momentum),
+                keep: S::Scalar::from_f64_rounded(1.0 - self.config.dampening),
+                nesterov: self.config.nesterov,
+            })
+        } else {
+            None
+        };
+        // Per tensor: d = g + λ·θ (no addition where λ is 0, as PyTorch
+        // skips it), the momentum buffer set to d on its first step, and θ
+        // moved by −lr times the update (see `elementwise::sgd`).
+        let coefficients: Vec<SgdCoefficients<S::Scalar>> = (0..n)
+            .map(|i| SgdCoefficients {
+                weight_decay: ctx.weight_decay[i],
+                step: -ctx.lr[i],
+                first: momentum.is_some() && !self.initialized[i],
+            })
+            .collect();
+        store.sgd_update(weights, momentum.as_ref(), &coefficients, ctx.mask)?;
+        if momentum.is_some() {
             for (done, &m) in self.initialized.iter_mut().zip(ctx.mask) {
                 *done |= m;
             }
-            if self.config.nesterov {
-                let momentum = vec![S::Scalar::from_f64_rounded(self.config.momentum); n];
-                store.axpy(Slot::Grads, &momentum, slot, ctx.mask)?;
-                Slot::Grads
-            } else {
-                slot
-            }
-        } else {
-            Slot::Grads
-        };
-
-        let neg_lr: Vec<S::Scalar> = ctx.lr.iter().map(|&lr| -lr).collect();
-        store.axpy_from(Slot::Params, weights, &neg_lr, update, ctx.mask)
+        }
+        Ok(())
     }
 }
 

@@ -501,6 +501,27 @@ pub trait ParamStore {
         crate::composed::adam_update(self, slots, coefficients, mask)
     }
 
+    /// One SGD step of the masked-in tensors, fused: per element,
+    /// [`elementwise::sgd`](crate::elementwise::sgd) with the tensor's
+    /// [`SgdCoefficients`](crate::elementwise::SgdCoefficients), reading θ
+    /// from `weights` ([`Slot::Params`], or AMP's snapshot while the
+    /// parameters hold θ + δ), g and the momentum buffer once and writing θ
+    /// into [`Slot::Params`] and the buffer once — five passes over the
+    /// parameters where the default
+    /// ([`composed::sgd_update`](crate::composed::sgd_update), the sequence
+    /// [`Sgd`](crate::Sgd) runs otherwise) makes up to fifteen. It must give
+    /// the default's bits. Afterwards the gradient slot holds g, `g + λθ`
+    /// or the update (callers must not rely on which).
+    fn sgd_update(
+        &mut self,
+        weights: Slot,
+        momentum: Option<&crate::elementwise::SgdMomentum<Self::Scalar>>,
+        coefficients: &[crate::elementwise::SgdCoefficients<Self::Scalar>],
+        mask: &[bool],
+    ) -> Result<()> {
+        crate::composed::sgd_update(self, weights, momentum, coefficients, mask)
+    }
+
     /// Pins (`true`) or unpins a buffer: a pinned buffer cannot be freed
     /// ([`ParamStore::free_buffer`] returns [`AmpError::BufferInUse`]).
     /// [`Amp`](crate::Amp) and [`Sgd`](crate::Sgd) pin the buffers they hold

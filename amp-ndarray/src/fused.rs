@@ -1,16 +1,19 @@
-//! The two fused operations of the store contract,
-//! [`ParamStore::axpy_from`](amp_core::ParamStore::axpy_from) and
-//! [`ParamStore::perturb_from_grads`](amp_core::ParamStore::perturb_from_grads),
-//! in fewer passes over memory than the composed sequences of
+//! The fused operations of the store contract,
+//! [`ParamStore::axpy_from`](amp_core::ParamStore::axpy_from),
+//! [`ParamStore::perturb_from_grads`](amp_core::ParamStore::perturb_from_grads)
+//! and [`ParamStore::sgd_update`](amp_core::ParamStore::sgd_update), in fewer
+//! passes over memory than the composed sequences of
 //! [`amp_core::composed`] and with their bits (the conformance suite's
 //! `fused_ops_match_composed` compares them).
 
-use amp_core::composed::{check_axpy_from_slots, check_perturb_slots};
+use amp_core::composed::{check_axpy_from_slots, check_perturb_slots, check_sgd_update};
+use amp_core::elementwise::{self, SgdCoefficients, SgdMomentum};
 use amp_core::{check_len, BufferId, Result, Slot, PROJECTION_GUARD};
-use ndarray::ArrayD;
+use ndarray::{ArrayD, Zip};
 
-use crate::loops::{ascend, each3, sum_of_squares_of};
+use crate::loops::{ascend, each3, sum_of_squares_of, CHUNK, PARALLEL};
 use crate::{Element, NdStore};
+use rayon::prelude::{IndexedParallelIterator, ParallelIterator, ParallelSlice, ParallelSliceMut};
 
 /// Whether `a` and `b` lie in memory in the same order, contiguously (so
 /// that their slices in memory order pair their elements).
@@ -106,6 +109,52 @@ impl<T: Element> NdStore<T> {
         Ok(Some(norms))
     }
 
+    /// One SGD step: per tensor, one loop over θ, g, the momentum buffer
+    /// (and the weights read, when they are not θ), each element by
+    /// [`elementwise::sgd`].
+    pub(crate) fn fused_sgd(
+        &mut self,
+        weights: Slot,
+        momentum: Option<&SgdMomentum<T>>,
+        coefficients: &[SgdCoefficients<T>],
+        mask: &[bool],
+    ) -> Result<()> {
+        check_sgd_update(self.params.len(), weights, momentum, coefficients, mask)?;
+        self.slot(weights)?;
+        let buffer_id = match momentum.map(|m| m.buffer) {
+            Some(Slot::Buffer(id)) => Some(id),
+            _ => None,
+        };
+        // The momentum buffer is taken out of the store while θ, g and the
+        // weights stay in it, and put back whatever happens.
+        let mut buffer = self.take_buffer(buffer_id)?;
+        let Self {
+            params,
+            grads,
+            buffers,
+            ..
+        } = self;
+        let source = match weights {
+            Slot::Buffer(id) => Some(buffers.get(id)?),
+            _ => None,
+        };
+        for i in (0..mask.len()).filter(|&i| mask[i]) {
+            let c = &coefficients[i];
+            let (w, b) = (source.map(|w| &w[i]), buffer.as_mut().map(|b| &mut b[i]));
+            let t = &mut params[i];
+            let g = &grads[i];
+            let alike = same_layout(t, g)
+                && w.is_none_or(|w| same_layout(t, w))
+                && b.as_deref().is_none_or(|b| same_layout(t, b));
+            if alike {
+                sgd_slices(t, w, g, b, momentum, c);
+            } else {
+                sgd_zip(t, w, g, b, momentum, c);
+            }
+        }
+        self.put_buffer(buffer_id, buffer)
+    }
+
     /// Buffer `id`'s tensors, taken out of the store (see `put_buffer`).
     fn take_buffer(&mut self, id: Option<BufferId>) -> Result<Option<Vec<ArrayD<T>>>> {
         id.map(|id| Ok(std::mem::take(self.buffers.get_mut(id)?)))
@@ -118,5 +167,108 @@ impl<T: Element> NdStore<T> {
             *self.buffers.get_mut(id)? = tensors;
         }
         Ok(())
+    }
+}
+
+/// [`elementwise::sgd`] over runs of elements at the same index: θ, the
+/// weights read (θ itself where `w` is `None`), g and the momentum buffer.
+fn sgd_run<T: Element>(
+    t: &mut [T],
+    w: Option<&[T]>,
+    g: &[T],
+    b: Option<&mut [T]>,
+    m: Option<&SgdMomentum<T>>,
+    c: &SgdCoefficients<T>,
+) {
+    let sgd = elementwise::sgd;
+    match (w, b) {
+        (None, None) => t
+            .iter_mut()
+            .zip(g)
+            .for_each(|(t, &g)| *t = sgd(*t, g, None, m, c)),
+        (None, Some(b)) => {
+            for ((t, &g), b) in t.iter_mut().zip(g).zip(b) {
+                *t = sgd(*t, g, Some(b), m, c);
+            }
+        }
+        (Some(w), None) => {
+            for ((t, &g), &w) in t.iter_mut().zip(g).zip(w) {
+                *t = sgd(w, g, None, m, c);
+            }
+        }
+        (Some(w), Some(b)) => {
+            for (((t, &g), &w), b) in t.iter_mut().zip(g).zip(w).zip(b) {
+                *t = sgd(w, g, Some(b), m, c);
+            }
+        }
+    }
+}
+
+/// [`sgd_run`] over tensors laid out alike (slices in memory order), split
+/// over rayon's threads from [`PARALLEL`] elements on.
+fn sgd_slices<T: Element>(
+    t: &mut ArrayD<T>,
+    w: Option<&ArrayD<T>>,
+    g: &ArrayD<T>,
+    b: Option<&mut ArrayD<T>>,
+    m: Option<&SgdMomentum<T>>,
+    c: &SgdCoefficients<T>,
+) {
+    let len = t.len();
+    let slices = (
+        t.as_slice_memory_order_mut(),
+        w.map(|w| w.as_slice_memory_order()),
+        g.as_slice_memory_order(),
+        b.map(|b| b.as_slice_memory_order_mut()),
+    );
+    let (Some(t), w, Some(g), b) = slices else {
+        unreachable!("layouts checked by the caller");
+    };
+    let (w, b) = (w.map(Option::unwrap), b.map(Option::unwrap));
+    if len < PARALLEL {
+        return sgd_run(t, w, g, b, m, c);
+    }
+    let pieces = t.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK));
+    match (w, b) {
+        (None, None) => pieces.for_each(|(t, g)| sgd_run(t, None, g, None, m, c)),
+        (None, Some(b)) => pieces
+            .zip(b.par_chunks_mut(CHUNK))
+            .for_each(|((t, g), b)| sgd_run(t, None, g, Some(b), m, c)),
+        (Some(w), None) => pieces
+            .zip(w.par_chunks(CHUNK))
+            .for_each(|((t, g), w)| sgd_run(t, Some(w), g, None, m, c)),
+        (Some(w), Some(b)) => pieces
+            .zip(w.par_chunks(CHUNK))
+            .zip(b.par_chunks_mut(CHUNK))
+            .for_each(|(((t, g), w), b)| sgd_run(t, Some(w), g, Some(b), m, c)),
+    }
+}
+
+/// [`elementwise::sgd`] through `ndarray::Zip`, for tensors laid out
+/// differently.
+fn sgd_zip<T: Element>(
+    t: &mut ArrayD<T>,
+    w: Option<&ArrayD<T>>,
+    g: &ArrayD<T>,
+    b: Option<&mut ArrayD<T>>,
+    m: Option<&SgdMomentum<T>>,
+    c: &SgdCoefficients<T>,
+) {
+    let len = t.len();
+    let zip = Zip::from(t).and(g);
+    let sgd = elementwise::sgd;
+    match (w, b) {
+        (None, None) => zip_each!(len, zip, |t: &mut T, &g: &T| *t = sgd(*t, g, None, m, c)),
+        (None, Some(b)) => zip_each!(len, zip.and(b), |t: &mut T, &g: &T, b: &mut T| {
+            *t = sgd(*t, g, Some(b), m, c)
+        }),
+        (Some(w), None) => zip_each!(len, zip.and(w), |t: &mut T, &g: &T, &w: &T| {
+            *t = sgd(w, g, None, m, c)
+        }),
+        (Some(w), Some(b)) => zip_each!(
+            len,
+            zip.and(w).and(b),
+            |t: &mut T, &g: &T, &w: &T, b: &mut T| *t = sgd(w, g, Some(b), m, c)
+        ),
     }
 }

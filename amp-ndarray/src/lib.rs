@@ -63,15 +63,16 @@ pub use ndarray;
 
 use amp_core::{
     check_len, check_shape, composed, elementwise, AdamCoefficients, AdamSlots, AmpError, BufferId,
-    Buffers, DType, HostTensor, ParamStore, Result, Scalar, Slot, PROJECTION_GUARD,
+    Buffers, DType, HostTensor, ParamStore, Result, Scalar, SgdCoefficients, SgdMomentum, Slot,
+    PROJECTION_GUARD,
 };
 use ndarray::{ArrayD, IxDyn, NdFloat, Zip};
 
 use loops::{all_finite, each1, each2, each3, sum_of_squares};
 
-mod fused;
 #[macro_use]
 mod loops;
+mod fused;
 
 /// The element types the reference backend stores: `f32` and `f64`.
 pub trait Element: NdFloat + Scalar {
@@ -439,6 +440,18 @@ impl<T: Element> ParamStore for NdStore<T> {
             *self.slot_vec_mut(slot)? = tensors;
         }
         Ok(())
+    }
+
+    /// One loop per tensor over θ, g and the momentum buffer (and the
+    /// weights read, when they are a snapshot).
+    fn sgd_update(
+        &mut self,
+        weights: Slot,
+        momentum: Option<&SgdMomentum<T>>,
+        coefficients: &[SgdCoefficients<T>],
+        mask: &[bool],
+    ) -> Result<()> {
+        self.fused_sgd(weights, momentum, coefficients, mask)
     }
 
     /// One pass per tensor (`base + alpha · src`), not a copy and an axpy.

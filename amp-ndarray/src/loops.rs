@@ -19,7 +19,7 @@ use crate::Element;
 pub(crate) const PARALLEL: usize = 1 << 18;
 
 /// Elements per piece of a split loop.
-const CHUNK: usize = 1 << 16;
+pub(crate) const CHUNK: usize = 1 << 16;
 
 /// Runs the element-wise closure `$f` over the `ndarray::Zip` `$zip` of a
 /// tensor of `$len` elements: split over rayon's threads from [`PARALLEL`]

@@ -4,7 +4,7 @@
 //! into small tensors (which stay on one thread). One tensor of each pair
 //! is not in standard layout (a transposed matrix).
 
-use amp_core::{ParamStore, Slot};
+use amp_core::{ParamStore, SgdCoefficients, SgdMomentum, Slot};
 use amp_ndarray::{Element, NdStore};
 use ndarray::{Array1, Array2, ArrayD};
 
@@ -156,8 +156,44 @@ fn fused_operations_on_large_tensors_match_the_composed_ones() {
         } else {
             composed::axpy_from(&mut s, d, base, &alpha, Slot::Params, &mask).unwrap();
         }
+        // SGD's step: Nesterov momentum from the snapshot (first step), then
+        // dampened momentum on θ itself; weight decay on the first tensor.
+        // The gradients are unspecified after perturb_from_grads and after
+        // each step: set again before each.
+        let e = Slot::Buffer(s.alloc_buffer().unwrap());
+        for (round, (mu, keep, nesterov)) in [(0.9f32, 1.0f32, true), (0.8, 0.75, false)]
+            .into_iter()
+            .enumerate()
+        {
+            let momentum = SgdMomentum {
+                buffer: e,
+                momentum: mu,
+                keep,
+                nesterov,
+            };
+            let coefficients: Vec<_> = [0.01f32, 0.0]
+                .iter()
+                .zip(alpha)
+                .map(|(&weight_decay, step)| SgdCoefficients {
+                    weight_decay,
+                    step,
+                    first: round == 0,
+                })
+                .collect();
+            let weights = if round == 0 { b } else { Slot::Params };
+            for (i, g) in big::<f32>(0.53 + round as f64).into_iter().enumerate() {
+                s.set_grad(i, g).unwrap();
+            }
+            if fused {
+                s.sgd_update(weights, Some(&momentum), &coefficients, &mask)
+                    .unwrap();
+            } else {
+                composed::sgd_update(&mut s, weights, Some(&momentum), &coefficients, &mask)
+                    .unwrap();
+            }
+        }
         let mut seen: Vec<u64> = norms.iter().map(|x| f64::from(*x).to_bits()).collect();
-        for slot in [Slot::Params, b, d] {
+        for slot in [Slot::Params, b, d, e] {
             for i in 0..2 {
                 seen.extend(
                     s.read(slot, i)

@@ -5,7 +5,8 @@
 //! time meters and host-read counters are hooks over it.
 
 use amp_core::{
-    AdamCoefficients, AdamSlots, BufferId, DType, HostTensor, ParamStore, Pass, Result, Slot,
+    AdamCoefficients, AdamSlots, BufferId, DType, HostTensor, ParamStore, Pass, Result,
+    SgdCoefficients, SgdMomentum, Slot,
 };
 
 /// One store operation as a hook sees it.
@@ -309,6 +310,23 @@ impl<S: ParamStore, H: StoreHook<S>> ParamStore for Hooked<S, H> {
         let passes = if slots.max_exp_avg_sq.is_some() { 9 } else { 7 };
         self.run(op("adam_update", &writes, Some(mask), passes), |s| {
             s.adam_update(slots, coefficients, mask)
+        })
+    }
+
+    fn sgd_update(
+        &mut self,
+        weights: Slot,
+        momentum: Option<&SgdMomentum<S::Scalar>>,
+        coefficients: &[SgdCoefficients<S::Scalar>],
+        mask: &[bool],
+    ) -> Result<()> {
+        // Reads the weights, g and the momentum buffer, writes θ and the
+        // buffer (the gradient too where the sequence folds into it).
+        let mut writes = vec![Slot::Params, Slot::Grads];
+        writes.extend(momentum.map(|m| m.buffer));
+        let passes = if momentum.is_some() { 5 } else { 3 };
+        self.run(op("sgd_update", &writes, Some(mask), passes), |s| {
+            s.sgd_update(weights, momentum, coefficients, mask)
         })
     }
 

@@ -479,6 +479,62 @@ impl ParamStore for NdAny {
         }
         forward!(self, s => s.adam_update(slots, &coefficients.iter().map(round).collect::<Vec<_>>(), mask))
     }
+    fn sgd_update(
+        &mut self,
+        weights: Slot,
+        momentum: Option<&amp_core::SgdMomentum<f64>>,
+        coefficients: &[amp_core::SgdCoefficients<f64>],
+        mask: &[bool],
+    ) -> Result<()> {
+        fn round<T: amp_core::Scalar>(
+            c: &amp_core::SgdCoefficients<f64>,
+        ) -> amp_core::SgdCoefficients<T> {
+            amp_core::SgdCoefficients {
+                weight_decay: T::from_f64_rounded(c.weight_decay),
+                step: T::from_f64_rounded(c.step),
+                first: c.first,
+            }
+        }
+        fn momentum_in<T: amp_core::Scalar>(
+            m: Option<&amp_core::SgdMomentum<f64>>,
+        ) -> Option<amp_core::SgdMomentum<T>> {
+            m.map(|m| amp_core::SgdMomentum {
+                buffer: m.buffer,
+                momentum: T::from_f64_rounded(m.momentum),
+                keep: T::from_f64_rounded(m.keep),
+                nesterov: m.nesterov,
+            })
+        }
+        forward!(self, s => s.sgd_update(
+            weights,
+            momentum_in(momentum).as_ref(),
+            &coefficients.iter().map(round).collect::<Vec<_>>(),
+            mask,
+        ))
+    }
+    fn axpy_from(
+        &mut self,
+        dst: Slot,
+        base: Slot,
+        alpha: &[f64],
+        src: Slot,
+        mask: &[bool],
+    ) -> Result<()> {
+        forward!(self, s => s.axpy_from(dst, base, &to(alpha), src, mask))
+    }
+    fn perturb_from_grads(
+        &mut self,
+        snapshot: Option<Slot>,
+        delta: Option<Slot>,
+        inner_lr: &[f64],
+        epsilon: &[f64],
+        mask: &[bool],
+    ) -> Result<Vec<f64>> {
+        forward!(self, s => {
+            let n = s.perturb_from_grads(snapshot, delta, &to(inner_lr), &to(epsilon), mask)?;
+            s.norms_to_host(&n)
+        })
+    }
     fn scale(&mut self, dst: Slot, factor: &[f64], mask: &[bool]) -> Result<()> {
         forward!(self, s => s.scale(dst, &to(factor), mask))
     }

@@ -538,7 +538,10 @@ pub fn store_panic_leaves_state<F: StoreFactory>(factory: &F, case: &Case, dtype
 /// with the same values: weights, snapshot, δ and norms; and its
 /// [`ParamStore::addcmul`], [`ParamStore::maximum`] and
 /// [`ParamStore::addcdiv_sqrt`] give the bits of the host defaults, whose
-/// formulas are [`amp_core::elementwise`].
+/// formulas are [`amp_core::elementwise`]; its [`ParamStore::sgd_update`]
+/// gives the bits of [`amp_core::composed::sgd_update`] (weights and
+/// momentum buffer, with and without Nesterov, dampening, weight decay and
+/// first steps).
 pub fn fused_ops_match_composed<F: StoreFactory>(factory: &F, case: &Case, dtype: DType) -> Check {
     let n = case.init.len();
     let per = reference::PerTensor::resolve(&case.config, n);
@@ -641,6 +644,52 @@ pub fn fused_ops_match_composed<F: StoreFactory>(factory: &F, case: &Case, dtype
         for slot in [del, sq, Slot::Params] {
             slots.push(read_slot(&store, slot)?);
         }
+        // SGD's fused step three ways: Nesterov momentum reading θ from the
+        // snapshot, dampened momentum on θ itself with some tensors on their
+        // first step, no momentum; weight decay on every other tensor. The
+        // gradient slot is left unspecified by each, so it is taken afresh.
+        // (From θ as the snapshot holds it: libtorch's Adam step above may
+        // differ from the default by an ulp.)
+        store.copy(Slot::Params, snap, &mask)?;
+        let buffer = Slot::Buffer(store.alloc_buffer()?);
+        let momenta = [Some((0.9, 1.0, true)), Some((0.9, 0.75, false)), None];
+        for (round, momentum) in momenta.into_iter().enumerate() {
+            if round > 0 {
+                store.zero_grads()?;
+                grad_fn(&mut store, Pass::Clean)?;
+            }
+            let momentum = momentum.map(|(mu, keep, nesterov)| amp_core::SgdMomentum {
+                buffer,
+                momentum: amp_core::Scalar::from_f64_rounded(mu),
+                keep: amp_core::Scalar::from_f64_rounded(keep),
+                nesterov,
+            });
+            let coefficients: Vec<_> = (0..n)
+                .map(|i| amp_core::SgdCoefficients {
+                    weight_decay: amp_core::Scalar::from_f64_rounded(if i % 2 == 0 {
+                        0.05
+                    } else {
+                        0.0
+                    }),
+                    step: alpha[i],
+                    first: round == 0 || i % 3 == 0,
+                })
+                .collect();
+            let weights = if round == 0 { snap } else { Slot::Params };
+            if fused {
+                store.sgd_update(weights, momentum.as_ref(), &coefficients, &mask)?;
+            } else {
+                amp_core::composed::sgd_update(
+                    &mut store,
+                    weights,
+                    momentum.as_ref(),
+                    &coefficients,
+                    &mask,
+                )?;
+            }
+            slots.push(read_slot(&store, Slot::Params)?);
+            slots.push(read_slot(&store, buffer)?);
+        }
         Ok((slots, norms))
     };
     let (got, got_norms) = run(true).map_err(fail("fused"))?;
@@ -660,6 +709,12 @@ pub fn fused_ops_match_composed<F: StoreFactory>(factory: &F, case: &Case, dtype
         "addcmul(δ, c, g, snapshot)",
         "maximum(addcmul(0, c, g, g), δ)",
         "θ after addcdiv_sqrt",
+        "θ after sgd_update (Nesterov, from the snapshot)",
+        "momentum after sgd_update (Nesterov)",
+        "θ after sgd_update (dampened momentum)",
+        "momentum after sgd_update (dampened)",
+        "θ after sgd_update (no momentum)",
+        "momentum buffer after sgd_update (no momentum: untouched)",
     ];
     let u = unit_roundoff(dtype);
     for (k, (a, b)) in got.iter().zip(&want).enumerate() {
