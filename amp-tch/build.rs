@@ -53,7 +53,12 @@ fn cxx11_abi(lib_dir: &Path) -> &'static str {
 }
 
 /// The shim's translation units (their headers are in the same folder).
-const SHIM_SOURCES: [&str; 3] = ["shim/ops.cpp", "shim/grads.cpp", "shim/flat.cpp"];
+const SHIM_SOURCES: [&str; 4] = [
+    "shim/ops.cpp",
+    "shim/grads.cpp",
+    "shim/flat.cpp",
+    "shim/sgd.cpp",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -164,13 +164,28 @@ inline bool read_spans(const TensorList &ts, at::ScalarType type, bool write,
   return true;
 }
 
+// Calls `body(T{})` with T = float or double, the loop path's dtypes.
+template <typename F> void by_type(at::ScalarType type, F &&body) {
+  if (type == at::kFloat) {
+    body(float{});
+  } else {
+    body(double{});
+  }
+}
+
+inline size_t elem_size(at::ScalarType type) {
+  return type == at::kFloat ? sizeof(float) : sizeof(double);
+}
+
 // For elementwise operations: drops empty tensors and merges tensor i + 1
 // into the run before it when, in every list, it starts where that run
-// ends, and its coefficient (if any) has the same bits. With the flat
+// ends, and its coefficients (if any) have the same bytes. With the flat
 // layout that usually leaves one run per list. The lists keep equal
-// lengths; `coef` (one per tensor, or NULL) is shortened alongside.
-inline void coalesce(std::initializer_list<std::vector<Span> *> lists,
-                     std::vector<double> *coef, size_t elem) {
+// lengths; `coef` (one per tensor, or NULL) is shortened alongside. `C` is
+// a double or a struct of doubles (no padding, so bytes compare values).
+template <typename C>
+inline void coalesce_with(std::initializer_list<std::vector<Span> *> lists,
+                          std::vector<C> *coef, size_t elem) {
   const size_t n = (*lists.begin())->size();
   size_t out = 0;
   for (size_t i = 0; i < n; ++i) {
@@ -184,7 +199,7 @@ inline void coalesce(std::initializer_list<std::vector<Span> *> lists,
       joins = last.p + static_cast<size_t>(last.n) * elem == (*l)[i].p;
     }
     if (joins && coef != nullptr) {
-      joins = std::memcmp(&(*coef)[out - 1], &(*coef)[i], sizeof(double)) == 0;
+      joins = std::memcmp(&(*coef)[out - 1], &(*coef)[i], sizeof(C)) == 0;
     }
     if (joins) {
       for (auto *l : lists) (*l)[out - 1].n += (*l)[i].n;
@@ -196,6 +211,13 @@ inline void coalesce(std::initializer_list<std::vector<Span> *> lists,
   }
   for (auto *l : lists) l->resize(out);
   if (coef != nullptr) coef->resize(out);
+}
+
+// `coalesce_with` for operations with one double coefficient per tensor
+// (or none).
+inline void coalesce(std::initializer_list<std::vector<Span> *> lists,
+                     std::vector<double> *coef, size_t elem) {
+  coalesce_with<double>(lists, coef, elem);
 }
 
 } // namespace amp_tch

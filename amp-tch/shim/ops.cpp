@@ -78,19 +78,6 @@ void aten_axpy(std::vector<at::Tensor> &d, const std::vector<at::Tensor> &s,
   }
 }
 
-// Calls `body.template operator()<T>()` with T = float or double.
-template <typename F> void by_type(at::ScalarType type, F &&body) {
-  if (type == at::kFloat) {
-    body(float{});
-  } else {
-    body(double{});
-  }
-}
-
-size_t elem_size(at::ScalarType type) {
-  return type == at::kFloat ? sizeof(float) : sizeof(double);
-}
-
 } // namespace
 
 extern "C" {

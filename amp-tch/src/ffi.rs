@@ -37,6 +37,19 @@ impl TensorView {
     }
 }
 
+/// One tensor's coefficients of the fused SGD step (`shim/sgd.cpp`'s
+/// `SgdTensor`): doubles only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdTensor {
+    /// λ (0: no weight decay).
+    pub weight_decay: f64,
+    /// `−lr`.
+    pub step: f64,
+    /// 1 on the tensor's first step with momentum, else 0.
+    pub first: f64,
+}
+
 /// A list of tensors for the shim: borrowed `at::Tensor*` pointers.
 pub type List = *const *mut C_tensor;
 
@@ -85,6 +98,20 @@ extern "C" {
         max_norm: *const f64,
         guard: f64,
         norms: *mut *mut C_tensor,
+        handled: *mut c_int,
+    ) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    pub fn amp_tch_sgd(
+        params: List,
+        weights: List,
+        grads: List,
+        grads_view: TensorView,
+        buffer: List,
+        n: usize,
+        coefficients: *const SgdTensor,
+        momentum: f64,
+        keep: f64,
+        nesterov: c_int,
         handled: *mut c_int,
     ) -> *mut c_char;
     pub fn amp_tch_norms(

@@ -5,8 +5,8 @@
 use std::ffi::c_int;
 
 use amp_core::{
-    check_len, check_shape, AmpError, BufferId, DType, HostTensor, ParamStore, Result, Slot,
-    PROJECTION_GUARD,
+    check_len, check_shape, AmpError, BufferId, DType, HostTensor, ParamStore, Result,
+    SgdCoefficients, SgdMomentum, Slot, PROJECTION_GUARD,
 };
 use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
@@ -238,6 +238,65 @@ impl ParamStore for TchStore {
             )
         });
         self.mirror(dst, mask, done)
+    }
+
+    /// One pass over θ, g and the momentum buffer (and the weights read) on
+    /// the CPU loop path (dense f32/f64 tensors), `shim/sgd.cpp`; elsewhere
+    /// (CUDA, half precision, strided tensors) the composed sequence,
+    /// [`amp_core::composed::sgd_update`].
+    fn sgd_update(
+        &mut self,
+        weights: Slot,
+        momentum: Option<&SgdMomentum<f64>>,
+        coefficients: &[SgdCoefficients<f64>],
+        mask: &[bool],
+    ) -> Result<()> {
+        let n = self.params.len();
+        amp_core::composed::check_sgd_update(n, weights, momentum, coefficients, mask)?;
+        let (p, _) = self.pointers(Slot::Params, mask, true)?;
+        if p.is_empty() {
+            return Ok(());
+        }
+        let (w, _) = self.pointers(weights, mask, false)?;
+        let (g, gv) = self.pointers(Slot::Grads, mask, false)?;
+        let b = momentum
+            .map(|m| self.pointers(m.buffer, mask, true).map(|(b, _)| b))
+            .transpose()?;
+        let c: Vec<ffi::SgdTensor> = coefficients
+            .iter()
+            .zip(mask)
+            .filter(|(_, &m)| m)
+            .map(|(c, _)| ffi::SgdTensor {
+                weight_decay: c.weight_decay,
+                step: c.step,
+                first: f64::from(u8::from(c.first)),
+            })
+            .collect();
+        let (mu, keep, nesterov) =
+            momentum.map_or((0.0, 1.0, false), |m| (m.momentum, m.keep, m.nesterov));
+        let mut handled: c_int = 0;
+        // SAFETY: every list (and `c`) has p.len() entries, `b` is NULL or
+        // such a list; the tensors outlive the call.
+        check(unsafe {
+            ffi::amp_tch_sgd(
+                p.as_ptr(),
+                w.as_ptr(),
+                g.as_ptr(),
+                gv,
+                b.as_ref().map_or(std::ptr::null(), |v| v.as_ptr()),
+                p.len(),
+                c.as_ptr(),
+                mu,
+                keep,
+                c_int::from(nesterov),
+                &mut handled,
+            )
+        })?;
+        if handled == 0 {
+            // The composed sequence's own writes of θ mirror it.
+            return amp_core::composed::sgd_update(self, weights, momentum, coefficients, mask);
+        }
+        self.mirror(Slot::Params, mask, Ok(()))
     }
 
     /// Fused on the CPU loop path (dense f32/f64 tensors): per tensor, one

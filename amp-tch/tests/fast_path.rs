@@ -2,7 +2,7 @@
 //! tensors in the shim) against the reference store, bit for bit, and the
 //! ATen path it falls back to for everything else.
 
-use amp_core::{DType, HostTensor, ParamStore, Scalar, Slot};
+use amp_core::{DType, HostTensor, ParamStore, Scalar, SgdCoefficients, SgdMomentum, Slot};
 use amp_ndarray::{Element, NdStore};
 use amp_tch::TchStore;
 use ndarray::{ArrayD, IxDyn};
@@ -209,6 +209,44 @@ fn exercise<S: ParamStore>(store: &mut S, grads: &[HostTensor], seed: u64) -> Ve
     store
         .axpy_from(Slot::Buffer(d), Slot::Buffer(d), &alpha, Slot::Grads, &all)
         .unwrap();
+    // SGD's fused step: Nesterov or not, reading θ from a snapshot, then
+    // dampened momentum on θ itself (some tensors on their first step),
+    // then none; weight decay on every other tensor. The gradients are
+    // unspecified after each: written again.
+    let sgd = |first: &dyn Fn(usize) -> bool| -> Vec<SgdCoefficients<S::Scalar>> {
+        (0..n)
+            .map(|i| SgdCoefficients {
+                weight_decay: c(if i % 2 == 0 { 5e-3 } else { 0.0 }),
+                step: alpha[i],
+                first: first(i),
+            })
+            .collect()
+    };
+    let momenta = [
+        Some((0.9, 1.0, seed % 2 == 0)),
+        Some((0.8, 0.75, seed % 2 == 1)),
+        None,
+    ];
+    for (round, momentum) in momenta.into_iter().enumerate() {
+        let momentum = momentum.map(|(mu, keep, nesterov)| SgdMomentum {
+            buffer: Slot::Buffer(d),
+            momentum: c(mu),
+            keep: c(keep),
+            nesterov,
+        });
+        let weights = if round == 0 {
+            Slot::Buffer(b)
+        } else {
+            Slot::Params
+        };
+        let coefficients = sgd(&|i| round == 0 || i % 3 == 1);
+        store
+            .sgd_update(weights, momentum.as_ref(), &coefficients, &mask)
+            .unwrap();
+        for (i, g) in grads.iter().enumerate() {
+            store.write(Slot::Grads, i, g).unwrap();
+        }
+    }
     for slot in [Slot::Params, Slot::Grads, Slot::Buffer(b), Slot::Buffer(d)] {
         seen.push(u64::from(store.all_finite(slot, &all).unwrap()));
     }
