@@ -7,7 +7,8 @@
 //! each element once, `scale` and `clip_to_norms` read and write it, `axpy`
 //! and `axpy_from` read two and write one, `norms` and `all_finite` read
 //! one, `perturb_from_grads` reads the gradient twice and θ once and writes
-//! θ (and the snapshot and δ where asked for). This is the
+//! θ (and the snapshot and δ where asked for), `sgd_update` reads θ (or the
+//! snapshot), g and the momentum buffer and writes θ and the buffer. This is the
 //! numerator of "optimizer throughput as a fraction of the copy floor": a
 //! backend that makes extra passes (temporaries, a separate write-back) moves
 //! more bytes than it is credited with, and scores lower.
@@ -19,11 +20,12 @@ use amp::{ParamStore, Result};
 use amp_testkit::hooked::{Hooked, StoreHook, StoreOp};
 
 /// The primitives that move parameter-sized data, in report order.
-pub const OPS: [&str; 10] = [
+pub const OPS: [&str; 11] = [
     "copy",
     "scale",
     "axpy",
     "axpy_from",
+    "sgd",
     "perturb",
     "norms",
     "clip_to_norms",
@@ -59,14 +61,15 @@ fn entry(name: &str) -> Option<usize> {
         "scale" => 1,
         "axpy" => 2,
         "axpy_from" => 3,
-        "perturb_from_grads" => 4,
-        "norms" => 5,
-        "clip_to_norms" => 6,
-        "all_finite" => 7,
+        "sgd_update" => 4,
+        "perturb_from_grads" => 5,
+        "norms" => 6,
+        "clip_to_norms" => 7,
+        "all_finite" => 8,
         // Moves no parameter data of its own (0 bytes), but is timed: a
         // backend that frees and reallocates gradients pays for it here.
-        "zero_grads" => 8,
-        "addcmul" | "addcdiv_sqrt" | "maximum" | "adam_update" | "clip_grad_norm" => 9,
+        "zero_grads" => 9,
+        "addcmul" | "addcdiv_sqrt" | "maximum" | "adam_update" | "clip_grad_norm" => 10,
         _ => return None,
     })
 }

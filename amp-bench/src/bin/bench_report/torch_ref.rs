@@ -2,7 +2,7 @@
 //! (`scripts/torch_reference.py`), timed in the same run, interleaved with
 //! amp's libtorch trainers.
 //!
-//! What is measured, per MLP of [`SPECS`](crate::mlp::SPECS):
+//! What is measured, per MLP of [`SPECS`]:
 //!
 //! * **torch AMP/ERM**: the script's AMP step (the per-tensor Python loop of
 //!   the reference implementations: clean pass, per tensor δ = ζ·g projected
