@@ -53,11 +53,12 @@ fn cxx11_abi(lib_dir: &Path) -> &'static str {
 }
 
 /// The shim's translation units (their headers are in the same folder).
-const SHIM_SOURCES: [&str; 4] = [
+const SHIM_SOURCES: [&str; 5] = [
     "shim/ops.cpp",
     "shim/grads.cpp",
     "shim/flat.cpp",
     "shim/sgd.cpp",
+    "shim/adam.cpp",
 ];
 
 fn main() {

@@ -1,10 +1,13 @@
 //! The element-wise operations Adam needs (`addcmul`, `addcdiv_sqrt`,
-//! `maximum`), tensor by tensor with ATen's own operators. Each is built
-//! from operators that round once per operation (`mul`, `div`, `sqrt`,
-//! `add`), in the order of the formula in `amp_core::elementwise`, so that
-//! it gives that formula's bits; the conformance suite checks it against
-//! the host default. (ATen's own `addcmul_`/`addcdiv_` may fuse the
-//! multiply and the add into one FMA, which rounds differently.)
+//! `maximum`), tensor by tensor with ATen's own operators, where the CPU
+//! loop path does not take them (CUDA, half precision, strided tensors;
+//! `addcdiv_sqrt` has its loop in `shim/adam.cpp`). Each is built from
+//! operators that round once per operation (`mul`, `div`, `sqrt`, `add`),
+//! in the order of the formula in `amp_core::elementwise`; `addcmul` and
+//! `maximum` give that formula's bits, `addcdiv_sqrt` (ATen's division
+//! chain) may differ from it by an ulp, which is why the loop path has its
+//! own. (ATen's own `addcmul_`/`addcdiv_` may fuse the multiply and the
+//! add into one FMA, which rounds differently.)
 
 use amp_core::{check_len, composed, ParamStore, Result, Slot};
 use tch::Tensor;

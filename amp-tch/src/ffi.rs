@@ -50,6 +50,60 @@ pub struct SgdTensor {
     pub first: f64,
 }
 
+/// One tensor's coefficients of the fused Adam step (`shim/adam.cpp`'s
+/// `AdamTensor`), those of [`amp_core::AdamCoefficients`] in its order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamTensor {
+    /// Decoupled decay factor (1: none).
+    pub shrink: f64,
+    /// L2 decay λ (0: none).
+    pub l2: f64,
+    /// β₁.
+    pub beta1: f64,
+    /// `1 − β₁`.
+    pub beta1c: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// `1 − β₂`.
+    pub beta2c: f64,
+    /// `−lr / (1 − β₁ᵗ)`.
+    pub step: f64,
+    /// `√(1 − β₂ᵗ)`.
+    pub divisor: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+}
+
+impl From<&amp_core::AdamCoefficients<f64>> for AdamTensor {
+    fn from(c: &amp_core::AdamCoefficients<f64>) -> Self {
+        AdamTensor {
+            shrink: c.shrink,
+            l2: c.l2,
+            beta1: c.beta1.0,
+            beta1c: c.beta1.1,
+            beta2: c.beta2.0,
+            beta2c: c.beta2.1,
+            step: c.step,
+            divisor: c.divisor,
+            eps: c.eps,
+        }
+    }
+}
+
+/// One tensor's coefficients of `addcdiv_sqrt` on the loop path
+/// (`shim/adam.cpp`'s `AddcdivTensor`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AddcdivTensor {
+    /// Multiplies the numerator.
+    pub alpha: f64,
+    /// Divides the square root of the denominator.
+    pub divisor: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+}
+
 /// A list of tensors for the shim: borrowed `at::Tensor*` pointers.
 pub type List = *const *mut C_tensor;
 
@@ -112,6 +166,30 @@ extern "C" {
         momentum: f64,
         keep: f64,
         nesterov: c_int,
+        handled: *mut c_int,
+    ) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    pub fn amp_tch_adam(
+        params: List,
+        grads: List,
+        grads_view: TensorView,
+        exp_avg: List,
+        exp_avg_sq: List,
+        max_exp_avg_sq: List,
+        n: usize,
+        coefficients: *const AdamTensor,
+        handled: *mut c_int,
+    ) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    pub fn amp_tch_addcdiv_sqrt(
+        dst: List,
+        dst_view: TensorView,
+        num: List,
+        num_view: TensorView,
+        den: List,
+        den_view: TensorView,
+        n: usize,
+        coefficients: *const AddcdivTensor,
         handled: *mut c_int,
     ) -> *mut c_char;
     pub fn amp_tch_norms(

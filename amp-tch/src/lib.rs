@@ -76,7 +76,7 @@
 //! | `clip_to_norms` | a few ops on the stacked norms + `_foreach_mul_` (tensor list) |
 //! | `all_finite` | `_foreach_norm(∞)` + `stack` + `isfinite().all()`, one read (CPU: `aminmax` per tensor + `stack` instead) |
 //! | `axpy_from` | `_foreach_copy_` + the `axpy` calls |
-//! | `perturb_from_grads`, `sgd_update` | the unfused sequences of [`amp_core::composed`] |
+//! | `perturb_from_grads`, `sgd_update`, `adam_update` | the unfused sequences of [`amp_core::composed`] |
 //! | `zero_grads`, `grad_mask` | no kernel: references dropped or inspected |
 //! | `alloc_buffer` | one `zeros` allocation, viewed per tensor |
 //!
@@ -107,7 +107,9 @@
 //! there: per tensor one read of the gradient for its norm, then one pass
 //! that writes the snapshot and θ + δ; `axpy_from` is one pass, and so is
 //! SGD's whole step (`sgd_update`: weight decay, momentum, Nesterov and the
-//! move of θ, `shim/sgd.cpp`). On that path
+//! move of θ, `shim/sgd.cpp`) and Adam's (`adam_update`: decoupled or L2
+//! decay, both moments, AMSGrad's maximum and the move of θ,
+//! `shim/adam.cpp`, where `addcdiv_sqrt` also has its loop). On that path
 //! the results are the reference store's bit for bit (the test suite checks
 //! it: those loops repeat formulas of `amp-core` and `amp-ndarray` for
 //! speed). [`TchNorms`] then holds a CPU tensor, as it does on the ATen

@@ -5,8 +5,8 @@
 use std::ffi::c_int;
 
 use amp_core::{
-    check_len, check_shape, AmpError, BufferId, DType, HostTensor, ParamStore, Result,
-    SgdCoefficients, SgdMomentum, Slot, PROJECTION_GUARD,
+    check_len, check_shape, AdamCoefficients, AdamSlots, AmpError, BufferId, DType, HostTensor,
+    ParamStore, Result, SgdCoefficients, SgdMomentum, Slot, PROJECTION_GUARD,
 };
 use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
@@ -60,6 +60,57 @@ impl TchStore {
             .and_then(|t| t.f_to_device(self.device))
             .map_err(tch_error)?;
         norms.values.f_index_select(0, &index).map_err(tch_error)
+    }
+}
+
+impl TchStore {
+    /// `addcdiv_sqrt` on the CPU loop path (`shim/adam.cpp`): `Ok(false)`,
+    /// nothing written, where a tensor does not qualify or `dst` is the
+    /// gradient slot.
+    #[allow(clippy::too_many_arguments)]
+    fn addcdiv_sqrt_loop(
+        &self,
+        dst: Slot,
+        alpha: &[f64],
+        num: Slot,
+        den: Slot,
+        divisor: &[f64],
+        eps: &[f64],
+        mask: &[bool],
+    ) -> Result<bool> {
+        self.check_mask(mask)?;
+        amp_core::composed::check_addcdiv_sqrt(mask.len(), dst, (alpha, divisor, eps), num, den)?;
+        if dst == Slot::Grads {
+            return Ok(false);
+        }
+        let (d, dv) = self.pointers(dst, mask, true)?;
+        let (x, xv) = self.pointers(num, mask, false)?;
+        let (y, yv) = self.pointers(den, mask, false)?;
+        let c: Vec<ffi::AddcdivTensor> = (0..mask.len())
+            .filter(|&i| mask[i])
+            .map(|i| ffi::AddcdivTensor {
+                alpha: alpha[i],
+                divisor: divisor[i],
+                eps: eps[i],
+            })
+            .collect();
+        let mut handled: c_int = 0;
+        // SAFETY: every list (and `c`) has d.len() entries; the tensors
+        // outlive the call.
+        check(unsafe {
+            ffi::amp_tch_addcdiv_sqrt(
+                d.as_ptr(),
+                dv,
+                x.as_ptr(),
+                xv,
+                y.as_ptr(),
+                yv,
+                d.len(),
+                c.as_ptr(),
+                &mut handled,
+            )
+        })?;
+        Ok(handled != 0)
     }
 }
 
@@ -195,7 +246,13 @@ impl ParamStore for TchStore {
         eps: &[f64],
         mask: &[bool],
     ) -> Result<()> {
-        let done = self.addcdiv_sqrt_each(dst, alpha, num, den, divisor, eps, mask);
+        // The loop path (dense f32/f64 CPU tensors; not into gradients,
+        // whose absent ones `addcdiv_sqrt_each` leaves absent), else ATen.
+        let done = match self.addcdiv_sqrt_loop(dst, alpha, num, den, divisor, eps, mask) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.addcdiv_sqrt_each(dst, alpha, num, den, divisor, eps, mask),
+            Err(e) => Err(e),
+        };
         self.mirror(dst, mask, done)
     }
 
@@ -295,6 +352,57 @@ impl ParamStore for TchStore {
         if handled == 0 {
             // The composed sequence's own writes of θ mirror it.
             return amp_core::composed::sgd_update(self, weights, momentum, coefficients, mask);
+        }
+        self.mirror(Slot::Params, mask, Ok(()))
+    }
+
+    /// One pass over θ, g and the moments on the CPU loop path (dense
+    /// f32/f64 tensors), `shim/adam.cpp`; elsewhere (CUDA, half precision,
+    /// strided tensors) the composed sequence,
+    /// [`amp_core::composed::adam_update`].
+    fn adam_update(
+        &mut self,
+        slots: AdamSlots,
+        coefficients: &[AdamCoefficients<f64>],
+        mask: &[bool],
+    ) -> Result<()> {
+        amp_core::composed::check_adam_update(self.params.len(), slots, coefficients, mask)?;
+        let (p, _) = self.pointers(Slot::Params, mask, true)?;
+        if p.is_empty() {
+            return Ok(());
+        }
+        let (g, gv) = self.pointers(Slot::Grads, mask, false)?;
+        let (m, _) = self.pointers(slots.exp_avg, mask, true)?;
+        let (v, _) = self.pointers(slots.exp_avg_sq, mask, true)?;
+        let max = slots
+            .max_exp_avg_sq
+            .map(|slot| self.pointers(slot, mask, true).map(|(x, _)| x))
+            .transpose()?;
+        let c: Vec<ffi::AdamTensor> = coefficients
+            .iter()
+            .zip(mask)
+            .filter(|(_, &m)| m)
+            .map(|(c, _)| c.into())
+            .collect();
+        let mut handled: c_int = 0;
+        // SAFETY: every list (and `c`) has p.len() entries, `max` is NULL or
+        // such a list; the tensors outlive the call.
+        check(unsafe {
+            ffi::amp_tch_adam(
+                p.as_ptr(),
+                g.as_ptr(),
+                gv,
+                m.as_ptr(),
+                v.as_ptr(),
+                max.as_ref().map_or(std::ptr::null(), |x| x.as_ptr()),
+                p.len(),
+                c.as_ptr(),
+                &mut handled,
+            )
+        })?;
+        if handled == 0 {
+            // The composed sequence's own writes of θ mirror it.
+            return amp_core::composed::adam_update(self, slots, coefficients, mask);
         }
         self.mirror(Slot::Params, mask, Ok(()))
     }

@@ -2,7 +2,10 @@
 //! tensors in the shim) against the reference store, bit for bit, and the
 //! ATen path it falls back to for everything else.
 
-use amp_core::{DType, HostTensor, ParamStore, Scalar, SgdCoefficients, SgdMomentum, Slot};
+use amp_core::{
+    AdamCoefficients, AdamSlots, DType, HostTensor, ParamStore, Scalar, SgdCoefficients,
+    SgdMomentum, Slot,
+};
 use amp_ndarray::{Element, NdStore};
 use amp_tch::TchStore;
 use ndarray::{ArrayD, IxDyn};
@@ -245,6 +248,49 @@ fn exercise<S: ParamStore>(store: &mut S, grads: &[HostTensor], seed: u64) -> Ve
             .unwrap();
         for (i, g) in grads.iter().enumerate() {
             store.write(Slot::Grads, i, g).unwrap();
+        }
+    }
+    // Adam's fused step, with AMSGrad and without; decoupled decay on every
+    // other tensor, L2 decay on the others. Moments start from θ (both
+    // signs) and g² (the maximum at half of it).
+    let (m, v, x) = (
+        Slot::Buffer(store.alloc_buffer().unwrap()),
+        Slot::Buffer(store.alloc_buffer().unwrap()),
+        Slot::Buffer(store.alloc_buffer().unwrap()),
+    );
+    store.copy(m, Slot::Params, &all).unwrap();
+    let ones = vec![c(1.0); n];
+    store
+        .addcmul(v, &ones, Slot::Grads, Slot::Grads, &all)
+        .unwrap();
+    store.copy(x, v, &all).unwrap();
+    store.scale(x, &vec![c(0.5); n], &all).unwrap();
+    let adam: Vec<_> = (0..n)
+        .map(|i| AdamCoefficients {
+            shrink: c(if i % 2 == 0 { 0.99 } else { 1.0 }),
+            l2: c(if i % 2 == 0 { 0.0 } else { 0.01 }),
+            beta1: (c(0.9), c(0.1)),
+            beta2: (c(0.999), c(0.001)),
+            step: c(-0.01 / 0.19),
+            divisor: c(0.7),
+            eps: c(1e-8),
+        })
+        .collect();
+    for amsgrad in [true, false] {
+        let slots = AdamSlots {
+            exp_avg: m,
+            exp_avg_sq: v,
+            max_exp_avg_sq: amsgrad.then_some(x),
+        };
+        store.adam_update(slots, &adam, &mask).unwrap();
+        for (i, g) in grads.iter().enumerate() {
+            store.write(Slot::Grads, i, g).unwrap();
+        }
+    }
+    for slot in [Slot::Params, m, v, x] {
+        for i in 0..n {
+            let t = store.read(slot, i).unwrap();
+            seen.extend(t.data().iter().map(|x| x.to_bits()));
         }
     }
     for slot in [Slot::Params, Slot::Grads, Slot::Buffer(b), Slot::Buffer(d)] {

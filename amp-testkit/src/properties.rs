@@ -723,11 +723,11 @@ pub fn fused_ops_match_composed<F: StoreFactory>(factory: &F, case: &Case, dtype
                 if p.to_bits() == q.to_bits() {
                     continue;
                 }
-                // Adam's update takes a square root, which a framework's
-                // vectorised kernel may round differently from the
-                // correctly rounded one (libtorch's CPU sqrt does, by an
-                // ulp): a few ulps of the quotient and of θ are allowed
-                // there, and only there.
+                // Adam's update takes a square root and two divisions,
+                // which a framework's kernels may round differently from
+                // the correctly rounded formula (ATen's do, by an ulp, where
+                // amp-tch's CPU loop path does not run): a few ulps of the
+                // quotient and of θ are allowed there, and only there.
                 if k == 6 {
                     let (theta, num, den) = (
                         want[3][i].data()[j],
