@@ -14,8 +14,6 @@
 #include "loops.h"
 
 #include <limits>
-#include <memory>
-#include <type_traits>
 
 using namespace amp_tch;
 
@@ -73,15 +71,6 @@ void adam_loop(T *__restrict__ t, const T *__restrict__ g, T *__restrict__ m,
   }
 }
 
-// Calls f(std::true_type{}) or f(std::false_type{}).
-template <typename F> void with_flag(bool flag, F &&f) {
-  if (flag) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 template <typename T>
 void fast_adam(const std::vector<Span> &ts, const std::vector<Span> &gs,
                const std::vector<Span> &ms, const std::vector<Span> &vs,
@@ -122,44 +111,33 @@ char *amp_tch_adam(at::Tensor **params, at::Tensor **grads, int grads_view,
                    at::Tensor **exp_avg, at::Tensor **exp_avg_sq,
                    at::Tensor **max_exp_avg_sq, size_t n,
                    const AdamTensor *coefficients, int *handled) {
-  return guarded([&] {
-    *handled = 0;
-    if (n == 0) {
-      *handled = 1;
-      return;
-    }
+  return loop_entry(handled, [&] {
+    if (n == 0) return true;
     TensorList theta(params, n, PLAIN);
     TensorList g(grads, n, grads_view);
     TensorList m(exp_avg, n, PLAIN);
     TensorList v(exp_avg_sq, n, PLAIN);
-    std::unique_ptr<TensorList> x;
     at::ScalarType type = loop_type(theta);
-    std::vector<Span> ts, gs, ms, vs, xs;
+    std::vector<Span> ts, gs, ms, vs;
+    OptionalSpans x;
     if (type == at::ScalarType::Undefined ||
         !read_spans(theta, type, true, ts) ||
         !read_spans(g, type, false, gs, &ts) ||
         !read_spans(m, type, true, ms, &ts) ||
-        !read_spans(v, type, true, vs, &ts))
-      return;
-    if (max_exp_avg_sq != nullptr) {
-      x = std::make_unique<TensorList>(max_exp_avg_sq, n, PLAIN);
-      if (!read_spans(*x, type, true, xs, &ts)) return;
-    }
+        !read_spans(v, type, true, vs, &ts) ||
+        !x.read(max_exp_avg_sq, n, type, ts))
+      return false;
     std::vector<AdamTensor> c(coefficients, coefficients + n);
-    if (x) {
-      coalesce_with<AdamTensor>({&ts, &gs, &ms, &vs, &xs}, &c,
-                                elem_size(type));
-    } else {
-      coalesce_with<AdamTensor>({&ts, &gs, &ms, &vs}, &c, elem_size(type));
-    }
+    coalesce_with<AdamTensor>(with_optional({&ts, &gs, &ms, &vs}, x), &c,
+                              elem_size(type));
     by_type(type, [&](auto t) {
-      fast_adam<decltype(t)>(ts, gs, ms, vs, x ? &xs : nullptr, c);
+      fast_adam<decltype(t)>(ts, gs, ms, vs, x.get(), c);
     });
     theta.bump();
     m.bump();
     v.bump();
-    if (x) x->bump();
-    *handled = 1;
+    x.bump();
+    return true;
   });
 }
 
@@ -197,12 +175,8 @@ char *amp_tch_addcdiv_sqrt(at::Tensor **dst, int dst_view, at::Tensor **num,
                            int num_view, at::Tensor **den, int den_view,
                            size_t n, const AddcdivTensor *coefficients,
                            int *handled) {
-  return guarded([&] {
-    *handled = 0;
-    if (n == 0) {
-      *handled = 1;
-      return;
-    }
+  return loop_entry(handled, [&] {
+    if (n == 0) return true;
     TensorList d(dst, n, dst_view);
     TensorList x(num, n, num_view);
     TensorList y(den, n, den_view);
@@ -211,7 +185,7 @@ char *amp_tch_addcdiv_sqrt(at::Tensor **dst, int dst_view, at::Tensor **num,
     if (type == at::ScalarType::Undefined || !read_spans(d, type, true, ds) ||
         !read_spans(x, type, false, xs, &ds) ||
         !read_spans(y, type, false, ys, &ds))
-      return;
+      return false;
     std::vector<AddcdivTensor> c(coefficients, coefficients + n);
     coalesce_with<AddcdivTensor>({&ds, &xs, &ys}, &c, elem_size(type));
     by_type(type, [&](auto t) {
@@ -226,7 +200,7 @@ char *amp_tch_addcdiv_sqrt(at::Tensor **dst, int dst_view, at::Tensor **num,
       });
     });
     d.bump();
-    *handled = 1;
+    return true;
   });
 }
 

@@ -20,6 +20,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace amp_tch {
@@ -164,6 +166,57 @@ inline bool read_spans(const TensorList &ts, at::ScalarType type, bool write,
   return true;
 }
 
+// A list of the loop path that an entry point may be given or not (a NULL
+// address): a momentum buffer, AMSGrad's maximum, AMP's snapshot or δ.
+struct OptionalSpans {
+  std::unique_ptr<TensorList> list;
+  std::vector<Span> spans;
+
+  // Reads the list `tensors` addresses, if any, as writable spans shaped as
+  // `like`; false when one of its tensors does not qualify.
+  bool read(at::Tensor **tensors, size_t n, at::ScalarType type,
+            const std::vector<Span> &like) {
+    if (tensors == nullptr) return true;
+    list = std::make_unique<TensorList>(tensors, n, PLAIN);
+    return read_spans(*list, type, true, spans, &like);
+  }
+
+  // The spans, or NULL when the list was not given.
+  std::vector<Span> *get() { return list ? &spans : nullptr; }
+
+  void bump() const {
+    if (list) list->bump();
+  }
+};
+
+// `lists` with `optional` appended when it was given: the lists an
+// elementwise entry point coalesces.
+inline std::vector<std::vector<Span> *>
+with_optional(std::vector<std::vector<Span> *> lists, OptionalSpans &optional) {
+  if (optional.get() != nullptr) lists.push_back(optional.get());
+  return lists;
+}
+
+// The frame of a loop-path entry point: `guarded`, *handled <- 0 first and
+// <- 1 when `body` returns true (it ran the loop path and wrote its
+// results); otherwise nothing was written and the caller runs the ATen path.
+template <typename F> char *loop_entry(int *handled, F &&body) {
+  return guarded([&] {
+    *handled = 0;
+    if (body()) *handled = 1;
+  });
+}
+
+// Calls f(std::true_type{}) or f(std::false_type{}): a run-time flag as a
+// template parameter of the loop it selects.
+template <typename F> void with_flag(bool flag, F &&f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 // Calls `body(T{})` with T = float or double, the loop path's dtypes.
 template <typename F> void by_type(at::ScalarType type, F &&body) {
   if (type == at::kFloat) {
@@ -184,7 +237,7 @@ inline size_t elem_size(at::ScalarType type) {
 // lengths; `coef` (one per tensor, or NULL) is shortened alongside. `C` is
 // a double or a struct of doubles (no padding, so bytes compare values).
 template <typename C>
-inline void coalesce_with(std::initializer_list<std::vector<Span> *> lists,
+inline void coalesce_with(const std::vector<std::vector<Span> *> &lists,
                           std::vector<C> *coef, size_t elem) {
   const size_t n = (*lists.begin())->size();
   size_t out = 0;
@@ -215,7 +268,7 @@ inline void coalesce_with(std::initializer_list<std::vector<Span> *> lists,
 
 // `coalesce_with` for operations with one double coefficient per tensor
 // (or none).
-inline void coalesce(std::initializer_list<std::vector<Span> *> lists,
+inline void coalesce(const std::vector<std::vector<Span> *> &lists,
                      std::vector<double> *coef, size_t elem) {
   coalesce_with<double>(lists, coef, elem);
 }

@@ -18,8 +18,6 @@
 
 #include "loops.h"
 
-#include <memory>
-
 using namespace amp_tch;
 
 namespace {
@@ -178,42 +176,31 @@ char *amp_tch_perturb(at::Tensor **params, at::Tensor **snapshot,
                       at::Tensor **delta, size_t n, const double *inner_lr,
                       const double *max_norm, double guard,
                       at::Tensor **norms, int *handled) {
-  return guarded([&] {
-    *handled = 0;
-    if (n == 0) return;
+  return loop_entry(handled, [&] {
+    if (n == 0) return false;
     TensorList theta(params, n, PLAIN);
     TensorList g(params, n, GRAD_READ);
     at::ScalarType type = loop_type(theta);
-    std::vector<Span> ts, gs, ss, dsp;
-    std::unique_ptr<TensorList> snap, del;
+    std::vector<Span> ts, gs;
+    OptionalSpans snap, del;
     if (type == at::ScalarType::Undefined ||
         !read_spans(theta, type, true, ts) ||
-        !read_spans(g, type, false, gs, &ts))
-      return;
-    if (snapshot != nullptr) {
-      snap = std::make_unique<TensorList>(snapshot, n, PLAIN);
-      if (!read_spans(*snap, type, true, ss, &ts)) return;
-    }
-    if (delta != nullptr) {
-      del = std::make_unique<TensorList>(delta, n, PLAIN);
-      if (!read_spans(*del, type, true, dsp, &ts)) return;
-    }
-    const std::vector<Span> *sp = snap ? &ss : nullptr;
-    const std::vector<Span> *dp = del ? &dsp : nullptr;
+        !read_spans(g, type, false, gs, &ts) ||
+        !snap.read(snapshot, n, type, ts) || !del.read(delta, n, type, ts))
+      return false;
     at::Tensor out;
     by_type(type, [&](auto t) {
-      out = fast_perturb<decltype(t)>(ts, gs, sp, dp, inner_lr, max_norm,
-                                      guard, type);
+      out = fast_perturb<decltype(t)>(ts, gs, snap.get(), del.get(), inner_lr,
+                                      max_norm, guard, type);
     });
     theta.bump();
-    if (snap) snap->bump();
-    if (del) del->bump();
+    snap.bump();
+    del.bump();
     *norms = new at::Tensor(out);
-    *handled = 1;
+    return true;
   });
 }
 
-// *out <- stack(‖src[i]‖₂), a 1-D tensor of n norms on the tensors' device.
 char *amp_tch_norms(at::Tensor **src, int src_view, size_t n,
                     at::Tensor **out) {
   return guarded([&] {

@@ -12,9 +12,6 @@
 
 #include "loops.h"
 
-#include <memory>
-#include <type_traits>
-
 using namespace amp_tch;
 
 namespace {
@@ -42,15 +39,6 @@ void sgd_loop(T *t, const T *w, const T *__restrict__ g, T *__restrict__ b,
       u = Nesterov ? d + mu * next : next;
     }
     t[k] = w[k] + step * u;
-  }
-}
-
-// Calls f(std::true_type{}) or f(std::false_type{}).
-template <typename F> void with_flag(bool flag, F &&f) {
-  if (flag) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
   }
 }
 
@@ -99,40 +87,29 @@ char *amp_tch_sgd(at::Tensor **params, at::Tensor **weights,
                   at::Tensor **grads, int grads_view, at::Tensor **buffer,
                   size_t n, const SgdTensor *coefficients, double momentum,
                   double keep, int nesterov, int *handled) {
-  return guarded([&] {
-    *handled = 0;
-    if (n == 0) {
-      *handled = 1;
-      return;
-    }
+  return loop_entry(handled, [&] {
+    if (n == 0) return true;
     TensorList theta(params, n, PLAIN);
     TensorList w(weights, n, PLAIN);
     TensorList g(grads, n, grads_view);
-    std::unique_ptr<TensorList> b;
     at::ScalarType type = loop_type(theta);
-    std::vector<Span> ts, ws, gs, bs;
+    std::vector<Span> ts, ws, gs;
+    OptionalSpans b;
     if (type == at::ScalarType::Undefined ||
         !read_spans(theta, type, true, ts) ||
         !read_spans(w, type, false, ws, &ts) ||
-        !read_spans(g, type, false, gs, &ts))
-      return;
-    if (buffer != nullptr) {
-      b = std::make_unique<TensorList>(buffer, n, PLAIN);
-      if (!read_spans(*b, type, true, bs, &ts)) return;
-    }
+        !read_spans(g, type, false, gs, &ts) || !b.read(buffer, n, type, ts))
+      return false;
     std::vector<SgdTensor> c(coefficients, coefficients + n);
-    if (b) {
-      coalesce_with<SgdTensor>({&ts, &ws, &gs, &bs}, &c, elem_size(type));
-    } else {
-      coalesce_with<SgdTensor>({&ts, &ws, &gs}, &c, elem_size(type));
-    }
+    coalesce_with<SgdTensor>(with_optional({&ts, &ws, &gs}, b), &c,
+                             elem_size(type));
     by_type(type, [&](auto t) {
-      fast_sgd<decltype(t)>(ts, ws, gs, b ? &bs : nullptr, c, momentum, keep,
+      fast_sgd<decltype(t)>(ts, ws, gs, b.get(), c, momentum, keep,
                             nesterov != 0);
     });
     theta.bump();
-    if (b) b->bump();
-    *handled = 1;
+    b.bump();
+    return true;
   });
 }
 

@@ -61,9 +61,7 @@ impl TchStore {
             .map_err(tch_error)?;
         norms.values.f_index_select(0, &index).map_err(tch_error)
     }
-}
 
-impl TchStore {
     /// `addcdiv_sqrt` on the CPU loop path (`shim/adam.cpp`): `Ok(false)`,
     /// nothing written, where a tensor does not qualify or `dst` is the
     /// gradient slot.
