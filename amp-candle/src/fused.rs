@@ -1,15 +1,18 @@
-//! The two fused operations of the store contract,
-//! [`ParamStore::axpy_from`] and [`ParamStore::perturb_from_grads`], for
+//! The fused operations of the store contract,
+//! [`ParamStore::axpy_from`], [`ParamStore::perturb_from_grads`] and
+//! [`ParamStore::sgd_update`], for
 //! stores that write in place (CPU, `f32` and `f64`): each in fewer passes
 //! over memory than the composed sequences of [`amp_core::composed`],
 //! with their bits (the conformance suite's `fused_ops_match_composed`
 //! compares them). Elsewhere the store runs the composed sequences.
 
-use amp_core::composed::{check_axpy_from_slots, check_perturb_slots};
-use amp_core::{check_len, ParamStore, Result, Slot};
+use amp_core::composed::{check_axpy_from_slots, check_perturb_slots, check_sgd_update};
+use amp_core::{check_len, ParamStore, Result, SgdCoefficients, SgdMomentum, Slot};
 use candle_core::DType as CDType;
 
-use crate::in_place::{Ascend, AxpyFrom};
+use crate::in_place::{
+    Ascend, Axpy, AxpyFrom, SgdBuffer, SgdDecayed, SgdDecayedSelf, SgdNesterov, SgdStep,
+};
 use crate::targets::Batch;
 use crate::{backend, cast, CandleNorms, CandleStore};
 
@@ -105,5 +108,133 @@ impl CandleStore {
             return Err(error);
         }
         Ok(Some(norms))
+    }
+}
+
+/// The kernel that writes θ in the fused SGD step.
+enum ThetaKernel {
+    Nesterov(SgdNesterov),
+    Decayed(SgdDecayed),
+    DecayedSelf(SgdDecayedSelf),
+    AxpyFrom(AxpyFrom),
+    Axpy(Axpy),
+}
+
+impl CandleStore {
+    /// [`ParamStore::sgd_update`] in place, the gradients only read: with
+    /// momentum, the buffer in one pass ([`SgdBuffer`]) and then θ in one
+    /// (Nesterov's update, or the buffer added to the weights), θ first
+    /// given the weights' values when Nesterov's update reads them from a
+    /// snapshot (candle's in-place kernels read at most two tensors);
+    /// without momentum, θ in one pass. `false` when the store does not
+    /// write in place: the caller runs the composed sequence. Tensors that
+    /// cannot be written in place (empty ones) go through that sequence on
+    /// their own.
+    pub(crate) fn fused_sgd(
+        &mut self,
+        weights: Slot,
+        momentum: Option<&SgdMomentum<f64>>,
+        coefficients: &[SgdCoefficients<f64>],
+        mask: &[bool],
+    ) -> Result<bool> {
+        if !self.writes_in_place() {
+            return Ok(false);
+        }
+        let n = self.num_tensors();
+        check_sgd_update(n, weights, momentum, coefficients, mask)?;
+        self.check_slot(weights)?;
+        let buffer = momentum.map(|m| m.buffer);
+        if let Some(buffer) = buffer {
+            self.check_slot(buffer)?;
+        }
+        let mut fused = mask.to_vec();
+        for index in (0..n).filter(|&i| mask[i]) {
+            // The gradient is a source: the kernels read contiguous memory.
+            let in_place = self.in_place_target(Slot::Params, index)?.is_some()
+                && self.source(Slot::Grads, index)?.is_contiguous()
+                && match buffer {
+                    Some(b) => self.in_place_target(b, index)?.is_some(),
+                    None => true,
+                };
+            if !in_place {
+                fused[index] = false;
+                let only: Vec<bool> = (0..n).map(|i| i == index).collect();
+                amp_core::composed::sgd_update(self, weights, momentum, coefficients, &only)?;
+            }
+        }
+        let op = |i: usize| SgdStep {
+            weight_decay: coefficients[i].weight_decay,
+            momentum: momentum.map_or(0.0, |m| m.momentum),
+            keep: momentum.map_or(1.0, |m| m.keep),
+            step: coefficients[i].step,
+            first: coefficients[i].first,
+        };
+        let mut weights = weights;
+        if let Some(buffer) = buffer {
+            let mut batch = Batch::with_capacity(n);
+            for index in (0..n).filter(|&i| fused[i]) {
+                let target = self.source(buffer, index)?;
+                let (g, w) = (
+                    self.source(Slot::Grads, index)?,
+                    self.source(weights, index)?,
+                );
+                let op = SgdBuffer(op(index));
+                batch.push(target.elem_count(), move || target.inplace_op3(&g, &w, &op));
+            }
+            batch.run()?;
+            if momentum.is_some_and(|m| m.nesterov) && weights != Slot::Params {
+                self.copy(Slot::Params, weights, &fused)?;
+                weights = Slot::Params;
+            }
+        }
+        let nesterov = momentum.is_some_and(|m| m.nesterov);
+        let mut batch = Batch::with_capacity(n);
+        for index in (0..n).filter(|&i| fused[i]) {
+            let theta = self.source(Slot::Params, index)?;
+            let from_self = weights == Slot::Params;
+            let (kernel, x, y) = match buffer {
+                Some(b) => {
+                    let b = self.source(b, index)?;
+                    if nesterov {
+                        let g = self.source(Slot::Grads, index)?;
+                        (ThetaKernel::Nesterov(SgdNesterov(op(index))), g, Some(b))
+                    } else if from_self {
+                        (ThetaKernel::Axpy(Axpy(coefficients[index].step)), b, None)
+                    } else {
+                        let w = self.source(weights, index)?;
+                        let kernel = ThetaKernel::AxpyFrom(AxpyFrom(coefficients[index].step));
+                        (kernel, w, Some(b))
+                    }
+                }
+                None => {
+                    let g = self.source(Slot::Grads, index)?;
+                    let step = coefficients[index].step;
+                    match (coefficients[index].weight_decay != 0.0, from_self) {
+                        (true, true) => {
+                            (ThetaKernel::DecayedSelf(SgdDecayedSelf(op(index))), g, None)
+                        }
+                        (false, true) => (ThetaKernel::Axpy(Axpy(step)), g, None),
+                        (decay, false) => {
+                            let w = self.source(weights, index)?;
+                            let kernel = match decay {
+                                true => ThetaKernel::Decayed(SgdDecayed(op(index))),
+                                false => ThetaKernel::AxpyFrom(AxpyFrom(step)),
+                            };
+                            (kernel, w, Some(g))
+                        }
+                    }
+                }
+            };
+            batch.push(theta.elem_count(), move || match (&kernel, &y) {
+                (ThetaKernel::Nesterov(op), Some(y)) => theta.inplace_op3(&x, y, op),
+                (ThetaKernel::Decayed(op), Some(y)) => theta.inplace_op3(&x, y, op),
+                (ThetaKernel::AxpyFrom(op), Some(y)) => theta.inplace_op3(&x, y, op),
+                (ThetaKernel::DecayedSelf(op), _) => theta.inplace_op2(&x, op),
+                (ThetaKernel::Axpy(op), _) => theta.inplace_op2(&x, op),
+                _ => candle_core::bail!("amp-sgd: a kernel without its second source"),
+            });
+        }
+        batch.run()?;
+        Ok(true)
     }
 }

@@ -332,6 +332,9 @@ in_place_op!(3, AddcdivSqrt, "amp-addcdiv-sqrt", |op, d, x, y| {
     addcdiv_sqrt(d, op, x, y)
 });
 
+mod sgd;
+pub(crate) use sgd::{SgdBuffer, SgdDecayed, SgdDecayedSelf, SgdNesterov, SgdStep};
+
 /// Whether every element of a CPU tensor of `f32` or `f64` is finite;
 /// `None` for any other tensor (the caller falls back to candle's
 /// operations). Reads the storage in place: nothing is allocated.

@@ -4,7 +4,10 @@
 
 use std::fmt;
 
-use amp_core::{check_len, check_shape, BufferId, DType, HostTensor, ParamStore, Result, Slot};
+use amp_core::{
+    check_len, check_shape, BufferId, DType, HostTensor, ParamStore, Result, SgdCoefficients,
+    SgdMomentum, Slot,
+};
 use candle_core::{DType as CDType, Tensor};
 
 use crate::slots::host_to_tensor;
@@ -260,6 +263,19 @@ impl ParamStore for CandleStore {
             return Ok(norms);
         }
         amp_core::composed::perturb_from_grads(self, snapshot, delta, inner_lr, epsilon, mask)
+    }
+
+    fn sgd_update(
+        &mut self,
+        weights: Slot,
+        momentum: Option<&SgdMomentum<f64>>,
+        coefficients: &[SgdCoefficients<f64>],
+        mask: &[bool],
+    ) -> Result<()> {
+        if self.fused_sgd(weights, momentum, coefficients, mask)? {
+            return Ok(());
+        }
+        amp_core::composed::sgd_update(self, weights, momentum, coefficients, mask)
     }
 
     fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {

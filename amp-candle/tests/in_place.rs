@@ -230,9 +230,10 @@ fn storage_of(t: &Tensor) -> usize {
     std::ptr::from_ref(&*storage) as usize
 }
 
-/// One step of AMP over SGD with weight decay (which writes into the
-/// gradient) on a one-tensor store whose closure hands over `grad(pass)`.
-fn step_handing(amp: &mut Amp<CandleStore, Sgd>, grad: &mut dyn FnMut(&CandleStore) -> Tensor) {
+/// One step of AMP over Adam with L2 weight decay (which writes g + λθ
+/// into the gradient) on a one-tensor store whose closure hands over
+/// `grad(pass)`.
+fn step_handing(amp: &mut Amp<CandleStore, Adam>, grad: &mut dyn FnMut(&CandleStore) -> Tensor) {
     amp.step(|s: &mut CandleStore, _pass: Pass| {
         let g = grad(s);
         s.set_grad(0, &g)?;
@@ -241,9 +242,9 @@ fn step_handing(amp: &mut Amp<CandleStore, Sgd>, grad: &mut dyn FnMut(&CandleSto
     .unwrap();
 }
 
-fn one_tensor_amp(store: CandleStore) -> Amp<CandleStore, Sgd> {
+fn one_tensor_amp(store: CandleStore) -> Amp<CandleStore, Adam> {
     let config = AmpConfig::new(0.1, 0.05).weight_decay(1e-2);
-    Amp::new(store, config, Sgd::new(SgdConfig::nesterov(0.9)).unwrap()).unwrap()
+    Amp::new(store, config, Adam::new(AdamConfig::adam()).unwrap()).unwrap()
 }
 
 /// The first write into a gradient taken from the caller lands in the
