@@ -105,7 +105,9 @@ impl CandleStore {
 
     /// Checks a gradient for tensor `index` and detaches it from any graph;
     /// one that shares the storage of a var is copied, since vars are
-    /// updated in place.
+    /// updated in place, and so is one that is not contiguous (a
+    /// transposed view, say), since the CPU store's in-place kernels read
+    /// contiguous memory.
     fn accept_grad(&self, index: usize, grad: &Tensor) -> Result<Tensor> {
         let var = &self.vars[index];
         check_shape(index, var.dims(), grad.dims())?;
@@ -132,6 +134,8 @@ impl CandleStore {
             cast(&grad, self.dtype).map_err(backend)
         } else if self.var_storage.contains(&storage_address(&grad)) {
             grad.copy().map_err(backend)
+        } else if !grad.is_contiguous() {
+            grad.contiguous().map_err(backend)
         } else {
             Ok(grad)
         }

@@ -299,3 +299,50 @@ fn a_gradient_handed_back_is_not_written() {
         .allocating());
     assert_eq!(bits(&[a]), bits(&[b]));
 }
+
+/// A gradient handed over in a layout that is not contiguous (a transposed
+/// view) is taken in a contiguous copy: the operations that read it in
+/// place (copy into a buffer, axpy, SGD's fused step) give the allocating
+/// store's bits, and the tensor handed over is left as it was.
+#[test]
+fn a_gradient_that_is_not_contiguous_is_taken_contiguous() {
+    let init = [HostTensor::new(vec![4, 5], DType::F32, common::values(9, 20)).unwrap()];
+    let handed = Tensor::from_vec(common::values(4, 20), (5, 4), &Device::Cpu)
+        .and_then(|t| t.to_dtype(amp_candle::candle_core::DType::F32))
+        .and_then(|t| t.t())
+        .unwrap();
+    assert!(!handed.is_contiguous());
+    let before = handed.to_vec2::<f32>().unwrap();
+    let run = |mut store: CandleStore| -> Vec<HostTensor> {
+        store.set_grad(0, &handed).unwrap();
+        let b = Slot::Buffer(store.alloc_buffer().unwrap());
+        store.copy(b, Slot::Grads, &[true]).unwrap();
+        store
+            .axpy(Slot::Params, &[0.5], Slot::Grads, &[true])
+            .unwrap();
+        let momentum = amp_core::SgdMomentum {
+            buffer: b,
+            momentum: 0.9,
+            keep: 1.0,
+            nesterov: true,
+        };
+        let c = amp_core::SgdCoefficients {
+            weight_decay: 0.01,
+            step: -0.1,
+            first: false,
+        };
+        store
+            .sgd_update(Slot::Params, Some(&momentum), &[c], &[true])
+            .unwrap();
+        vec![
+            store.read(Slot::Params, 0).unwrap(),
+            store.read(b, 0).unwrap(),
+        ]
+    };
+    let a = run(CandleStore::from_host(&init, &Device::Cpu).unwrap());
+    let b = run(CandleStore::from_host(&init, &Device::Cpu)
+        .unwrap()
+        .allocating());
+    assert_eq!(bits(&a), bits(&b));
+    assert_eq!(handed.to_vec2::<f32>().unwrap(), before);
+}
