@@ -1,17 +1,22 @@
 //! The fused operations of the store contract,
-//! [`ParamStore::axpy_from`], [`ParamStore::perturb_from_grads`] and
-//! [`ParamStore::sgd_update`], for
+//! [`ParamStore::axpy_from`], [`ParamStore::perturb_from_grads`],
+//! [`ParamStore::sgd_update`] and [`ParamStore::adam_update`], for
 //! stores that write in place (CPU, `f32` and `f64`): each in fewer passes
 //! over memory than the composed sequences of [`amp_core::composed`],
 //! with their bits (the conformance suite's `fused_ops_match_composed`
 //! compares them). Elsewhere the store runs the composed sequences.
 
-use amp_core::composed::{check_axpy_from_slots, check_perturb_slots, check_sgd_update};
-use amp_core::{check_len, ParamStore, Result, SgdCoefficients, SgdMomentum, Slot};
+use amp_core::composed::{
+    check_adam_update, check_axpy_from_slots, check_perturb_slots, check_sgd_update,
+};
+use amp_core::{
+    check_len, AdamCoefficients, AdamSlots, ParamStore, Result, SgdCoefficients, SgdMomentum, Slot,
+};
 use candle_core::DType as CDType;
 
 use crate::in_place::{
-    Ascend, Axpy, AxpyFrom, SgdBuffer, SgdDecayed, SgdDecayedSelf, SgdNesterov, SgdStep,
+    AdamFirst, AdamMax, AdamSecond, AdamStep, AdamTheta, Ascend, Axpy, AxpyFrom, SgdBuffer,
+    SgdDecayed, SgdDecayedSelf, SgdNesterov, SgdStep,
 };
 use crate::targets::Batch;
 use crate::{backend, cast, CandleNorms, CandleStore};
@@ -233,6 +238,98 @@ impl CandleStore {
                 (ThetaKernel::Axpy(op), _) => theta.inplace_op2(&x, op),
                 _ => candle_core::bail!("amp-sgd: a kernel without its second source"),
             });
+        }
+        batch.run()?;
+        Ok(true)
+    }
+}
+
+impl CandleStore {
+    /// [`ParamStore::adam_update`] in place, the gradients only read: m in
+    /// one pass ([`AdamFirst`]), v in one ([`AdamSecond`]), AMSGrad's
+    /// maximum in one ([`AdamMax`]), then θ in one ([`AdamTheta`]); the
+    /// moments read θ before its pass shrinks it. `false` when the store
+    /// does not write in place: the caller runs the composed sequence.
+    /// Tensors that cannot be written in place (empty ones) go through that
+    /// sequence on their own.
+    pub(crate) fn fused_adam(
+        &mut self,
+        slots: AdamSlots,
+        coefficients: &[AdamCoefficients<f64>],
+        mask: &[bool],
+    ) -> Result<bool> {
+        if !self.writes_in_place() {
+            return Ok(false);
+        }
+        let n = self.num_tensors();
+        check_adam_update(n, slots, coefficients, mask)?;
+        let moments = [slots.exp_avg, slots.exp_avg_sq];
+        let written: Vec<Slot> = moments.into_iter().chain(slots.max_exp_avg_sq).collect();
+        for &slot in &written {
+            self.check_slot(slot)?;
+        }
+        let mut fused = mask.to_vec();
+        for index in (0..n).filter(|&i| mask[i]) {
+            let mut in_place = self.in_place_target(Slot::Params, index)?.is_some()
+                && self.source(Slot::Grads, index)?.is_contiguous();
+            for &slot in &written {
+                in_place = in_place && self.in_place_target(slot, index)?.is_some();
+            }
+            if !in_place {
+                fused[index] = false;
+                let only: Vec<bool> = (0..n).map(|i| i == index).collect();
+                amp_core::composed::adam_update(self, slots, coefficients, &only)?;
+            }
+        }
+        let op = |i: usize| {
+            let c = &coefficients[i];
+            AdamStep {
+                shrink: c.shrink,
+                l2: c.l2,
+                beta1: c.beta1.0,
+                beta1c: c.beta1.1,
+                beta2: c.beta2.0,
+                beta2c: c.beta2.1,
+                step: c.step,
+                divisor: c.divisor,
+                eps: c.eps,
+            }
+        };
+        let indices: Vec<usize> = (0..n).filter(|&i| fused[i]).collect();
+        for (slot, second) in [(slots.exp_avg, false), (slots.exp_avg_sq, true)] {
+            let mut batch = Batch::with_capacity(n);
+            for &index in &indices {
+                let target = self.source(slot, index)?;
+                let g = self.source(Slot::Grads, index)?;
+                let theta = self.source(Slot::Params, index)?;
+                let op = op(index);
+                batch.push(target.elem_count(), move || match second {
+                    false => target.inplace_op3(&g, &theta, &AdamFirst(op)),
+                    true => target.inplace_op3(&g, &theta, &AdamSecond(op)),
+                });
+            }
+            batch.run()?;
+        }
+        if let Some(max) = slots.max_exp_avg_sq {
+            let mut batch = Batch::with_capacity(n);
+            for &index in &indices {
+                let (target, v) = (
+                    self.source(max, index)?,
+                    self.source(slots.exp_avg_sq, index)?,
+                );
+                batch.push(target.elem_count(), move || {
+                    target.inplace_op2(&v, &AdamMax)
+                });
+            }
+            batch.run()?;
+        }
+        let den = slots.max_exp_avg_sq.unwrap_or(slots.exp_avg_sq);
+        let mut batch = Batch::with_capacity(n);
+        for &index in &indices {
+            let theta = self.source(Slot::Params, index)?;
+            let (m, d) = (self.source(slots.exp_avg, index)?, self.source(den, index)?);
+            let op = AdamTheta(op(index));
+            batch.push(theta.elem_count(), move || theta.inplace_op3(&m, &d, &op));
         }
         batch.run()?;
         Ok(true)

@@ -42,6 +42,7 @@ trait Real:
     + Mul<Output = Self>
     + Div<Output = Self>
     + PartialEq
+    + PartialOrd
     + Send
     + Sync
 {
@@ -332,7 +333,9 @@ in_place_op!(3, AddcdivSqrt, "amp-addcdiv-sqrt", |op, d, x, y| {
     addcdiv_sqrt(d, op, x, y)
 });
 
+mod adam;
 mod sgd;
+pub(crate) use adam::{AdamFirst, AdamMax, AdamSecond, AdamStep, AdamTheta};
 pub(crate) use sgd::{SgdBuffer, SgdDecayed, SgdDecayedSelf, SgdNesterov, SgdStep};
 
 /// Whether every element of a CPU tensor of `f32` or `f64` is finite;

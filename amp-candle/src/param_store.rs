@@ -5,8 +5,8 @@
 use std::fmt;
 
 use amp_core::{
-    check_len, check_shape, BufferId, DType, HostTensor, ParamStore, Result, SgdCoefficients,
-    SgdMomentum, Slot,
+    check_len, check_shape, AdamCoefficients, AdamSlots, BufferId, DType, HostTensor, ParamStore,
+    Result, SgdCoefficients, SgdMomentum, Slot,
 };
 use candle_core::{DType as CDType, Tensor};
 
@@ -276,6 +276,18 @@ impl ParamStore for CandleStore {
             return Ok(());
         }
         amp_core::composed::sgd_update(self, weights, momentum, coefficients, mask)
+    }
+
+    fn adam_update(
+        &mut self,
+        slots: AdamSlots,
+        coefficients: &[AdamCoefficients<f64>],
+        mask: &[bool],
+    ) -> Result<()> {
+        if self.fused_adam(slots, coefficients, mask)? {
+            return Ok(());
+        }
+        amp_core::composed::adam_update(self, slots, coefficients, mask)
     }
 
     fn maximum(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {

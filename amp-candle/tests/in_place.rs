@@ -8,8 +8,8 @@ mod common;
 use amp_candle::candle_core::{Device, Tensor};
 use amp_candle::CandleStore;
 use amp_core::{
-    Adam, AdamConfig, Amp, AmpConfig, AmpError, BaseOptimizer, DType, HostTensor, ParamStore, Pass,
-    RestoreMode, Sgd, SgdConfig, Slot,
+    Adam, AdamConfig, Amp, AmpConfig, AmpError, BaseOptimizer, DType, HostTensor, LossScaleConfig,
+    ParamStore, Pass, RestoreMode, Sgd, SgdConfig, Slot,
 };
 
 /// How the closure hands its gradients over.
@@ -230,10 +230,10 @@ fn storage_of(t: &Tensor) -> usize {
     std::ptr::from_ref(&*storage) as usize
 }
 
-/// One step of AMP over Adam with L2 weight decay (which writes g + λθ
-/// into the gradient) on a one-tensor store whose closure hands over
-/// `grad(pass)`.
-fn step_handing(amp: &mut Amp<CandleStore, Adam>, grad: &mut dyn FnMut(&CandleStore) -> Tensor) {
+/// One step of AMP with loss scaling (whose unscaling divides each pass's
+/// gradient in place) over SGD on a one-tensor store whose closure hands
+/// over `grad(pass)`.
+fn step_handing(amp: &mut Amp<CandleStore, Sgd>, grad: &mut dyn FnMut(&CandleStore) -> Tensor) {
     amp.step(|s: &mut CandleStore, _pass: Pass| {
         let g = grad(s);
         s.set_grad(0, &g)?;
@@ -242,9 +242,11 @@ fn step_handing(amp: &mut Amp<CandleStore, Adam>, grad: &mut dyn FnMut(&CandleSt
     .unwrap();
 }
 
-fn one_tensor_amp(store: CandleStore) -> Amp<CandleStore, Adam> {
-    let config = AmpConfig::new(0.1, 0.05).weight_decay(1e-2);
-    Amp::new(store, config, Adam::new(AdamConfig::adam()).unwrap()).unwrap()
+fn one_tensor_amp(store: CandleStore) -> Amp<CandleStore, Sgd> {
+    let config = AmpConfig::new(0.1, 0.05)
+        .weight_decay(1e-2)
+        .loss_scale(LossScaleConfig::default().init_scale(4.0));
+    Amp::new(store, config, Sgd::new(SgdConfig::nesterov(0.9)).unwrap()).unwrap()
 }
 
 /// The first write into a gradient taken from the caller lands in the
@@ -274,30 +276,31 @@ fn gradients_written_in_place_reuse_the_storage_of_earlier_steps() {
 
 /// A gradient the store made, handed back to it by the caller in the next
 /// step, shares its storage with the store's spare: the store must neither
-/// write into it nor copy it onto itself. The steps give the allocating
-/// store's bits.
+/// write into it nor copy it onto itself. The steps give the bits of the
+/// allocating store handed the same values (what a gradient holds after a
+/// step is left open by the store contract, so the allocating store is
+/// handed a copy of the in-place store's).
 #[test]
 fn a_gradient_handed_back_is_not_written() {
     let init = [HostTensor::new(vec![6], DType::F64, common::values(5, 6)).unwrap()];
-    let run = |store: CandleStore| {
-        let mut amp = one_tensor_amp(store);
-        let start = Tensor::full(0.5f64, 6, &Device::Cpu).unwrap();
-        step_handing(&mut amp, &mut |_| start.clone());
-        for _ in 0..3 {
-            // The store's gradient of the last step, handed back in each
-            // pass of this one.
-            let held = amp.store().grad(0).unwrap().clone();
-            let before = held.to_vec1::<f64>().unwrap();
-            step_handing(&mut amp, &mut |_| held.clone());
-            assert_eq!(held.to_vec1::<f64>().unwrap(), before, "written");
-        }
-        amp.store().read(Slot::Params, 0).unwrap()
-    };
-    let a = run(CandleStore::from_host(&init, &Device::Cpu).unwrap());
-    let b = run(CandleStore::from_host(&init, &Device::Cpu)
-        .unwrap()
-        .allocating());
-    assert_eq!(bits(&[a]), bits(&[b]));
+    let mut in_place = one_tensor_amp(CandleStore::from_host(&init, &Device::Cpu).unwrap());
+    let store = CandleStore::from_host(&init, &Device::Cpu).unwrap();
+    let mut allocating = one_tensor_amp(store.allocating());
+    let start = Tensor::full(0.5f64, 6, &Device::Cpu).unwrap();
+    step_handing(&mut in_place, &mut |_| start.clone());
+    step_handing(&mut allocating, &mut |_| start.clone());
+    for _ in 0..3 {
+        // The store's gradient of the last step, handed back in each pass
+        // of this one.
+        let held = in_place.store().grad(0).unwrap().clone();
+        let before = held.to_vec1::<f64>().unwrap();
+        let copy = Tensor::new(before.as_slice(), &Device::Cpu).unwrap();
+        step_handing(&mut in_place, &mut |_| held.clone());
+        assert_eq!(held.to_vec1::<f64>().unwrap(), before, "written");
+        step_handing(&mut allocating, &mut |_| copy.clone());
+        let read = |amp: &Amp<CandleStore, Sgd>| amp.store().read(Slot::Params, 0).unwrap();
+        assert_eq!(bits(&[read(&in_place)]), bits(&[read(&allocating)]));
+    }
 }
 
 /// A gradient handed over in a layout that is not contiguous (a transposed
@@ -345,4 +348,57 @@ fn a_gradient_that_is_not_contiguous_is_taken_contiguous() {
         .allocating());
     assert_eq!(bits(&a), bits(&b));
     assert_eq!(handed.to_vec2::<f32>().unwrap(), before);
+}
+
+/// The fused Adam step on values that are not finite (a NaN and an
+/// infinity in the gradient, a NaN already in AMSGrad's maximum) gives the
+/// allocating store's bits: θ, both moments and the maximum, with L2 and
+/// decoupled decay.
+#[test]
+fn adam_on_values_that_are_not_finite_gives_the_same_bits() {
+    let n = 6;
+    let theta = HostTensor::new(vec![n], DType::F32, common::values(11, n)).unwrap();
+    let grad = HostTensor::new(
+        vec![n],
+        DType::F32,
+        vec![0.5, f64::NAN, -0.25, f64::INFINITY, 1e-3, -2.0],
+    )
+    .unwrap();
+    let max =
+        HostTensor::new(vec![n], DType::F32, vec![0.1, 0.2, f64::NAN, 0.0, 0.3, 4.0]).unwrap();
+    let run = |mut store: CandleStore, shrink: f64, l2: f64| -> Vec<HostTensor> {
+        store.write(Slot::Grads, 0, &grad).unwrap();
+        let slots = amp_core::AdamSlots {
+            exp_avg: Slot::Buffer(store.alloc_buffer().unwrap()),
+            exp_avg_sq: Slot::Buffer(store.alloc_buffer().unwrap()),
+            max_exp_avg_sq: Some(Slot::Buffer(store.alloc_buffer().unwrap())),
+        };
+        store.write(slots.exp_avg_sq, 0, &theta).unwrap();
+        store.write(slots.max_exp_avg_sq.unwrap(), 0, &max).unwrap();
+        let c = amp_core::AdamCoefficients {
+            shrink,
+            l2,
+            beta1: (0.9, 0.1),
+            beta2: (0.999, 1.0 - 0.999),
+            step: -0.01,
+            divisor: 0.3,
+            eps: 1e-8,
+        };
+        store.adam_update(slots, &[c], &[true]).unwrap();
+        let mut out = vec![store.read(Slot::Params, 0).unwrap()];
+        for slot in [
+            slots.exp_avg,
+            slots.exp_avg_sq,
+            slots.max_exp_avg_sq.unwrap(),
+        ] {
+            out.push(store.read(slot, 0).unwrap());
+        }
+        out
+    };
+    for (shrink, l2) in [(1.0, 0.0), (0.999, 0.0), (1.0, 0.01)] {
+        let store = || CandleStore::from_host(std::slice::from_ref(&theta), &Device::Cpu).unwrap();
+        let a = run(store(), shrink, l2);
+        let b = run(store().allocating(), shrink, l2);
+        assert_eq!(bits(&a), bits(&b), "shrink {shrink}, l2 {l2}");
+    }
 }

@@ -14,14 +14,14 @@ use super::*;
 
 /// A coefficient of the store's `axpy`, which treats ±1 apart.
 #[derive(Clone, Copy)]
-enum Alpha<T> {
+pub(super) enum Alpha<T> {
     One,
     MinusOne,
     Times(T),
 }
 
 impl<T: Real> Alpha<T> {
-    fn of(a: f64) -> Self {
+    pub(super) fn of(a: f64) -> Self {
         if a == 1.0 {
             Alpha::One
         } else if a == -1.0 {
@@ -33,7 +33,7 @@ impl<T: Real> Alpha<T> {
 
     /// `x + α · s` as the store's `axpy` computes it.
     #[inline(always)]
-    fn axpy(self, x: T, s: T) -> T {
+    pub(super) fn axpy(self, x: T, s: T) -> T {
         match self {
             Alpha::One => x + s,
             Alpha::MinusOne => x - s,
