@@ -15,8 +15,8 @@ use amp_core::{
 use candle_core::DType as CDType;
 
 use crate::in_place::{
-    AdamFirst, AdamMax, AdamSecond, AdamStep, AdamTheta, Ascend, Axpy, AxpyFrom, SgdBuffer,
-    SgdDecayed, SgdDecayedSelf, SgdNesterov, SgdStep,
+    AdamFirst, AdamMax, AdamSecond, AdamTheta, Ascend, Axpy, AxpyFrom, SgdBuffer, SgdDecayed,
+    SgdDecayedSelf, SgdNesterov, SgdStep,
 };
 use crate::targets::Batch;
 use crate::{backend, cast, CandleNorms, CandleStore};
@@ -281,20 +281,7 @@ impl CandleStore {
                 amp_core::composed::adam_update(self, slots, coefficients, &only)?;
             }
         }
-        let op = |i: usize| {
-            let c = &coefficients[i];
-            AdamStep {
-                shrink: c.shrink,
-                l2: c.l2,
-                beta1: c.beta1.0,
-                beta1c: c.beta1.1,
-                beta2: c.beta2.0,
-                beta2c: c.beta2.1,
-                step: c.step,
-                divisor: c.divisor,
-                eps: c.eps,
-            }
-        };
+        let op = |i: usize| coefficients[i];
         let indices: Vec<usize> = (0..n).filter(|&i| fused[i]).collect();
         for (slot, second) in [(slots.exp_avg, false), (slots.exp_avg_sq, true)] {
             let mut batch = Batch::with_capacity(n);

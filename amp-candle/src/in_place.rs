@@ -335,7 +335,7 @@ in_place_op!(3, AddcdivSqrt, "amp-addcdiv-sqrt", |op, d, x, y| {
 
 mod adam;
 mod sgd;
-pub(crate) use adam::{AdamFirst, AdamMax, AdamSecond, AdamStep, AdamTheta};
+pub(crate) use adam::{AdamFirst, AdamMax, AdamSecond, AdamTheta};
 pub(crate) use sgd::{SgdBuffer, SgdDecayed, SgdDecayedSelf, SgdNesterov, SgdStep};
 
 /// Whether every element of a CPU tensor of `f32` or `f64` is finite;

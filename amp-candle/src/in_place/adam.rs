@@ -12,27 +12,10 @@
 
 use super::sgd::Alpha;
 use super::*;
+use amp_core::AdamCoefficients;
 
-/// One tensor's Adam coefficients
-/// ([`AdamCoefficients`](amp_core::AdamCoefficients) in `f64`).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct AdamStep {
-    /// θ's decoupled decay factor (1: none).
-    pub shrink: f64,
-    /// L2 decay λ (0: none).
-    pub l2: f64,
-    pub beta1: f64,
-    /// `1 − β₁`.
-    pub beta1c: f64,
-    pub beta2: f64,
-    /// `1 − β₂`.
-    pub beta2c: f64,
-    /// `−lr / (1 − β₁ᵗ)`.
-    pub step: f64,
-    /// `√(1 − β₂ᵗ)`.
-    pub divisor: f64,
-    pub eps: f64,
-}
+/// One tensor's coefficients, in `f64`.
+type AdamStep = AdamCoefficients<f64>;
 
 /// `x · f + 0` (the store's `scale`), or x for f = 1 (which it skips).
 #[derive(Clone, Copy)]
@@ -83,8 +66,8 @@ pub(crate) struct AdamFirst(pub AdamStep);
 fn first<T: Real>(m: &mut [T], op: &AdamStep, g: &[T], theta: &[T]) {
     let (grad, beta1, beta1c) = (
         Gradient::<T>::of(op),
-        Factor::<T>::of(op.beta1),
-        Alpha::<T>::of(op.beta1c),
+        Factor::<T>::of(op.beta1.0),
+        Alpha::<T>::of(op.beta1.1),
     );
     for ((m, &g), &t) in m.iter_mut().zip(g).zip(theta) {
         *m = beta1c.axpy(beta1.apply(*m), grad.at(g, t));
@@ -98,8 +81,8 @@ pub(crate) struct AdamSecond(pub AdamStep);
 fn second<T: Real>(v: &mut [T], op: &AdamStep, g: &[T], theta: &[T]) {
     let (grad, beta2, beta2c) = (
         Gradient::<T>::of(op),
-        Factor::<T>::of(op.beta2),
-        T::of(op.beta2c),
+        Factor::<T>::of(op.beta2.0),
+        T::of(op.beta2.1),
     );
     for ((v, &g), &t) in v.iter_mut().zip(g).zip(theta) {
         let g = grad.at(g, t);
