@@ -26,7 +26,8 @@ impl CandleStore {
     }
 
     /// Sets the gradient of tensor `index`; it must have the var's shape,
-    /// dtype and device.
+    /// dtype and device. The store never writes into `grad`; one that
+    /// shares a var's storage or is not contiguous is taken as a copy.
     pub fn set_grad(&mut self, index: usize, grad: &Tensor) -> Result<()> {
         self.check_index(index)?;
         let grad = self.accept_grad(index, grad)?;
