@@ -105,12 +105,25 @@ pub(crate) fn each3<T: Element>(
 /// `true` when every element of `t` is finite.
 ///
 /// `Iterator::all` stops at the first non-finite element, which makes it a
-/// branch per element that the compiler does not vectorise; a branch-free
-/// `&` over blocks of elements vectorises, and the check still stops at the
+/// branch per element that the compiler does not vectorise. Here a block
+/// of elements is checked without a branch: `x · 0` is 0 for a finite `x`
+/// and NaN otherwise, and a sum that holds a NaN stays NaN, so sixteen
+/// independent sums of `x · 0` (a whole number of SIMD vectors) are all
+/// zero exactly when the block is finite; the check still stops at the
 /// first bad block.
 pub(crate) fn all_finite<T: Element>(t: &ArrayD<T>) -> bool {
     const BLOCK: usize = 4096;
-    let block = |block: &[T]| block.iter().fold(true, |ok, x| ok & x.is_finite());
+    let block = |block: &[T]| {
+        let mut lanes = [T::zero(); 16];
+        let mut groups = block.chunks_exact(16);
+        for group in &mut groups {
+            for (lane, &x) in lanes.iter_mut().zip(group) {
+                *lane += x * T::zero();
+            }
+        }
+        let rest = groups.remainder().iter().all(|x| x.is_finite());
+        rest && lanes.iter().all(|&lane| lane == T::zero())
+    };
     match t.as_slice_memory_order() {
         // From PARALLEL elements on, the blocks are shared over rayon's
         // threads, and a bad block found by one ends the others' scan.

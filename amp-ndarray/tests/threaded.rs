@@ -128,6 +128,32 @@ fn threaded_finiteness_check_finds_every_bad_value() {
     }
 }
 
+/// The finiteness check on short tensors (every length up to 40, so the
+/// elements past the last whole group of sixteen are checked too, and a
+/// length past one block of 4096) finds an inf, a NaN or a negative
+/// infinity wherever it is, and finite values of every sign pass.
+#[test]
+fn finiteness_check_finds_every_bad_value_in_short_tensors() {
+    let lengths = (1..=40).chain([4096 + 17]);
+    for n in lengths {
+        let values: Vec<f64> = (0..n).map(|i| -1.5 + i as f64 * 0.25).collect();
+        let tensor = ArrayD::from_shape_vec(vec![n], values.clone()).unwrap();
+        let mut fine = NdStore::new(vec![tensor]);
+        assert!(fine.all_finite(Slot::Params, &[true]).unwrap(), "n {n}");
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            for at in 0..n {
+                let mut v = values.clone();
+                v[at] = bad;
+                let mut s = NdStore::new(vec![ArrayD::from_shape_vec(vec![n], v).unwrap()]);
+                assert!(
+                    !s.all_finite(Slot::Params, &[true]).unwrap(),
+                    "{bad} at {at} of {n}"
+                );
+            }
+        }
+    }
+}
+
 /// The fused ascent step and `axpy_from` against the composed sequences on
 /// large tensors, bit for bit: every combination of snapshot and δ, with
 /// clipping, on the standard-layout tensor alone (the fused loops, split
