@@ -4,7 +4,8 @@
 //! s`, `d − s`, or `d + (s · α + 0)`), its `scale` (`x · μ + 0`, skipped for
 //! μ = 1) and its `copy` — without writing the gradients. candle's in-place
 //! operations write one tensor and read at most two, so the step takes two
-//! passes with momentum (the buffer, then θ) and one without; the
+//! passes with momentum (the buffer, then θ; three when Nesterov's update
+//! reads θ from a snapshot, which θ copies first) and one without; the
 //! conformance suite's `fused_ops_match_composed` and `tests/in_place.rs`
 //! compare the result with the composed sequence bit for bit.
 //!
