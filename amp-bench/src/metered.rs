@@ -8,10 +8,11 @@
 //! and `axpy_from` read two and write one, `norms` and `all_finite` read
 //! one, `perturb_from_grads` reads the gradient twice and θ once and writes
 //! θ (and the snapshot and δ where asked for), `sgd_update` reads θ (or the
-//! snapshot), g and the momentum buffer and writes θ and the buffer. This is the
-//! numerator of "optimizer throughput as a fraction of the copy floor": a
-//! backend that makes extra passes (temporaries, a separate write-back) moves
-//! more bytes than it is credited with, and scores lower.
+//! snapshot), g and the momentum buffer and writes θ and the buffer,
+//! `adam_update` reads θ, g and the moments and writes θ and the moments.
+//! This is the numerator of "optimizer throughput as a fraction of the copy
+//! floor": a backend that makes extra passes (temporaries, a separate
+//! write-back) moves more bytes than it is credited with, and scores lower.
 
 use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
@@ -20,12 +21,13 @@ use amp::{ParamStore, Result};
 use amp_testkit::hooked::{Hooked, StoreHook, StoreOp};
 
 /// The primitives that move parameter-sized data, in report order.
-pub const OPS: [&str; 11] = [
+pub const OPS: [&str; 12] = [
     "copy",
     "scale",
     "axpy",
     "axpy_from",
     "sgd",
+    "adam",
     "perturb",
     "norms",
     "clip_to_norms",
@@ -62,14 +64,15 @@ fn entry(name: &str) -> Option<usize> {
         "axpy" => 2,
         "axpy_from" => 3,
         "sgd_update" => 4,
-        "perturb_from_grads" => 5,
-        "norms" => 6,
-        "clip_to_norms" => 7,
-        "all_finite" => 8,
+        "adam_update" => 5,
+        "perturb_from_grads" => 6,
+        "norms" => 7,
+        "clip_to_norms" => 8,
+        "all_finite" => 9,
         // Moves no parameter data of its own (0 bytes), but is timed: a
         // backend that frees and reallocates gradients pays for it here.
-        "zero_grads" => 9,
-        "addcmul" | "addcdiv_sqrt" | "maximum" | "adam_update" | "clip_grad_norm" => 10,
+        "zero_grads" => 10,
+        "addcmul" | "addcdiv_sqrt" | "maximum" | "clip_grad_norm" => 11,
         _ => return None,
     })
 }
