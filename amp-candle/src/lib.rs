@@ -95,6 +95,7 @@ mod master;
 pub mod nccl;
 mod param_store;
 mod slots;
+mod steps;
 mod targets;
 mod vars;
 
