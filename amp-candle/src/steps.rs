@@ -11,6 +11,7 @@ use amp_core::composed::{check_adam_update, check_sgd_update};
 use amp_core::{
     AdamCoefficients, AdamSlots, ParamStore, Result, SgdCoefficients, SgdMomentum, Slot,
 };
+use candle_core::Tensor;
 
 use crate::in_place::{
     AdamFirst, AdamMax, AdamSecond, AdamTheta, Axpy, AxpyFrom, SgdBuffer, SgdDecayed,
@@ -19,13 +20,31 @@ use crate::in_place::{
 use crate::targets::Batch;
 use crate::CandleStore;
 
-/// The kernel that writes θ in the fused SGD step.
+/// The kernel that writes θ in the fused SGD step, with the tensors it
+/// reads.
 enum ThetaKernel {
-    Nesterov(SgdNesterov),
-    Decayed(SgdDecayed),
-    DecayedSelf(SgdDecayedSelf),
-    AxpyFrom(AxpyFrom),
-    Axpy(Axpy),
+    /// Reads g and the buffer.
+    Nesterov(SgdNesterov, Tensor, Tensor),
+    /// Reads the weights and g.
+    Decayed(SgdDecayed, Tensor, Tensor),
+    /// Reads the weights and the update (g or the buffer).
+    AxpyFrom(AxpyFrom, Tensor, Tensor),
+    /// Reads g.
+    DecayedSelf(SgdDecayedSelf, Tensor),
+    /// Reads the update (g or the buffer).
+    Axpy(Axpy, Tensor),
+}
+
+impl ThetaKernel {
+    fn run(&self, theta: &Tensor) -> candle_core::Result<()> {
+        match self {
+            ThetaKernel::Nesterov(op, x, y) => theta.inplace_op3(x, y, op),
+            ThetaKernel::Decayed(op, x, y) => theta.inplace_op3(x, y, op),
+            ThetaKernel::AxpyFrom(op, x, y) => theta.inplace_op3(x, y, op),
+            ThetaKernel::DecayedSelf(op, x) => theta.inplace_op2(x, op),
+            ThetaKernel::Axpy(op, x) => theta.inplace_op2(x, op),
+        }
+    }
 }
 
 impl CandleStore {
@@ -63,6 +82,7 @@ impl CandleStore {
             step: coefficients[i].step,
             first: coefficients[i].first,
         };
+        let nesterov = momentum.is_some_and(|m| m.nesterov);
         let mut weights = weights;
         if let Some(buffer) = buffer {
             let mut batch = Batch::with_capacity(n);
@@ -76,57 +96,46 @@ impl CandleStore {
                 batch.push(target.elem_count(), move || target.inplace_op3(&g, &w, &op));
             }
             batch.run()?;
-            if momentum.is_some_and(|m| m.nesterov) && weights != Slot::Params {
+            if nesterov && weights != Slot::Params {
                 self.copy(Slot::Params, weights, &fused)?;
                 weights = Slot::Params;
             }
         }
-        let nesterov = momentum.is_some_and(|m| m.nesterov);
         let mut batch = Batch::with_capacity(n);
         for index in (0..n).filter(|&i| fused[i]) {
             let theta = self.source(Slot::Params, index)?;
             let from_self = weights == Slot::Params;
-            let (kernel, x, y) = match buffer {
+            let step = coefficients[index].step;
+            let kernel = match buffer {
                 Some(b) => {
                     let b = self.source(b, index)?;
                     if nesterov {
                         let g = self.source(Slot::Grads, index)?;
-                        (ThetaKernel::Nesterov(SgdNesterov(op(index))), g, Some(b))
+                        ThetaKernel::Nesterov(SgdNesterov(op(index)), g, b)
                     } else if from_self {
-                        (ThetaKernel::Axpy(Axpy(coefficients[index].step)), b, None)
+                        ThetaKernel::Axpy(Axpy(step), b)
                     } else {
-                        let w = self.source(weights, index)?;
-                        let kernel = ThetaKernel::AxpyFrom(AxpyFrom(coefficients[index].step));
-                        (kernel, w, Some(b))
+                        ThetaKernel::AxpyFrom(AxpyFrom(step), self.source(weights, index)?, b)
                     }
                 }
                 None => {
                     let g = self.source(Slot::Grads, index)?;
-                    let step = coefficients[index].step;
-                    match (coefficients[index].weight_decay != 0.0, from_self) {
-                        (true, true) => {
-                            (ThetaKernel::DecayedSelf(SgdDecayedSelf(op(index))), g, None)
-                        }
-                        (false, true) => (ThetaKernel::Axpy(Axpy(step)), g, None),
-                        (decay, false) => {
+                    let decay = coefficients[index].weight_decay != 0.0;
+                    match (decay, from_self) {
+                        (true, true) => ThetaKernel::DecayedSelf(SgdDecayedSelf(op(index)), g),
+                        (false, true) => ThetaKernel::Axpy(Axpy(step), g),
+                        (true, false) => {
                             let w = self.source(weights, index)?;
-                            let kernel = match decay {
-                                true => ThetaKernel::Decayed(SgdDecayed(op(index))),
-                                false => ThetaKernel::AxpyFrom(AxpyFrom(step)),
-                            };
-                            (kernel, w, Some(g))
+                            ThetaKernel::Decayed(SgdDecayed(op(index)), w, g)
+                        }
+                        (false, false) => {
+                            let w = self.source(weights, index)?;
+                            ThetaKernel::AxpyFrom(AxpyFrom(step), w, g)
                         }
                     }
                 }
             };
-            batch.push(theta.elem_count(), move || match (&kernel, &y) {
-                (ThetaKernel::Nesterov(op), Some(y)) => theta.inplace_op3(&x, y, op),
-                (ThetaKernel::Decayed(op), Some(y)) => theta.inplace_op3(&x, y, op),
-                (ThetaKernel::AxpyFrom(op), Some(y)) => theta.inplace_op3(&x, y, op),
-                (ThetaKernel::DecayedSelf(op), _) => theta.inplace_op2(&x, op),
-                (ThetaKernel::Axpy(op), _) => theta.inplace_op2(&x, op),
-                _ => candle_core::bail!("amp-sgd: a kernel without its second source"),
-            });
+            batch.push(theta.elem_count(), move || kernel.run(&theta));
         }
         batch.run()?;
         Ok(true)
