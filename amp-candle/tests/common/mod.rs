@@ -14,14 +14,11 @@ use amp_core::{
 use amp_ndarray::NdStore;
 use ndarray::{ArrayD, IxDyn};
 
-/// Shapes of the test model: a matrix, a vector, a 0-d scalar, a 3-d tensor,
-/// an empty tensor and a vector that never gets a gradient (index 5).
-pub const SHAPES: &[&[usize]] = &[&[3, 4], &[4], &[], &[2, 2, 3], &[0, 3], &[5]];
-/// The tensor the loss does not depend on.
-pub const NO_GRAD: usize = 5;
-
-/// Deterministic values in [-1, 1) (the conformance grid's generator).
-pub use amp_testkit::grid::values;
+/// The model of the testkit's grid (`amp_testkit::grid`): a matrix, a
+/// vector, a 0-d scalar, a 3-d tensor, an empty tensor and a vector that
+/// never gets a gradient (`NO_GRAD`); the grid's generator of deterministic
+/// values in [-1, 1).
+pub use amp_testkit::grid::{values, FROZEN as NO_GRAD, SHAPES};
 
 /// The initial weights, tagged with `dtype` (values not yet rounded).
 pub fn initial_weights(dtype: DType) -> Vec<HostTensor> {
@@ -92,6 +89,13 @@ pub struct Case {
 /// (ε = 0.05, far below ‖ζ g‖) and unclipped (ε = 50), and three base
 /// optimisers: plain SGD, momentum 0.9 with dampening 0.1 and weight decay,
 /// nesterov 0.9 with weight decay.
+///
+/// A list of its own rather than the testkit grid's configurations: those
+/// are chosen for the grid's quadratic objective, and under this file's
+/// quartic loss the grid's parameter-group case diverges (losses near 1e23
+/// in bf16), while the half-precision tolerances here, tighter than the
+/// testkit's (they catch a 1 % error in an `axpy` coefficient that the grid
+/// in f16 lets through), are set for this list.
 pub fn cases() -> Vec<Case> {
     let mut cases = Vec::new();
     for inner_iter in [0, 1, 2] {
