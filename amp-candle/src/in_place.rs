@@ -51,6 +51,8 @@ trait Real:
     fn of(x: f64) -> Self;
     fn sqrt(self) -> Self;
     fn is_finite(self) -> bool;
+    /// The values of `storage` when it holds this type.
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
 }
 
 impl Real for f32 {
@@ -64,6 +66,12 @@ impl Real for f32 {
     fn is_finite(self) -> bool {
         f32::is_finite(self)
     }
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+        match storage {
+            CpuStorage::F32(values) => Some(values),
+            _ => None,
+        }
+    }
 }
 
 impl Real for f64 {
@@ -76,6 +84,12 @@ impl Real for f64 {
     }
     fn is_finite(self) -> bool {
         f64::is_finite(self)
+    }
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+        match storage {
+            CpuStorage::F64(values) => Some(values),
+            _ => None,
+        }
     }
 }
 
@@ -334,9 +348,10 @@ in_place_op!(3, AddcdivSqrt, "amp-addcdiv-sqrt", |op, d, x, y| {
 });
 
 mod adam;
+mod pair;
 mod sgd;
 pub(crate) use adam::{AdamFirst, AdamMax, AdamSecond, AdamTheta};
-pub(crate) use sgd::{SgdBuffer, SgdDecayed, SgdDecayedSelf, SgdNesterov, SgdStep};
+pub(crate) use sgd::{SgdDecayed, SgdDecayedSelf, SgdMomentumStep, SgdStep};
 
 /// Whether every element of a CPU tensor of `f32` or `f64` is finite;
 /// `None` for any other tensor (the caller falls back to candle's

@@ -14,31 +14,28 @@ use amp_core::{
 use candle_core::Tensor;
 
 use crate::in_place::{
-    AdamFirst, AdamMax, AdamSecond, AdamTheta, Axpy, AxpyFrom, SgdBuffer, SgdDecayed,
-    SgdDecayedSelf, SgdNesterov, SgdStep,
+    AdamFirst, AdamMax, AdamSecond, AdamTheta, Axpy, AxpyFrom, SgdDecayed, SgdDecayedSelf,
+    SgdMomentumStep, SgdStep,
 };
 use crate::targets::Batch;
-use crate::CandleStore;
+use crate::{same_storage, CandleStore};
 
-/// The kernel that writes θ in the fused SGD step, with the tensors it
-/// reads.
+/// The kernel that writes θ in the fused SGD step without momentum, with
+/// the tensors it reads.
 enum ThetaKernel {
-    /// Reads g and the buffer.
-    Nesterov(SgdNesterov, Tensor, Tensor),
     /// Reads the weights and g.
     Decayed(SgdDecayed, Tensor, Tensor),
-    /// Reads the weights and the update (g or the buffer).
+    /// Reads the weights and g.
     AxpyFrom(AxpyFrom, Tensor, Tensor),
     /// Reads g.
     DecayedSelf(SgdDecayedSelf, Tensor),
-    /// Reads the update (g or the buffer).
+    /// Reads g.
     Axpy(Axpy, Tensor),
 }
 
 impl ThetaKernel {
     fn run(&self, theta: &Tensor) -> candle_core::Result<()> {
         match self {
-            ThetaKernel::Nesterov(op, x, y) => theta.inplace_op3(x, y, op),
             ThetaKernel::Decayed(op, x, y) => theta.inplace_op3(x, y, op),
             ThetaKernel::AxpyFrom(op, x, y) => theta.inplace_op3(x, y, op),
             ThetaKernel::DecayedSelf(op, x) => theta.inplace_op2(x, op),
@@ -48,12 +45,9 @@ impl ThetaKernel {
 }
 
 impl CandleStore {
-    /// [`ParamStore::sgd_update`] in place, the gradients only read: with
-    /// momentum, the buffer in one pass ([`SgdBuffer`]) and then θ in one
-    /// (Nesterov's update, or the buffer added to the weights), θ first
-    /// given the weights' values when Nesterov's update reads them from a
-    /// snapshot (candle's in-place kernels read at most two tensors);
-    /// without momentum, θ in one pass. `false` when the store does not
+    /// [`ParamStore::sgd_update`] in place, the gradients only read, one
+    /// pass per tensor: with momentum, θ and the buffer together
+    /// ([`SgdMomentumStep`]); without, θ alone. `false` when the store does not
     /// write in place: the caller runs the composed sequence. Tensors that
     /// cannot be written in place (empty ones) go through that sequence on
     /// their own.
@@ -70,8 +64,7 @@ impl CandleStore {
         let n = self.num_tensors();
         check_sgd_update(n, weights, momentum, coefficients, mask)?;
         self.check_slot(weights)?;
-        let buffer = momentum.map(|m| m.buffer);
-        let written: Vec<Slot> = buffer.into_iter().collect();
+        let written: Vec<Slot> = momentum.map(|m| m.buffer).into_iter().collect();
         let fused = self.split_fused(mask, &written, |store, only| {
             amp_core::composed::sgd_update(store, weights, momentum, coefficients, only)
         })?;
@@ -82,57 +75,57 @@ impl CandleStore {
             step: coefficients[i].step,
             first: coefficients[i].first,
         };
-        let nesterov = momentum.is_some_and(|m| m.nesterov);
-        let mut weights = weights;
-        if let Some(buffer) = buffer {
+        let from_self = weights == Slot::Params;
+        if let Some(m) = momentum {
             let mut batch = Batch::with_capacity(n);
             for index in (0..n).filter(|&i| fused[i]) {
-                let target = self.source(buffer, index)?;
-                let (g, w) = (
-                    self.source(Slot::Grads, index)?,
-                    self.source(weights, index)?,
-                );
-                let op = SgdBuffer(op(index));
-                batch.push(target.elem_count(), move || target.inplace_op3(&g, &w, &op));
+                let theta = self.source(Slot::Params, index)?;
+                let g = self.source(Slot::Grads, index)?;
+                let w = match from_self {
+                    true => None,
+                    false => Some(self.source(weights, index)?),
+                };
+                let buffer = self.source(m.buffer, index)?;
+                // The buffer is written through an operation nested in
+                // θ's: it must not share storage with what θ's operation
+                // holds (the store never makes it so; checked all the same).
+                if [&theta, &g]
+                    .into_iter()
+                    .chain(&w)
+                    .any(|t| same_storage(t, &buffer))
+                {
+                    let only: Vec<bool> = (0..n).map(|i| i == index).collect();
+                    amp_core::composed::sgd_update(self, weights, momentum, coefficients, &only)?;
+                    continue;
+                }
+                let op = SgdMomentumStep {
+                    step: op(index),
+                    nesterov: m.nesterov,
+                    buffer,
+                };
+                batch.push(theta.elem_count(), move || match &w {
+                    Some(w) => theta.inplace_op3(&g, w, &op),
+                    None => theta.inplace_op2(&g, &op),
+                });
             }
-            batch.run()?;
-            if nesterov && weights != Slot::Params {
-                self.copy(Slot::Params, weights, &fused)?;
-                weights = Slot::Params;
-            }
+            return batch.run().map(|()| true);
         }
         let mut batch = Batch::with_capacity(n);
         for index in (0..n).filter(|&i| fused[i]) {
             let theta = self.source(Slot::Params, index)?;
-            let from_self = weights == Slot::Params;
             let step = coefficients[index].step;
-            let kernel = match buffer {
-                Some(b) => {
-                    let b = self.source(b, index)?;
-                    if nesterov {
-                        let g = self.source(Slot::Grads, index)?;
-                        ThetaKernel::Nesterov(SgdNesterov(op(index)), g, b)
-                    } else if from_self {
-                        ThetaKernel::Axpy(Axpy(step), b)
-                    } else {
-                        ThetaKernel::AxpyFrom(AxpyFrom(step), self.source(weights, index)?, b)
-                    }
+            let g = self.source(Slot::Grads, index)?;
+            let decay = coefficients[index].weight_decay != 0.0;
+            let kernel = match (decay, from_self) {
+                (true, true) => ThetaKernel::DecayedSelf(SgdDecayedSelf(op(index)), g),
+                (false, true) => ThetaKernel::Axpy(Axpy(step), g),
+                (true, false) => {
+                    let w = self.source(weights, index)?;
+                    ThetaKernel::Decayed(SgdDecayed(op(index)), w, g)
                 }
-                None => {
-                    let g = self.source(Slot::Grads, index)?;
-                    let decay = coefficients[index].weight_decay != 0.0;
-                    match (decay, from_self) {
-                        (true, true) => ThetaKernel::DecayedSelf(SgdDecayedSelf(op(index)), g),
-                        (false, true) => ThetaKernel::Axpy(Axpy(step), g),
-                        (true, false) => {
-                            let w = self.source(weights, index)?;
-                            ThetaKernel::Decayed(SgdDecayed(op(index)), w, g)
-                        }
-                        (false, false) => {
-                            let w = self.source(weights, index)?;
-                            ThetaKernel::AxpyFrom(AxpyFrom(step), w, g)
-                        }
-                    }
+                (false, false) => {
+                    let w = self.source(weights, index)?;
+                    ThetaKernel::AxpyFrom(AxpyFrom(step), w, g)
                 }
             };
             batch.push(theta.elem_count(), move || kernel.run(&theta));
