@@ -5,13 +5,15 @@
 //! with their bits (the conformance suite's `fused_ops_match_composed`
 //! compares them). Elsewhere the store runs the composed sequences.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use amp_core::composed::{check_axpy_from_slots, check_perturb_slots};
 use amp_core::{check_len, ParamStore, Result, Slot};
 use candle_core::DType as CDType;
 
-use crate::in_place::{Ascend, AxpyFrom};
+use crate::in_place::{Ascend, AscendSaving, AxpyFrom};
 use crate::targets::Batch;
-use crate::{backend, cast, CandleNorms, CandleStore};
+use crate::{backend, cast, same_storage, CandleNorms, CandleStore};
 
 impl CandleStore {
     /// `dst ← base + alpha · src` in one pass per tensor (a copy and an
@@ -54,9 +56,10 @@ impl CandleStore {
         Ok(true)
     }
 
-    /// AMP's first ascent step: the snapshot copied, the norms of
-    /// `v = inner_lr · g` read from the gradients' memory, and
-    /// `θ ← θ + c · v` in one pass per tensor — the gradients are only
+    /// AMP's first ascent step: the norms of `v = inner_lr · g` read from
+    /// the gradients' memory, then the snapshot `s ← θ` and `θ ← θ + c · v`
+    /// in one pass per tensor ([`AscendSaving`]; the snapshot copied
+    /// first where it cannot be written in place yet) — the gradients are only
     /// read (where the composed sequence scales and clips them in place
     /// first). `None` when the store does not write in place, without a
     /// snapshot (which puts θ back should a kernel fail), when δ is to be
@@ -86,22 +89,46 @@ impl CandleStore {
         let c = cast(&self.coefficients(&norms, epsilon)?, CDType::F64)
             .and_then(|c| c.to_vec1::<f64>())
             .map_err(backend)?;
-        self.copy(snapshot, Slot::Params, mask)?;
-        let mut batch = Batch::with_capacity(n);
+        // θ and its snapshot in one pass where the snapshot can be written
+        // in place (from the second step on); elsewhere the snapshot is
+        // copied first and θ ascends on its own.
+        let mut copied = vec![false; n];
+        let mut jobs = Vec::with_capacity(n);
         for index in (0..n).filter(|&i| mask[i]) {
-            // Empty vars have nothing to write.
-            let Some(target) = self.in_place_target(Slot::Params, index)? else {
-                continue;
-            };
-            let g = self.source(Slot::Grads, index)?;
             let op = Ascend {
                 inner_lr: inner_lr[index],
                 c: c[index],
             };
-            batch.push(target.elem_count(), move || target.inplace_op2(&g, &op));
+            // Empty vars have nothing to write.
+            let Some(theta) = self.in_place_target(Slot::Params, index)? else {
+                copied[index] = true;
+                continue;
+            };
+            let g = self.source(Slot::Grads, index)?;
+            let saving = self
+                .in_place_target(snapshot, index)?
+                .filter(|s| !same_storage(s, &theta) && !same_storage(s, &g));
+            copied[index] = saving.is_none();
+            jobs.push((index, theta, g, op, saving));
+        }
+        self.copy(snapshot, Slot::Params, &copied)?;
+        // Which tensors' snapshots hold θ: on failure, those go back.
+        let saved: Vec<AtomicBool> = copied.iter().map(|&c| AtomicBool::new(c)).collect();
+        let mut batch = Batch::with_capacity(jobs.len());
+        for (index, theta, g, ascend, saving) in jobs {
+            let saved = &saved[index];
+            batch.push(theta.elem_count(), move || {
+                match saving {
+                    Some(snapshot) => theta.inplace_op2(&g, &AscendSaving { ascend, snapshot }),
+                    None => theta.inplace_op2(&g, &ascend),
+                }?;
+                saved.store(true, Ordering::Relaxed);
+                Ok(())
+            });
         }
         if let Err(error) = batch.run() {
-            self.copy(Slot::Params, snapshot, mask)?;
+            let saved: Vec<bool> = saved.iter().map(|s| s.load(Ordering::Relaxed)).collect();
+            self.copy(Slot::Params, snapshot, &saved)?;
             return Err(error);
         }
         Ok(Some(norms))

@@ -349,8 +349,10 @@ in_place_op!(3, AddcdivSqrt, "amp-addcdiv-sqrt", |op, d, x, y| {
 
 mod adam;
 mod pair;
+mod perturb;
 mod sgd;
 pub(crate) use adam::{AdamFirst, AdamMax, AdamSecond, AdamTheta};
+pub(crate) use perturb::AscendSaving;
 pub(crate) use sgd::{SgdDecayed, SgdDecayedSelf, SgdMomentumStep, SgdStep};
 
 /// Whether every element of a CPU tensor of `f32` or `f64` is finite;

@@ -73,9 +73,9 @@ fn decay_of<T: Real>(op: &SgdStep) -> Option<Alpha<T>> {
     (op.weight_decay != 0.0).then(|| Alpha::of(op.weight_decay))
 }
 
-/// The momentum buffer's rule: `b ← d` on its first step, else `b ← (b · μ
-/// + 0) + keep · d` (`b` unscaled for μ = 1) — the store's `copy`, or its
-/// `scale` and `axpy`.
+/// The momentum buffer's rule: `b ← d` on its first step, else
+/// `b ← (b · μ + 0) + keep · d` (`b` unscaled for μ = 1) — the store's
+/// `copy`, or its `scale` and `axpy`.
 struct Momentum<T> {
     first: bool,
     /// `None` for μ = 1.
@@ -107,8 +107,7 @@ impl<T: Real> Momentum<T> {
 
 /// One momentum step of a tensor in one pass, writing θ and the buffer:
 /// with `d = g + λ·w` (w the weights: read from `weights` when given, else
-/// θ itself), the buffer `b ← d` on its first step, else `b ← (b · μ + 0)
-/// + keep · d`, then θ ← w − lr·(d +
+/// θ itself), the buffer as [`Momentum`] updates it, then θ ← w − lr·(d +
 /// μ·b) with Nesterov, θ ← w − lr·b without. θ is the operation's
 /// destination, g (and the weights when they are not θ) its sources; the
 /// buffer is written through a nested operation ([`pair::with_second`]), so
