@@ -120,6 +120,50 @@ fn in_place_gives_the_bits_of_the_allocating_store() {
     }
 }
 
+/// Every form of the SGD step's coefficients — lr 1 (a step of −1),
+/// weight decay 1 and 0, momentum and none, dampening 0 and 0.5, Nesterov
+/// and not, θ from AMP's snapshot (copy restore) and from θ itself
+/// (subtract restore) — gives the bits of the allocating store: the fused
+/// kernels pick their loop by coefficient (±1 are added apart), and each
+/// loop is checked here.
+#[test]
+fn every_form_of_the_sgd_coefficients_gives_the_same_bits() {
+    for dtype in [DType::F32, DType::F64] {
+        let init = common::initial_weights(dtype);
+        let store = || CandleStore::from_host(&init, &Device::Cpu).unwrap();
+        for (lr, weight_decay) in [(1.0, 1.0), (0.1, 0.0), (1.0, 0.0)] {
+            for (momentum, dampening, nesterov) in [
+                (0.9, 0.0, true),
+                (0.9, 0.5, false),
+                (0.5, 0.0, false),
+                (0.0, 0.0, false),
+            ] {
+                for restore in [RestoreMode::Copy, RestoreMode::Subtract] {
+                    let config = AmpConfig::new(lr, 0.3)
+                        .inner_lr(0.7)
+                        .weight_decay(weight_decay)
+                        .restore(restore);
+                    let sgd = SgdConfig {
+                        momentum,
+                        dampening,
+                        nesterov,
+                    };
+                    let what = format!("{dtype:?} {config:?} {sgd:?}");
+                    let a = train(store(), &config, Sgd::new(sgd).unwrap(), Grads::Written, 3);
+                    let b = train(
+                        store().allocating(),
+                        &config,
+                        Sgd::new(sgd).unwrap(),
+                        Grads::Written,
+                        3,
+                    );
+                    assert_eq!(bits(&a), bits(&b), "{what}");
+                }
+            }
+        }
+    }
+}
+
 /// Tensors long enough for the loops to be split over threads (from 2^18
 /// elements on, in blocks of 2^16: here a partial last block), and many
 /// short tensors holding more than 2^18 elements between them (run over

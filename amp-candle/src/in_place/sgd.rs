@@ -43,6 +43,29 @@ impl<T: Real> Alpha<T> {
     }
 }
 
+/// `$body` with `$f` the closure `|x, s| x + α·s` of the store's `axpy`
+/// for coefficient `$alpha` ([`Alpha::axpy`]), the variant decided here:
+/// the loop in `$body` is compiled once per variant, without a branch per
+/// element (a loop deciding the variant per element does not vectorise).
+macro_rules! with_alpha {
+    ($t:ty, $alpha:expr, |$f:ident| $body:expr) => {
+        match $alpha {
+            Alpha::One => {
+                let $f = |x: $t, s: $t| x + s;
+                $body
+            }
+            Alpha::MinusOne => {
+                let $f = |x: $t, s: $t| x - s;
+                $body
+            }
+            Alpha::Times(a) => {
+                let $f = |x: $t, s: $t| x + (s * a + <$t>::ZERO);
+                $body
+            }
+        }
+    };
+}
+
 /// One tensor's SGD step: the per-tensor coefficients and the momentum
 /// settings every tensor shares (`momentum` and `keep` unused without a
 /// buffer).
@@ -95,13 +118,11 @@ impl<T: Real> Momentum<T> {
     /// `b ← next(b, d)` element by element.
     fn update(&self, b: &mut [T], d: &[T]) {
         let pairs = b.iter_mut().zip(d);
-        match (self.first, self.mu) {
+        with_alpha!(T, self.keep, |kept| match (self.first, self.mu) {
             (true, _) => b.copy_from_slice(d),
-            (false, Some(mu)) => {
-                pairs.for_each(|(b, &d)| *b = self.keep.axpy(*b * mu + T::ZERO, d))
-            }
-            (false, None) => pairs.for_each(|(b, &d)| *b = self.keep.axpy(*b, d)),
-        }
+            (false, Some(mu)) => pairs.for_each(|(b, &d)| *b = kept(*b * mu + T::ZERO, d)),
+            (false, None) => pairs.for_each(|(b, &d)| *b = kept(*b, d)),
+        })
     }
 }
 
@@ -176,18 +197,20 @@ fn momentum_step<T: Real>(
             }
         };
         match decay {
-            Some(lambda) => {
+            Some(lambda) => with_alpha!(T, lambda, |decayed| {
                 let elements = d.iter_mut().zip(g).zip(w);
-                elements.for_each(|((d, &g), &w)| *d = lambda.axpy(g, w));
-            }
+                elements.for_each(|((d, &g), &w)| *d = decayed(g, w));
+            }),
             None => d.copy_from_slice(g),
         }
         rule.update(b, d);
         let elements = t.iter_mut().zip(w).zip(d.iter()).zip(b.iter());
-        match nesterov {
-            true => elements.for_each(|(((t, &w), &d), &b)| *t = step.axpy(w, mu.axpy(d, b))),
-            false => elements.for_each(|(((t, &w), _), &b)| *t = step.axpy(w, b)),
-        }
+        with_alpha!(T, step, |stepped| match nesterov {
+            true => with_alpha!(T, mu, |ahead| {
+                elements.for_each(|(((t, &w), &d), &b)| *t = stepped(w, ahead(d, b)))
+            }),
+            false => elements.for_each(|(((t, &w), _), &b)| *t = stepped(w, b)),
+        })
     }
 }
 
