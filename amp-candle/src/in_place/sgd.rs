@@ -83,15 +83,6 @@ pub(crate) struct SgdStep {
     pub first: bool,
 }
 
-/// `d = g + λ·w` (the store's `axpy` into the gradient), or g for λ = 0.
-#[inline(always)]
-fn decayed<T: Real>(decay: Option<Alpha<T>>, g: T, w: T) -> T {
-    match decay {
-        Some(lambda) => lambda.axpy(g, w),
-        None => g,
-    }
-}
-
 fn decay_of<T: Real>(op: &SgdStep) -> Option<Alpha<T>> {
     (op.weight_decay != 0.0).then(|| Alpha::of(op.weight_decay))
 }
@@ -250,24 +241,26 @@ impl InplaceOp3 for SgdMomentumStep {
     }
 }
 
-/// θ ← w − lr · (g + λ·w), without momentum, from the weights w.
+/// θ ← w − lr · (g + λ·w) for λ ≠ 0, without momentum, from the weights w.
 pub(crate) struct SgdDecayed(pub SgdStep);
 
 fn decayed_from<T: Real>(theta: &mut [T], op: &SgdStep, w: &[T], g: &[T]) {
-    let (decay, step) = (decay_of::<T>(op), Alpha::<T>::of(op.step));
-    for ((t, &w), &g) in theta.iter_mut().zip(w).zip(g) {
-        *t = step.axpy(w, decayed(decay, g, w));
-    }
+    let (lambda, step) = (Alpha::<T>::of(op.weight_decay), Alpha::<T>::of(op.step));
+    let elements = theta.iter_mut().zip(w).zip(g);
+    with_alpha!(T, step, |stepped| with_alpha!(T, lambda, |decayed| {
+        elements.for_each(|((t, &w), &g)| *t = stepped(w, decayed(g, w)))
+    }))
 }
 
 /// [`SgdDecayed`] with the weights read from θ itself.
 pub(crate) struct SgdDecayedSelf(pub SgdStep);
 
 fn decayed_self<T: Real>(theta: &mut [T], op: &SgdStep, g: &[T]) {
-    let (decay, step) = (decay_of::<T>(op), Alpha::<T>::of(op.step));
-    for (t, &g) in theta.iter_mut().zip(g) {
-        *t = step.axpy(*t, decayed(decay, g, *t));
-    }
+    let (lambda, step) = (Alpha::<T>::of(op.weight_decay), Alpha::<T>::of(op.step));
+    let elements = theta.iter_mut().zip(g);
+    with_alpha!(T, step, |stepped| with_alpha!(T, lambda, |decayed| {
+        elements.for_each(|(t, &g)| *t = stepped(*t, decayed(g, *t)))
+    }))
 }
 
 in_place_op!(3, SgdDecayed, "amp-sgd-decayed", |op, t, w, g| {
