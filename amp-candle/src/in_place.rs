@@ -347,6 +347,31 @@ in_place_op!(3, AddcdivSqrt, "amp-addcdiv-sqrt", |op, d, x, y| {
     addcdiv_sqrt(d, op, x, y)
 });
 
+/// `$body` with `$f` the closure `|x, s| x + α·s` as the store's `axpy`
+/// computes it for a coefficient `$alpha` (an `Alpha` of the SGD kernels:
+/// `x + s` for 1, `x − s` for −1, else `x + (s · α + 0)`), the variant
+/// decided here: the loop in `$body` is compiled once per variant, without
+/// a branch per element (a loop deciding the variant per element does not
+/// vectorise).
+macro_rules! with_alpha {
+    ($t:ty, $alpha:expr, |$f:ident| $body:expr) => {
+        match $alpha {
+            Alpha::One => {
+                let $f = |x: $t, s: $t| x + s;
+                $body
+            }
+            Alpha::MinusOne => {
+                let $f = |x: $t, s: $t| x - s;
+                $body
+            }
+            Alpha::Times(a) => {
+                let $f = |x: $t, s: $t| x + (s * a + <$t>::ZERO);
+                $body
+            }
+        }
+    };
+}
+
 mod adam;
 mod pair;
 mod perturb;

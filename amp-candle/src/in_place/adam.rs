@@ -25,15 +25,29 @@ impl<T: Real> Factor<T> {
     fn of(f: f64) -> Self {
         Factor((f != 1.0).then(|| T::of(f)))
     }
-
-    #[inline(always)]
-    fn apply(self, x: T) -> T {
-        match self.0 {
-            Some(f) => x * f + T::ZERO,
-            None => x,
-        }
-    }
 }
+
+/// `$body` with `$f` the closure `|x| x · f + 0` of the store's `scale`
+/// by a [`Factor`], or `|x| x` for f = 1 (which `scale` skips), decided
+/// here (see `with_alpha!`).
+macro_rules! with_factor {
+    ($t:ty, $factor:expr, |$f:ident| $body:expr) => {
+        match $factor.0 {
+            Some(f) => {
+                let $f = |x: $t| x * f + <$t>::ZERO;
+                $body
+            }
+            None => {
+                let $f = |x: $t| x;
+                $body
+            }
+        }
+    };
+}
+
+/// Elements per chunk of [`Gradient::each_chunk`]: the chunk's gradient is
+/// computed into a buffer in L1 cache, then read by the moment's loop.
+const CHUNK: usize = 512;
 
 /// The gradient as the moments read it: `g + λ·θ'` (θ' the shrunk θ) with
 /// L2 decay, else g.
@@ -51,11 +65,22 @@ impl<T: Real> Gradient<T> {
         }
     }
 
-    #[inline(always)]
-    fn at(self, g: T, theta: T) -> T {
-        match self.l2 {
-            Some(l2) => l2.axpy(g, self.shrink.apply(theta)),
-            None => g,
+    /// `f(target, d)` chunk by chunk, `d` the gradient Adam's moments see
+    /// (g, or with L2 decay `g + l2 · (θ · shrink + 0)`), each loop with its
+    /// coefficients decided outside it.
+    fn each_chunk(self, target: &mut [T], g: &[T], theta: &[T], f: impl Fn(&mut [T], &[T])) {
+        let Some(l2) = self.l2 else {
+            return f(target, g);
+        };
+        let mut d = [T::ZERO; CHUNK];
+        let chunks = target.chunks_mut(CHUNK).zip(g.chunks(CHUNK));
+        for ((target, g), theta) in chunks.zip(theta.chunks(CHUNK)) {
+            let d = &mut d[..g.len()];
+            let elements = d.iter_mut().zip(g).zip(theta);
+            with_alpha!(T, l2, |decayed| with_factor!(T, self.shrink, |shrunk| {
+                elements.for_each(|((d, &g), &t)| *d = decayed(g, shrunk(t)))
+            }));
+            f(target, d);
         }
     }
 }
@@ -69,13 +94,15 @@ fn first<T: Real>(m: &mut [T], op: &AdamStep, g: &[T], theta: &[T]) {
         Factor::<T>::of(op.beta1.0),
         Alpha::<T>::of(op.beta1.1),
     );
-    for ((m, &g), &t) in m.iter_mut().zip(g).zip(theta) {
-        *m = beta1c.axpy(beta1.apply(*m), grad.at(g, t));
-    }
+    grad.each_chunk(m, g, theta, |m, d| {
+        with_factor!(T, beta1, |kept| with_alpha!(T, beta1c, |added| {
+            m.iter_mut()
+                .zip(d)
+                .for_each(|(m, &d)| *m = added(kept(*m), d))
+        }))
+    });
 }
 
-/// `v ← (v · β₂ + 0) + (g · (1 − β₂) + 0) · g` (the store's `scale` and
-/// `addcmul`).
 pub(crate) struct AdamSecond(pub AdamStep);
 
 fn second<T: Real>(v: &mut [T], op: &AdamStep, g: &[T], theta: &[T]) {
@@ -84,10 +111,12 @@ fn second<T: Real>(v: &mut [T], op: &AdamStep, g: &[T], theta: &[T]) {
         Factor::<T>::of(op.beta2.0),
         T::of(op.beta2.1),
     );
-    for ((v, &g), &t) in v.iter_mut().zip(g).zip(theta) {
-        let g = grad.at(g, t);
-        *v = beta2.apply(*v) + (g * beta2c + T::ZERO) * g;
-    }
+    grad.each_chunk(v, g, theta, |v, d| {
+        with_factor!(T, beta2, |kept| {
+            let pairs = v.iter_mut().zip(d);
+            pairs.for_each(|(v, &d)| *v = kept(*v) + (d * beta2c + T::ZERO) * d)
+        })
+    });
 }
 
 /// AMSGrad's `max ← maximum(max, v)` as the store computes it: candle's
@@ -117,10 +146,13 @@ fn theta<T: Real>(theta: &mut [T], op: &AdamStep, m: &[T], den: &[T]) {
         T::of(op.eps),
         T::of(1.0),
     );
-    for ((t, &m), &den) in theta.iter_mut().zip(m).zip(den) {
-        let d = (den.sqrt() / divisor) * one + eps;
-        *t = shrink.apply(*t) + (m * step + T::ZERO) / d;
-    }
+    let elements = theta.iter_mut().zip(m).zip(den);
+    with_factor!(T, shrink, |shrunk| {
+        elements.for_each(|((t, &m), &den)| {
+            let d = (den.sqrt() / divisor) * one + eps;
+            *t = shrunk(*t) + (m * step + T::ZERO) / d;
+        })
+    })
 }
 
 in_place_op!(3, AdamFirst, "amp-adam-first", |op, m, g, t| first(

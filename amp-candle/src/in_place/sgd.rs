@@ -13,7 +13,8 @@
 
 use super::*;
 
-/// A coefficient of the store's `axpy`, which treats ±1 apart.
+/// A coefficient of the store's `axpy`, which treats ±1 apart; the
+/// kernels compute `x + α · s` with it through `with_alpha!`.
 #[derive(Clone, Copy)]
 pub(super) enum Alpha<T> {
     One,
@@ -31,39 +32,6 @@ impl<T: Real> Alpha<T> {
             Alpha::Times(T::of(a))
         }
     }
-
-    /// `x + α · s` as the store's `axpy` computes it.
-    #[inline(always)]
-    pub(super) fn axpy(self, x: T, s: T) -> T {
-        match self {
-            Alpha::One => x + s,
-            Alpha::MinusOne => x - s,
-            Alpha::Times(a) => x + (s * a + T::ZERO),
-        }
-    }
-}
-
-/// `$body` with `$f` the closure `|x, s| x + α·s` of the store's `axpy`
-/// for coefficient `$alpha` ([`Alpha::axpy`]), the variant decided here:
-/// the loop in `$body` is compiled once per variant, without a branch per
-/// element (a loop deciding the variant per element does not vectorise).
-macro_rules! with_alpha {
-    ($t:ty, $alpha:expr, |$f:ident| $body:expr) => {
-        match $alpha {
-            Alpha::One => {
-                let $f = |x: $t, s: $t| x + s;
-                $body
-            }
-            Alpha::MinusOne => {
-                let $f = |x: $t, s: $t| x - s;
-                $body
-            }
-            Alpha::Times(a) => {
-                let $f = |x: $t, s: $t| x + (s * a + <$t>::ZERO);
-                $body
-            }
-        }
-    };
 }
 
 /// One tensor's SGD step: the per-tensor coefficients and the momentum
