@@ -272,8 +272,46 @@ fn addcdiv_sqrt<T: Real>(d: &mut [T], op: &AddcdivSqrt, x: &[T], y: &[T]) {
 }
 
 /// Implements candle's in-place operation trait for `$op`, running
-/// `$kernel` over the slices (split into blocks for long tensors).
+/// `$kernel` over the slices (split into blocks for long tensors); with
+/// `whole`, `$kernel` gets the whole slices (it splits them itself) and
+/// returns the operation's result.
 macro_rules! in_place_op {
+    (whole 2, $op:ty, $name:expr, |$this:ident, $d:ident, $s:ident| $kernel:expr) => {
+        impl InplaceOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                s1: &mut CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<()> {
+                let $this = self;
+                with_slices!($name, (s1, l1), (s2, l2) => $s; |$d| $kernel)
+            }
+        }
+    };
+    (whole 3, $op:ty, $name:expr, |$this:ident, $d:ident, $x:ident, $y:ident| $kernel:expr) => {
+        impl InplaceOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                s1: &mut CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> candle_core::Result<()> {
+                let $this = self;
+                with_slices!($name, (s1, l1), (s2, l2) => $x, (s3, l3) => $y; |$d| $kernel)
+            }
+        }
+    };
     (1, $op:ty, $name:literal, |$this:ident, $d:ident| $kernel:expr) => {
         impl InplaceOp1 for $op {
             fn name(&self) -> &'static str {
@@ -289,46 +327,16 @@ macro_rules! in_place_op {
         }
     };
     (2, $op:ty, $name:literal, |$this:ident, $d:ident, $s:ident| $kernel:expr) => {
-        impl InplaceOp2 for $op {
-            fn name(&self) -> &'static str {
-                $name
-            }
-            fn cpu_fwd(
-                &self,
-                s1: &mut CpuStorage,
-                l1: &Layout,
-                s2: &CpuStorage,
-                l2: &Layout,
-            ) -> candle_core::Result<()> {
-                let $this = self;
-                with_slices!($name, (s1, l1), (s2, l2) => src; |d| {
-                    blocks2(d, src, |$d, $s| $kernel);
-                    Ok(())
-                })
-            }
-        }
+        in_place_op!(whole 2, $op, $name, |$this, dst, src| {
+            blocks2(dst, src, |$d, $s| $kernel);
+            Ok(())
+        });
     };
     (3, $op:ty, $name:literal, |$this:ident, $d:ident, $x:ident, $y:ident| $kernel:expr) => {
-        impl InplaceOp3 for $op {
-            fn name(&self) -> &'static str {
-                $name
-            }
-            fn cpu_fwd(
-                &self,
-                s1: &mut CpuStorage,
-                l1: &Layout,
-                s2: &CpuStorage,
-                l2: &Layout,
-                s3: &CpuStorage,
-                l3: &Layout,
-            ) -> candle_core::Result<()> {
-                let $this = self;
-                with_slices!($name, (s1, l1), (s2, l2) => x, (s3, l3) => y; |d| {
-                    blocks3(d, x, y, |$d, $x, $y| $kernel);
-                    Ok(())
-                })
-            }
-        }
+        in_place_op!(whole 3, $op, $name, |$this, dst, x, y| {
+            blocks3(dst, x, y, |$d, $x, $y| $kernel);
+            Ok(())
+        });
     };
 }
 

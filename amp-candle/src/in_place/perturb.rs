@@ -41,18 +41,6 @@ impl AscendSaving {
     }
 }
 
-impl InplaceOp2 for AscendSaving {
-    fn name(&self) -> &'static str {
-        ASCEND_SAVING
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        with_slices!(ASCEND_SAVING, (s1, l1), (s2, l2) => g; |theta| self.run(theta, g))
-    }
-}
+in_place_op!(whole 2, AscendSaving, ASCEND_SAVING, |op, theta, g| {
+    op.run(theta, g)
+});

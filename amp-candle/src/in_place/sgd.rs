@@ -173,41 +173,12 @@ fn momentum_step<T: Real>(
     }
 }
 
-impl InplaceOp2 for SgdMomentumStep {
-    fn name(&self) -> &'static str {
-        MOMENTUM_STEP
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        with_slices!(MOMENTUM_STEP, (s1, l1), (s2, l2) => g; |theta| self.run(theta, g, None))
-    }
-}
-
-impl InplaceOp3 for SgdMomentumStep {
-    fn name(&self) -> &'static str {
-        MOMENTUM_STEP
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        with_slices!(MOMENTUM_STEP, (s1, l1), (s2, l2) => g, (s3, l3) => w; |theta| {
-            self.run(theta, g, Some(w))
-        })
-    }
-}
+in_place_op!(whole 2, SgdMomentumStep, MOMENTUM_STEP, |op, theta, g| {
+    op.run(theta, g, None)
+});
+in_place_op!(whole 3, SgdMomentumStep, MOMENTUM_STEP, |op, theta, g, w| {
+    op.run(theta, g, Some(w))
+});
 
 /// θ ← w − lr · (g + λ·w) for λ ≠ 0, without momentum, from the weights w.
 pub(crate) struct SgdDecayed(pub SgdStep);
