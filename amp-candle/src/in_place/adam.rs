@@ -103,6 +103,8 @@ fn first<T: Real>(m: &mut [T], op: &AdamStep, g: &[T], theta: &[T]) {
     });
 }
 
+/// `v ← (v · β₂ + 0) + (g · (1 − β₂) + 0) · g` (the store's `scale` and
+/// `addcmul`).
 pub(crate) struct AdamSecond(pub AdamStep);
 
 fn second<T: Real>(v: &mut [T], op: &AdamStep, g: &[T], theta: &[T]) {

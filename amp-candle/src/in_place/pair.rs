@@ -34,9 +34,9 @@ impl<T: Real, F: FnOnce(&mut [T]) -> candle_core::Result<()>> InplaceOp1 for Sec
     }
 }
 
-/// Runs `run` on the elements of `second` (contiguous CPU storage of `T`),
-/// written in place, from inside another in-place kernel that holds the
-/// slices of its own tensors.
+/// Runs `run` on the elements of `second` (contiguous CPU storage of `T`,
+/// `len` of them: an error otherwise), written in place, from inside
+/// another in-place kernel that holds the slices of its own tensors.
 ///
 /// candle locks a tensor's storage for the length of an operation, so
 /// `second` must share its storage with none of the tensors of the
@@ -45,11 +45,18 @@ impl<T: Real, F: FnOnce(&mut [T]) -> candle_core::Result<()>> InplaceOp1 for Sec
 pub(super) fn with_second<T: Real>(
     name: &'static str,
     second: &Tensor,
+    len: usize,
     run: impl FnOnce(&mut [T]) -> candle_core::Result<()>,
 ) -> candle_core::Result<()> {
+    let checked = move |values: &mut [T]| {
+        if values.len() != len {
+            bail!("{name}: a second destination of another length");
+        }
+        run(values)
+    };
     second.inplace_op1(&Second {
         name,
-        run: Cell::new(Some(run)),
+        run: Cell::new(Some(checked)),
         element: PhantomData,
     })
 }

@@ -25,10 +25,7 @@ impl AscendSaving {
         if g.len() != n {
             bail!("{ASCEND_SAVING}: operands of different lengths");
         }
-        pair::with_second(ASCEND_SAVING, &self.snapshot, |s: &mut [T]| {
-            if s.len() != n {
-                bail!("{ASCEND_SAVING}: a snapshot of another length");
-            }
+        pair::with_second(ASCEND_SAVING, &self.snapshot, n, |s: &mut [T]| {
             pair::blocks_pair(theta, s, g, None, |t, s, g, _| {
                 let chunks = t.chunks_mut(CHUNK).zip(s.chunks_mut(CHUNK));
                 for ((t, s), g) in chunks.zip(g.chunks(CHUNK)) {

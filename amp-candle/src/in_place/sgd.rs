@@ -106,10 +106,7 @@ impl SgdMomentumStep {
         if g.len() != n || w.is_some_and(|w| w.len() != n) {
             bail!("{MOMENTUM_STEP}: operands of different lengths");
         }
-        pair::with_second(MOMENTUM_STEP, &self.buffer, |b: &mut [T]| {
-            if b.len() != n {
-                bail!("{MOMENTUM_STEP}: a buffer of another length");
-            }
+        pair::with_second(MOMENTUM_STEP, &self.buffer, n, |b: &mut [T]| {
             pair::blocks_pair(theta, b, g, w, |t, b, g, w| {
                 momentum_step(&self.step, self.nesterov, t, b, g, w)
             });
