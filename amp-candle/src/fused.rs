@@ -5,15 +5,14 @@
 //! with their bits (the conformance suite's `fused_ops_match_composed`
 //! compares them). Elsewhere the store runs the composed sequences.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use amp_core::composed::{check_axpy_from_slots, check_perturb_slots};
 use amp_core::{check_len, ParamStore, Result, Slot};
 use candle_core::DType as CDType;
 
 use crate::in_place::{Ascend, AscendSaving, AxpyFrom};
 use crate::targets::Batch;
-use crate::{backend, cast, same_storage, CandleNorms, CandleStore};
+use crate::views::{contiguous, shares_storage};
+use crate::{backend, cast, CandleNorms, CandleStore};
 
 impl CandleStore {
     /// `dst ← base + alpha · src` in one pass per tensor (a copy and an
@@ -58,8 +57,10 @@ impl CandleStore {
 
     /// AMP's first ascent step: the norms of `v = inner_lr · g` read from
     /// the gradients' memory, then the snapshot `s ← θ` and `θ ← θ + c · v`
-    /// in one pass per tensor ([`AscendSaving`]; the snapshot copied
-    /// first where it cannot be written in place yet) — the gradients are only
+    /// in one pass per tensor ([`AscendSaving`], each tensor's job finding
+    /// and checking its own tensors: [`CandleStore::each`]); where the
+    /// snapshot cannot be written in place yet (the first step), it is
+    /// copied and θ then ascends on its own — the gradients are only
     /// read (where the composed sequence scales and clips them in place
     /// first). `None` when the store does not write in place, without a
     /// snapshot (which puts θ back should a kernel fail), when δ is to be
@@ -89,45 +90,70 @@ impl CandleStore {
         let c = cast(&self.coefficients(&norms, epsilon)?, CDType::F64)
             .and_then(|c| c.to_vec1::<f64>())
             .map_err(backend)?;
+        let (params, grads) = (self.view(Slot::Params)?, self.view(Slot::Grads)?);
+        let snapshots = self.view(snapshot)?;
+        let ascend = |index: usize| Ascend {
+            inner_lr: inner_lr[index],
+            c: c[index],
+        };
+        let indices: Vec<usize> = (0..n).filter(|&i| mask[i]).collect();
         // θ and its snapshot in one pass where the snapshot can be written
-        // in place (from the second step on); elsewhere the snapshot is
-        // copied first and θ ascends on its own.
-        let mut copied = vec![false; n];
-        let mut jobs = Vec::with_capacity(n);
-        for index in (0..n).filter(|&i| mask[i]) {
-            let op = Ascend {
-                inner_lr: inner_lr[index],
-                c: c[index],
+        // in place (from the second step on): `true` for those.
+        let ran = self.each(&indices, |index| -> candle_core::Result<bool> {
+            let (Some(theta), Some(g)) = (contiguous(params.get(index)), grads.get(index)) else {
+                return Ok(false);
             };
-            // Empty vars have nothing to write.
-            let Some(theta) = self.in_place_target(Slot::Params, index)? else {
-                copied[index] = true;
-                continue;
+            let saving =
+                contiguous(snapshots.get(index)).filter(|s| !shares_storage(s, [theta, g]));
+            let Some(snapshot) = saving else {
+                return Ok(false);
             };
-            let g = self.source(Slot::Grads, index)?;
-            let saving = self
-                .in_place_target(snapshot, index)?
-                .filter(|s| !same_storage(s, &theta) && !same_storage(s, &g));
-            copied[index] = saving.is_none();
-            jobs.push((index, theta, g, op, saving));
+            let op = AscendSaving {
+                ascend: ascend(index),
+                snapshot,
+            };
+            theta.inplace_op2(g, &op).map(|()| true)
+        });
+        // Which tensors' snapshots hold θ: on failure, those go back (a
+        // kernel that fails has written nothing).
+        let mut saved = vec![false; n];
+        let mut failure = None;
+        for (&index, ran) in indices.iter().zip(ran) {
+            match ran {
+                Ok(ran) => saved[index] = ran,
+                Err(error) => failure = failure.or(Some(backend(error))),
+            }
         }
-        self.copy(snapshot, Slot::Params, &copied)?;
-        // Which tensors' snapshots hold θ: on failure, those go back.
-        let saved: Vec<AtomicBool> = copied.iter().map(|&c| AtomicBool::new(c)).collect();
-        let mut batch = Batch::with_capacity(jobs.len());
-        for (index, theta, g, ascend, saving) in jobs {
-            let saved = &saved[index];
-            batch.push(theta.elem_count(), move || {
-                match saving {
-                    Some(snapshot) => theta.inplace_op2(&g, &AscendSaving { ascend, snapshot }),
-                    None => theta.inplace_op2(&g, &ascend),
-                }?;
-                saved.store(true, Ordering::Relaxed);
-                Ok(())
+        // The others: the snapshot copied, then θ ascends on its own.
+        let rest: Vec<usize> = indices.into_iter().filter(|&i| !saved[i]).collect();
+        if failure.is_none() && !rest.is_empty() {
+            let mut copied = vec![false; n];
+            rest.iter().for_each(|&i| copied[i] = true);
+            match self.copy(snapshot, Slot::Params, &copied) {
+                Ok(()) => rest.iter().for_each(|&i| saved[i] = true),
+                Err(error) => failure = Some(error),
+            }
+        }
+        if failure.is_none() && !rest.is_empty() {
+            let params = self.view(Slot::Params)?;
+            let ran = self.each(&rest, |index| -> Result<()> {
+                // Empty vars have nothing to write.
+                let Some(theta) = contiguous(params.get(index)) else {
+                    return Ok(());
+                };
+                let zeros;
+                let g = match self.view(Slot::Grads)?.get(index) {
+                    Some(g) => g,
+                    None => {
+                        zeros = self.value(Slot::Grads, index)?;
+                        &zeros
+                    }
+                };
+                theta.inplace_op2(g, &ascend(index)).map_err(backend)
             });
+            failure = ran.into_iter().find_map(Result::err);
         }
-        if let Err(error) = batch.run() {
-            let saved: Vec<bool> = saved.iter().map(|s| s.load(Ordering::Relaxed)).collect();
+        if let Some(error) = failure {
             self.copy(Slot::Params, snapshot, &saved)?;
             return Err(error);
         }

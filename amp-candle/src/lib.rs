@@ -98,6 +98,7 @@ mod slots;
 mod steps;
 mod targets;
 mod vars;
+mod views;
 
 pub use candle_core;
 pub use candle_nn;
@@ -288,6 +289,9 @@ impl CandleNorms {
 #[derive(Debug)]
 pub struct CandleStore {
     vars: Vec<Var>,
+    /// The vars' element counts (their shapes never change), read without
+    /// touching each var.
+    numel: Vec<usize>,
     /// The addresses of the vars' storage ([`storage_address`]), to tell
     /// in one lookup whether a gradient shares a var's storage. Stable:
     /// the store holds the vars, and `Var::set` writes into their storage.

@@ -17,29 +17,26 @@ use crate::in_place::{
     AdamFirst, AdamMax, AdamSecond, AdamTheta, Axpy, AxpyFrom, SgdDecayed, SgdDecayedSelf,
     SgdMomentumStep, SgdStep,
 };
-use crate::targets::Batch;
-use crate::{same_storage, CandleStore};
+use crate::views::{contiguous, shares_storage, View};
+use crate::{backend, CandleStore};
 
 /// The kernel that writes θ in the fused SGD step without momentum, with
-/// the tensors it reads.
-enum ThetaKernel {
-    /// Reads the weights and g.
-    Decayed(SgdDecayed, Tensor, Tensor),
-    /// Reads the weights and g.
-    AxpyFrom(AxpyFrom, Tensor, Tensor),
-    /// Reads g.
-    DecayedSelf(SgdDecayedSelf, Tensor),
-    /// Reads g.
-    Axpy(Axpy, Tensor),
+/// the weights it reads when they are not θ.
+enum ThetaKernel<'a> {
+    Decayed(SgdDecayed, &'a Tensor),
+    AxpyFrom(AxpyFrom, &'a Tensor),
+    DecayedSelf(SgdDecayedSelf),
+    Axpy(Axpy),
 }
 
-impl ThetaKernel {
-    fn run(&self, theta: &Tensor) -> candle_core::Result<()> {
+impl ThetaKernel<'_> {
+    /// Writes θ from the gradient `g`.
+    fn run(&self, theta: &Tensor, g: &Tensor) -> candle_core::Result<()> {
         match self {
-            ThetaKernel::Decayed(op, x, y) => theta.inplace_op3(x, y, op),
-            ThetaKernel::AxpyFrom(op, x, y) => theta.inplace_op3(x, y, op),
-            ThetaKernel::DecayedSelf(op, x) => theta.inplace_op2(x, op),
-            ThetaKernel::Axpy(op, x) => theta.inplace_op2(x, op),
+            ThetaKernel::Decayed(op, w) => theta.inplace_op3(w, g, op),
+            ThetaKernel::AxpyFrom(op, w) => theta.inplace_op3(w, g, op),
+            ThetaKernel::DecayedSelf(op) => theta.inplace_op2(g, op),
+            ThetaKernel::Axpy(op) => theta.inplace_op2(g, op),
         }
     }
 }
@@ -47,10 +44,11 @@ impl ThetaKernel {
 impl CandleStore {
     /// [`ParamStore::sgd_update`] in place, the gradients only read, one
     /// pass per tensor: with momentum, θ and the buffer together
-    /// ([`SgdMomentumStep`]); without, θ alone. `false` when the store does not
-    /// write in place: the caller runs the composed sequence. Tensors that
-    /// cannot be written in place (empty ones) go through that sequence on
-    /// their own.
+    /// ([`SgdMomentumStep`]); without, θ alone. Each tensor's job finds its
+    /// tensors and checks them itself ([`CandleStore::each`]). `false` when
+    /// the store does not write in place: the caller runs the composed
+    /// sequence. Tensors that cannot be written in place (empty ones, a
+    /// missing gradient) go through that sequence after the others.
     pub(crate) fn fused_sgd(
         &mut self,
         weights: Slot,
@@ -64,10 +62,11 @@ impl CandleStore {
         let n = self.num_tensors();
         check_sgd_update(n, weights, momentum, coefficients, mask)?;
         self.check_slot(weights)?;
-        let written: Vec<Slot> = momentum.map(|m| m.buffer).into_iter().collect();
-        let fused = self.split_fused(mask, &written, |store, only| {
-            amp_core::composed::sgd_update(store, weights, momentum, coefficients, only)
-        })?;
+        let (params, grads) = (self.view(Slot::Params)?, self.view(Slot::Grads)?);
+        let from = (weights != Slot::Params)
+            .then(|| self.view(weights))
+            .transpose()?;
+        let buffers = momentum.map(|m| self.view(m.buffer)).transpose()?;
         let op = |i: usize| SgdStep {
             weight_decay: coefficients[i].weight_decay,
             momentum: momentum.map_or(0.0, |m| m.momentum),
@@ -75,63 +74,72 @@ impl CandleStore {
             step: coefficients[i].step,
             first: coefficients[i].first,
         };
-        let from_self = weights == Slot::Params;
-        if let Some(m) = momentum {
-            let mut batch = Batch::with_capacity(n);
-            for index in (0..n).filter(|&i| fused[i]) {
-                let theta = self.source(Slot::Params, index)?;
-                let g = self.source(Slot::Grads, index)?;
-                let w = match from_self {
-                    true => None,
-                    false => Some(self.source(weights, index)?),
-                };
-                let buffer = self.source(m.buffer, index)?;
-                // The buffer is written through an operation nested in
-                // θ's: it must not share storage with what θ's operation
-                // holds (the store never makes it so; checked all the same).
-                if [&theta, &g]
-                    .into_iter()
-                    .chain(&w)
-                    .any(|t| same_storage(t, &buffer))
-                {
-                    let only: Vec<bool> = (0..n).map(|i| i == index).collect();
-                    amp_core::composed::sgd_update(self, weights, momentum, coefficients, &only)?;
-                    continue;
-                }
-                let op = SgdMomentumStep {
-                    step: op(index),
-                    nesterov: m.nesterov,
-                    buffer,
-                };
-                batch.push(theta.elem_count(), move || match &w {
-                    Some(w) => theta.inplace_op3(&g, w, &op),
-                    None => theta.inplace_op2(&g, &op),
-                });
-            }
-            return batch.run().map(|()| true);
-        }
-        let mut batch = Batch::with_capacity(n);
-        for index in (0..n).filter(|&i| fused[i]) {
-            let theta = self.source(Slot::Params, index)?;
-            let step = coefficients[index].step;
-            let g = self.source(Slot::Grads, index)?;
-            let decay = coefficients[index].weight_decay != 0.0;
-            let kernel = match (decay, from_self) {
-                (true, true) => ThetaKernel::DecayedSelf(SgdDecayedSelf(op(index)), g),
-                (false, true) => ThetaKernel::Axpy(Axpy(step), g),
-                (true, false) => {
-                    let w = self.source(weights, index)?;
-                    ThetaKernel::Decayed(SgdDecayed(op(index)), w, g)
-                }
-                (false, false) => {
-                    let w = self.source(weights, index)?;
-                    ThetaKernel::AxpyFrom(AxpyFrom(step), w, g)
-                }
+        let indices: Vec<usize> = (0..n).filter(|&i| mask[i]).collect();
+        let ran = self.each(&indices, |index| -> candle_core::Result<bool> {
+            let theta = contiguous(params.get(index));
+            let g = grads.get(index).filter(|g| g.is_contiguous());
+            let w = from.map(|from| from.get(index));
+            let (Some(theta), Some(g), None | Some(Some(_))) = (theta, g, w) else {
+                return Ok(false);
             };
-            batch.push(theta.elem_count(), move || kernel.run(&theta));
+            let w = w.flatten();
+            let Some(m) = momentum else {
+                let step = coefficients[index].step;
+                return theta_kernel(op(index), step, w)
+                    .run(theta, g)
+                    .map(|()| true);
+            };
+            let Some(buffer) = contiguous(buffers.and_then(|b| b.get(index))) else {
+                return Ok(false);
+            };
+            // The buffer is written through an operation nested in θ's:
+            // it must not share storage with what θ's operation holds (the
+            // store never makes it so; checked all the same).
+            if shares_storage(buffer, [theta, g].into_iter().chain(w)) {
+                return Ok(false);
+            }
+            let op = SgdMomentumStep {
+                step: op(index),
+                nesterov: m.nesterov,
+                buffer,
+            };
+            match w {
+                Some(w) => theta.inplace_op3(g, w, &op),
+                None => theta.inplace_op2(g, &op),
+            }
+            .map(|()| true)
+        });
+        let rest = self.leftovers(&indices, ran)?;
+        if rest.contains(&true) {
+            amp_core::composed::sgd_update(self, weights, momentum, coefficients, &rest)?;
         }
-        batch.run()?;
         Ok(true)
+    }
+
+    /// The mask of the tensors of `indices` whose job in
+    /// [`CandleStore::each`] returned `false` (not run: the caller runs
+    /// them another way); the first error of a job, if any.
+    pub(crate) fn leftovers(
+        &self,
+        indices: &[usize],
+        ran: Vec<candle_core::Result<bool>>,
+    ) -> Result<Vec<bool>> {
+        let mut rest = vec![false; self.num_tensors()];
+        for (&index, ran) in indices.iter().zip(ran) {
+            rest[index] = !ran.map_err(backend)?;
+        }
+        Ok(rest)
+    }
+}
+
+/// The kernel that writes θ in the fused SGD step without momentum, from
+/// the weights `w` when given (θ's own values otherwise).
+fn theta_kernel(op: SgdStep, step: f64, w: Option<&Tensor>) -> ThetaKernel<'_> {
+    match (op.weight_decay != 0.0, w) {
+        (true, None) => ThetaKernel::DecayedSelf(SgdDecayedSelf(op)),
+        (false, None) => ThetaKernel::Axpy(Axpy(step)),
+        (true, Some(w)) => ThetaKernel::Decayed(SgdDecayed(op), w),
+        (false, Some(w)) => ThetaKernel::AxpyFrom(AxpyFrom(step), w),
     }
 }
 
@@ -139,10 +147,12 @@ impl CandleStore {
     /// [`ParamStore::adam_update`] in place, the gradients only read: m in
     /// one pass ([`AdamFirst`]), v in one ([`AdamSecond`]), AMSGrad's
     /// maximum in one ([`AdamMax`]), then θ in one ([`AdamTheta`]); the
-    /// moments read θ before its pass shrinks it. `false` when the store
-    /// does not write in place: the caller runs the composed sequence.
-    /// Tensors that cannot be written in place (empty ones) go through that
-    /// sequence on their own.
+    /// moments read θ before its pass shrinks it. Each tensor's job finds
+    /// its tensors itself ([`CandleStore::each`]); the first pass checks
+    /// them. `false` when the store does not write in place: the caller
+    /// runs the composed sequence. Tensors that cannot be written in place
+    /// (empty ones, a missing gradient) go through that sequence after the
+    /// others.
     pub(crate) fn fused_adam(
         &mut self,
         slots: AdamSlots,
@@ -154,83 +164,56 @@ impl CandleStore {
         }
         let n = self.num_tensors();
         check_adam_update(n, slots, coefficients, mask)?;
-        let moments = [slots.exp_avg, slots.exp_avg_sq];
-        let written: Vec<Slot> = moments.into_iter().chain(slots.max_exp_avg_sq).collect();
-        let fused = self.split_fused(mask, &written, |store, only| {
-            amp_core::composed::adam_update(store, slots, coefficients, only)
-        })?;
-        let op = |i: usize| coefficients[i];
-        let indices: Vec<usize> = (0..n).filter(|&i| fused[i]).collect();
-        for (slot, second) in [(slots.exp_avg, false), (slots.exp_avg_sq, true)] {
-            let mut batch = Batch::with_capacity(n);
-            for &index in &indices {
-                let target = self.source(slot, index)?;
-                let g = self.source(Slot::Grads, index)?;
-                let theta = self.source(Slot::Params, index)?;
-                let op = op(index);
-                batch.push(target.elem_count(), move || match second {
-                    false => target.inplace_op3(&g, &theta, &AdamFirst(op)),
-                    true => target.inplace_op3(&g, &theta, &AdamSecond(op)),
-                });
-            }
-            batch.run()?;
+        let (params, grads) = (self.view(Slot::Params)?, self.view(Slot::Grads)?);
+        let (m, v) = (self.view(slots.exp_avg)?, self.view(slots.exp_avg_sq)?);
+        let max = slots.max_exp_avg_sq.map(|s| self.view(s)).transpose()?;
+        let indices: Vec<usize> = (0..n).filter(|&i| mask[i]).collect();
+        // m, for the tensors whose every operand the kernels can take.
+        let ran = self.each(&indices, |index| -> candle_core::Result<bool> {
+            let theta = contiguous(params.get(index));
+            let g = grads.get(index).filter(|g| g.is_contiguous());
+            let (first, second) = (contiguous(m.get(index)), contiguous(v.get(index)));
+            let max_ok = max.is_none_or(|max| contiguous(max.get(index)).is_some());
+            let (Some(theta), Some(g), Some(m), Some(_), true) = (theta, g, first, second, max_ok)
+            else {
+                return Ok(false);
+            };
+            m.inplace_op3(g, theta, &AdamFirst(coefficients[index]))
+                .map(|()| true)
+        });
+        let rest = self.leftovers(&indices, ran)?;
+        let fused: Vec<usize> = indices.into_iter().filter(|&i| !rest[i]).collect();
+        // The later passes read the tensors the first one checked.
+        let tensor = View::found;
+        let passes = self.each(&fused, |index| {
+            let (theta, g) = (tensor(params, index)?, tensor(grads, index)?);
+            tensor(v, index)?.inplace_op3(g, theta, &AdamSecond(coefficients[index]))
+        });
+        passes
+            .into_iter()
+            .collect::<candle_core::Result<()>>()
+            .map_err(backend)?;
+        if let Some(max) = max {
+            let passes = self.each(&fused, |index| {
+                tensor(max, index)?.inplace_op2(tensor(v, index)?, &AdamMax)
+            });
+            passes
+                .into_iter()
+                .collect::<candle_core::Result<()>>()
+                .map_err(backend)?;
         }
-        if let Some(max) = slots.max_exp_avg_sq {
-            let mut batch = Batch::with_capacity(n);
-            for &index in &indices {
-                let (target, v) = (
-                    self.source(max, index)?,
-                    self.source(slots.exp_avg_sq, index)?,
-                );
-                batch.push(target.elem_count(), move || {
-                    target.inplace_op2(&v, &AdamMax)
-                });
-            }
-            batch.run()?;
+        let den = max.unwrap_or(v);
+        let passes = self.each(&fused, |index| {
+            let (m, d) = (tensor(m, index)?, tensor(den, index)?);
+            tensor(params, index)?.inplace_op3(m, d, &AdamTheta(coefficients[index]))
+        });
+        passes
+            .into_iter()
+            .collect::<candle_core::Result<()>>()
+            .map_err(backend)?;
+        if rest.contains(&true) {
+            amp_core::composed::adam_update(self, slots, coefficients, &rest)?;
         }
-        let den = slots.max_exp_avg_sq.unwrap_or(slots.exp_avg_sq);
-        let mut batch = Batch::with_capacity(n);
-        for &index in &indices {
-            let theta = self.source(Slot::Params, index)?;
-            let (m, d) = (self.source(slots.exp_avg, index)?, self.source(den, index)?);
-            let op = AdamTheta(op(index));
-            batch.push(theta.elem_count(), move || theta.inplace_op3(&m, &d, &op));
-        }
-        batch.run()?;
         Ok(true)
-    }
-}
-
-impl CandleStore {
-    /// For a fused step that writes θ and the slots of `written` in place
-    /// and reads the gradient: checks the slots, and returns the tensors of
-    /// `mask` it can run on (θ and every written slot in-place targets, the
-    /// gradient contiguous, as the kernels read contiguous memory). Each
-    /// other tensor of `mask` runs `composed` here, alone (its mask selects
-    /// that tensor only).
-    fn split_fused(
-        &mut self,
-        mask: &[bool],
-        written: &[Slot],
-        mut composed: impl FnMut(&mut Self, &[bool]) -> Result<()>,
-    ) -> Result<Vec<bool>> {
-        for &slot in written {
-            self.check_slot(slot)?;
-        }
-        let n = self.num_tensors();
-        let mut fused = mask.to_vec();
-        for index in (0..n).filter(|&i| mask[i]) {
-            let mut in_place = self.in_place_target(Slot::Params, index)?.is_some()
-                && self.source(Slot::Grads, index)?.is_contiguous();
-            for &slot in written {
-                in_place = in_place && self.in_place_target(slot, index)?.is_some();
-            }
-            if !in_place {
-                fused[index] = false;
-                let only: Vec<bool> = (0..n).map(|i| i == index).collect();
-                composed(self, &only)?;
-            }
-        }
-        Ok(fused)
     }
 }

@@ -106,29 +106,26 @@ impl CandleStore {
 
     /// `read(index, tensor)` for every tensor of `slot` under `mask` (`None`
     /// where masked out), over rayon's threads tensor by tensor when there
-    /// are several holding at least [`PARALLEL`] elements between them: for
-    /// scans of host memory.
+    /// are several holding at least [`PARALLEL`] elements between them
+    /// ([`CandleStore::each`]): for scans of host memory. A missing
+    /// gradient is read as zeros.
     pub(crate) fn read_each<R: Send>(
         &self,
         slot: Slot,
         mask: &[bool],
-        read: impl Fn(usize, &Tensor) -> R + Sync,
+        read: impl Fn(usize, &Tensor) -> R + Sync + Send,
     ) -> Result<Vec<Option<R>>> {
-        let mut tensors = Vec::with_capacity(mask.len());
-        let mut elements = 0;
-        for (index, &active) in mask.iter().enumerate() {
-            let tensor = active.then(|| self.source(slot, index)).transpose()?;
-            elements += tensor.as_ref().map_or(0, Tensor::elem_count);
-            tensors.push(tensor);
+        let view = self.view(slot)?;
+        let indices: Vec<usize> = (0..mask.len()).filter(|&i| mask[i]).collect();
+        let results = self.each(&indices, |index| match view.get(index) {
+            Some(tensor) => Ok(read(index, tensor)),
+            None => self.value(slot, index).map(|zeros| read(index, &zeros)),
+        });
+        let mut out: Vec<Option<R>> = std::iter::repeat_with(|| None).take(mask.len()).collect();
+        for (index, result) in indices.into_iter().zip(results) {
+            out[index] = Some(result?);
         }
-        let one = |(index, t): (usize, &Option<Tensor>)| t.as_ref().map(|t| read(index, t));
-        Ok(if tensors.len() > 1 && elements >= PARALLEL {
-            let per_piece = (tensors.len() * BLOCK / elements).max(1);
-            let tensors = tensors.par_iter().with_min_len(per_piece);
-            tensors.enumerate().map(one).collect()
-        } else {
-            tensors.iter().enumerate().map(one).collect()
-        })
+        Ok(out)
     }
 
     /// Tensor `index` of `slot` when an operation may write into its

@@ -103,8 +103,10 @@ impl CandleStore {
         }
         let n = vars.len();
         let var_storage = vars.iter().map(|v| storage_address(v)).collect();
+        let numel = vars.iter().map(|v| v.elem_count()).collect();
         Ok(CandleStore {
             vars,
+            numel,
             var_storage,
             names,
             device,

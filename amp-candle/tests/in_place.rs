@@ -446,3 +446,90 @@ fn adam_on_values_that_are_not_finite_gives_the_same_bits() {
         assert_eq!(bits(&a), bits(&b), "shrink {shrink}, l2 {l2}");
     }
 }
+
+/// A mask that selects tensors without a gradient (read as zeros): the
+/// fused SGD and Adam steps and AMP's fused first ascent run the others in
+/// place and those through the composed sequences, with the allocating
+/// store's bits for θ, the optimisers' buffers and the snapshot — over
+/// three steps, so the buffers and the snapshot are written in place from
+/// the second on.
+#[test]
+fn a_mask_with_missing_gradients_gives_the_same_bits() {
+    for dtype in [DType::F32, DType::F64] {
+        let init = common::initial_weights(dtype);
+        let n = init.len();
+        let run = |mut store: CandleStore| -> Vec<HostTensor> {
+            let buffer = Slot::Buffer(store.alloc_buffer().unwrap());
+            let snapshot = Slot::Buffer(store.alloc_buffer().unwrap());
+            let mut buffer_slot = || Slot::Buffer(store.alloc_buffer().unwrap());
+            let adam = amp_core::AdamSlots {
+                exp_avg: buffer_slot(),
+                exp_avg_sq: buffer_slot(),
+                max_exp_avg_sq: Some(buffer_slot()),
+            };
+            let momentum = amp_core::SgdMomentum {
+                buffer,
+                momentum: 0.9,
+                keep: 1.0,
+                nesterov: true,
+            };
+            // The gradients of pass `pass` of step `step`: none for tensor
+            // `step` and the frozen one. (AMP's ascent leaves the gradients
+            // undefined; the update reads a new pass's.)
+            let grads = |store: &mut CandleStore, step: usize, pass: u64| {
+                store.zero_grads().unwrap();
+                for i in (0..n).filter(|&i| i != step && i != common::NO_GRAD) {
+                    let seed = 40 + 10 * pass + (step * n + i) as u64;
+                    let values = common::values(seed, init[i].data().len());
+                    let grad = HostTensor::new(init[i].shape().to_vec(), dtype, values).unwrap();
+                    store.write(Slot::Grads, i, &grad).unwrap();
+                }
+            };
+            for step in 0..3 {
+                let all = vec![true; n];
+                grads(&mut store, step, 0);
+                store
+                    .perturb_from_grads(Some(snapshot), None, &vec![0.5; n], &vec![0.3; n], &all)
+                    .unwrap();
+                grads(&mut store, step, 1);
+                let c = amp_core::SgdCoefficients {
+                    weight_decay: 0.01,
+                    step: -0.1,
+                    first: step == 0,
+                };
+                store
+                    .sgd_update(snapshot, Some(&momentum), &vec![c; n], &all)
+                    .unwrap();
+                grads(&mut store, step, 2);
+                let c = amp_core::AdamCoefficients {
+                    shrink: 0.999,
+                    l2: 0.01,
+                    beta1: (0.9, 0.1),
+                    beta2: (0.999, 1.0 - 0.999),
+                    step: -0.01,
+                    divisor: 0.3,
+                    eps: 1e-8,
+                };
+                store.adam_update(adam, &vec![c; n], &all).unwrap();
+            }
+            let slots = [
+                Slot::Params,
+                buffer,
+                snapshot,
+                adam.exp_avg,
+                adam.exp_avg_sq,
+            ];
+            let read = |(slot, i)| store.read(slot, i).unwrap();
+            (slots.into_iter())
+                .flat_map(|slot| (0..n).map(move |i| (slot, i)))
+                .map(read)
+                .collect()
+        };
+        let store = || CandleStore::from_host(&init, &Device::Cpu).unwrap();
+        assert_eq!(
+            bits(&run(store())),
+            bits(&run(store().allocating())),
+            "{dtype:?}"
+        );
+    }
+}

@@ -9,9 +9,9 @@ use super::*;
 /// gradient its source; the snapshot is written through a nested operation
 /// ([`pair::with_second`]), so it must share storage with neither. When the
 /// operation fails it has written nothing.
-pub(crate) struct AscendSaving {
+pub(crate) struct AscendSaving<'a> {
     pub ascend: Ascend,
-    pub snapshot: Tensor,
+    pub snapshot: &'a Tensor,
 }
 
 const ASCEND_SAVING: &str = "amp-ascend-saving";
@@ -19,13 +19,13 @@ const ASCEND_SAVING: &str = "amp-ascend-saving";
 /// Elements per chunk: θ's chunk is copied, then read again from cache.
 const CHUNK: usize = 4096;
 
-impl AscendSaving {
+impl AscendSaving<'_> {
     fn run<T: Real>(&self, theta: &mut [T], g: &[T]) -> candle_core::Result<()> {
         let n = theta.len();
         if g.len() != n {
             bail!("{ASCEND_SAVING}: operands of different lengths");
         }
-        pair::with_second(ASCEND_SAVING, &self.snapshot, n, |s: &mut [T]| {
+        pair::with_second(ASCEND_SAVING, self.snapshot, n, |s: &mut [T]| {
             pair::blocks_pair(theta, s, g, None, |t, s, g, _| {
                 let chunks = t.chunks_mut(CHUNK).zip(s.chunks_mut(CHUNK));
                 for ((t, s), g) in chunks.zip(g.chunks(CHUNK)) {
@@ -38,6 +38,6 @@ impl AscendSaving {
     }
 }
 
-in_place_op!(whole 2, AscendSaving, ASCEND_SAVING, |op, theta, g| {
+in_place_op!(whole 2, AscendSaving<'_>, ASCEND_SAVING, |op, theta, g| {
     op.run(theta, g)
 });

@@ -92,21 +92,21 @@ impl<T: Real> Momentum<T> {
 /// destination, g (and the weights when they are not θ) its sources; the
 /// buffer is written through a nested operation ([`pair::with_second`]), so
 /// it must share storage with none of them.
-pub(crate) struct SgdMomentumStep {
+pub(crate) struct SgdMomentumStep<'a> {
     pub step: SgdStep,
     pub nesterov: bool,
-    pub buffer: Tensor,
+    pub buffer: &'a Tensor,
 }
 
 const MOMENTUM_STEP: &str = "amp-sgd-momentum";
 
-impl SgdMomentumStep {
+impl SgdMomentumStep<'_> {
     fn run<T: Real>(&self, theta: &mut [T], g: &[T], w: Option<&[T]>) -> candle_core::Result<()> {
         let n = theta.len();
         if g.len() != n || w.is_some_and(|w| w.len() != n) {
             bail!("{MOMENTUM_STEP}: operands of different lengths");
         }
-        pair::with_second(MOMENTUM_STEP, &self.buffer, n, |b: &mut [T]| {
+        pair::with_second(MOMENTUM_STEP, self.buffer, n, |b: &mut [T]| {
             pair::blocks_pair(theta, b, g, w, |t, b, g, w| {
                 momentum_step(&self.step, self.nesterov, t, b, g, w)
             });
@@ -170,10 +170,10 @@ fn momentum_step<T: Real>(
     }
 }
 
-in_place_op!(whole 2, SgdMomentumStep, MOMENTUM_STEP, |op, theta, g| {
+in_place_op!(whole 2, SgdMomentumStep<'_>, MOMENTUM_STEP, |op, theta, g| {
     op.run(theta, g, None)
 });
-in_place_op!(whole 3, SgdMomentumStep, MOMENTUM_STEP, |op, theta, g, w| {
+in_place_op!(whole 3, SgdMomentumStep<'_>, MOMENTUM_STEP, |op, theta, g, w| {
     op.run(theta, g, Some(w))
 });
 

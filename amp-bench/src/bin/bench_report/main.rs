@@ -660,7 +660,8 @@ fn render(
                 let cell = match r.sizes.get(k) {
                     Some(Ok(s)) => {
                         let f = median(&s.fraction);
-                        let mark = if r.name == "ndarray" && n == 10_000_000 {
+                        let targeted = matches!(r.name, "ndarray" | "candle");
+                        let mark = if targeted && n == 10_000_000 {
                             format!(" {}", verdict(f >= 0.5))
                         } else {
                             String::new()
@@ -676,7 +677,7 @@ fn render(
                 line,
                 "{}",
                 if n == 10_000_000 {
-                    "ndarray >= 0.50"
+                    "ndarray, candle >= 0.50"
                 } else {
                     ""
                 }
@@ -747,7 +748,8 @@ fn render(
                 let cell = match &r.counts {
                     Some(Ok((_, ratios))) => {
                         let x = median(&ratios[k]);
-                        let mark = if r.name == "tch" && c == 1000 {
+                        let targeted = matches!(r.name, "tch" | "candle");
+                        let mark = if targeted && c == 1000 {
                             format!(" {}", verdict(x <= 1.5))
                         } else {
                             String::new()
@@ -762,11 +764,7 @@ fn render(
             let _ = writeln!(
                 line,
                 "{}",
-                if c == 1000 {
-                    "tch <= 1.5 (candle: reported)"
-                } else {
-                    ""
-                }
+                if c == 1000 { "tch, candle <= 1.5" } else { "" }
             );
             out.push_str(&line);
         }
