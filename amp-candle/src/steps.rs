@@ -185,32 +185,20 @@ impl CandleStore {
         let fused: Vec<usize> = indices.into_iter().filter(|&i| !rest[i]).collect();
         // The later passes read the tensors the first one checked.
         let tensor = View::found;
-        let passes = self.each(&fused, |index| {
+        self.each_pass(&fused, |index| {
             let (theta, g) = (tensor(params, index)?, tensor(grads, index)?);
             tensor(v, index)?.inplace_op3(g, theta, &AdamSecond(coefficients[index]))
-        });
-        passes
-            .into_iter()
-            .collect::<candle_core::Result<()>>()
-            .map_err(backend)?;
+        })?;
         if let Some(max) = max {
-            let passes = self.each(&fused, |index| {
+            self.each_pass(&fused, |index| {
                 tensor(max, index)?.inplace_op2(tensor(v, index)?, &AdamMax)
-            });
-            passes
-                .into_iter()
-                .collect::<candle_core::Result<()>>()
-                .map_err(backend)?;
+            })?;
         }
         let den = max.unwrap_or(v);
-        let passes = self.each(&fused, |index| {
+        self.each_pass(&fused, |index| {
             let (m, d) = (tensor(m, index)?, tensor(den, index)?);
             tensor(params, index)?.inplace_op3(m, d, &AdamTheta(coefficients[index]))
-        });
-        passes
-            .into_iter()
-            .collect::<candle_core::Result<()>>()
-            .map_err(backend)?;
+        })?;
         if rest.contains(&true) {
             amp_core::composed::adam_update(self, slots, coefficients, &rest)?;
         }

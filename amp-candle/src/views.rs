@@ -14,7 +14,7 @@ use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 
 use crate::in_place::{BLOCK, PARALLEL};
-use crate::{storage_address, CandleStore};
+use crate::{backend, storage_address, CandleStore};
 
 /// The tensors of one slot, borrowed from the store.
 #[derive(Clone, Copy)]
@@ -92,5 +92,16 @@ impl CandleStore {
         } else {
             indices.iter().map(|&index| job(index)).collect()
         }
+    }
+
+    /// [`CandleStore::each`] for jobs that fail or not: the first error,
+    /// if any (the other jobs may have run).
+    pub(crate) fn each_pass(
+        &self,
+        indices: &[usize],
+        job: impl Fn(usize) -> candle_core::Result<()> + Sync + Send,
+    ) -> Result<()> {
+        let ran = self.each(indices, job).into_iter();
+        ran.collect::<candle_core::Result<()>>().map_err(backend)
     }
 }
