@@ -135,14 +135,14 @@ impl CandleStore {
             }
         }
         if failure.is_none() && !rest.is_empty() {
-            let params = self.view(Slot::Params)?;
+            let (params, grads) = (self.view(Slot::Params)?, self.view(Slot::Grads)?);
             let ran = self.each(&rest, |index| -> Result<()> {
                 // Empty vars have nothing to write.
                 let Some(theta) = contiguous(params.get(index)) else {
                     return Ok(());
                 };
                 let zeros;
-                let g = match self.view(Slot::Grads)?.get(index) {
+                let g = match grads.get(index) {
                     Some(g) => g,
                     None => {
                         zeros = self.value(Slot::Grads, index)?;

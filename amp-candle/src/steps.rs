@@ -84,10 +84,7 @@ impl CandleStore {
             };
             let w = w.flatten();
             let Some(m) = momentum else {
-                let step = coefficients[index].step;
-                return theta_kernel(op(index), step, w)
-                    .run(theta, g)
-                    .map(|()| true);
+                return theta_kernel(op(index), w).run(theta, g).map(|()| true);
             };
             let Some(buffer) = contiguous(buffers.and_then(|b| b.get(index))) else {
                 return Ok(false);
@@ -134,12 +131,12 @@ impl CandleStore {
 
 /// The kernel that writes θ in the fused SGD step without momentum, from
 /// the weights `w` when given (θ's own values otherwise).
-fn theta_kernel(op: SgdStep, step: f64, w: Option<&Tensor>) -> ThetaKernel<'_> {
+fn theta_kernel(op: SgdStep, w: Option<&Tensor>) -> ThetaKernel<'_> {
     match (op.weight_decay != 0.0, w) {
         (true, None) => ThetaKernel::DecayedSelf(SgdDecayedSelf(op)),
-        (false, None) => ThetaKernel::Axpy(Axpy(step)),
+        (false, None) => ThetaKernel::Axpy(Axpy(op.step)),
         (true, Some(w)) => ThetaKernel::Decayed(SgdDecayed(op), w),
-        (false, Some(w)) => ThetaKernel::AxpyFrom(AxpyFrom(step), w),
+        (false, Some(w)) => ThetaKernel::AxpyFrom(AxpyFrom(op.step), w),
     }
 }
 
