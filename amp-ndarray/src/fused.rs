@@ -53,7 +53,7 @@ impl<T: Element> NdStore<T> {
     }
 
     /// AMP's first ascent step: per tensor, the norm of `v = z · g` read
-    /// from the gradient (on one thread, in the order of `norms`), then one
+    /// from the gradient (in the order of `norms`), then one
     /// pass writing θ, the snapshot and δ. `None` (nothing written) when a
     /// tensor's θ, g, snapshot or δ are not laid out alike and contiguously:
     /// the caller runs the composed sequence, which handles any layout.
@@ -172,7 +172,71 @@ impl<T: Element> NdStore<T> {
 
 /// [`elementwise::sgd`] over runs of elements at the same index: θ, the
 /// weights read (θ itself where `w` is `None`), g and the momentum buffer.
+///
+/// The step's choices — momentum or none, its first step, Nesterov, weight
+/// decay or none — are the same for every element, but the compiler keeps
+/// them as a branch per element in one loop, which it does not vectorise:
+/// each combination gets its own loop here, with the choices constants.
 fn sgd_run<T: Element>(
+    t: &mut [T],
+    w: Option<&[T]>,
+    g: &[T],
+    b: Option<&mut [T]>,
+    m: Option<&SgdMomentum<T>>,
+    c: &SgdCoefficients<T>,
+) {
+    let decay = c.weight_decay != T::zero();
+    let run = match (m.map(|m| (c.first, m.nesterov)), decay) {
+        (None, false) => sgd_fixed::<T, false, false, false, false>,
+        (None, true) => sgd_fixed::<T, false, false, false, true>,
+        (Some((false, false)), false) => sgd_fixed::<T, true, false, false, false>,
+        (Some((false, false)), true) => sgd_fixed::<T, true, false, false, true>,
+        (Some((false, true)), false) => sgd_fixed::<T, true, false, true, false>,
+        (Some((false, true)), true) => sgd_fixed::<T, true, false, true, true>,
+        (Some((true, false)), false) => sgd_fixed::<T, true, true, false, false>,
+        (Some((true, false)), true) => sgd_fixed::<T, true, true, false, true>,
+        (Some((true, true)), false) => sgd_fixed::<T, true, true, true, false>,
+        (Some((true, true)), true) => sgd_fixed::<T, true, true, true, true>,
+    };
+    run(t, w, g, b, m, c)
+}
+
+/// [`sgd_loop`] with momentum (`MOMENTUM`), its first step (`FIRST`),
+/// Nesterov (`NESTEROV`) and weight decay (`DECAY`) fixed; the caller
+/// passes the ones that hold. A weight decay of zero is the same step as
+/// none, and `FIRST`/`NESTEROV` only matter with momentum.
+fn sgd_fixed<
+    T: Element,
+    const MOMENTUM: bool,
+    const FIRST: bool,
+    const NESTEROV: bool,
+    const DECAY: bool,
+>(
+    t: &mut [T],
+    w: Option<&[T]>,
+    g: &[T],
+    b: Option<&mut [T]>,
+    m: Option<&SgdMomentum<T>>,
+    c: &SgdCoefficients<T>,
+) {
+    let c = SgdCoefficients {
+        weight_decay: if DECAY { c.weight_decay } else { T::zero() },
+        step: c.step,
+        first: FIRST,
+    };
+    let m = match m {
+        Some(m) if MOMENTUM => Some(SgdMomentum {
+            nesterov: NESTEROV,
+            ..*m
+        }),
+        _ => None,
+    };
+    sgd_loop(t, w, g, b, m.as_ref(), &c)
+}
+
+/// The loops of [`sgd_run`], inlined into each [`sgd_fixed`].
+#[inline(always)]
+fn sgd_loop<T: Element>(
     t: &mut [T],
     w: Option<&[T]>,
     g: &[T],
