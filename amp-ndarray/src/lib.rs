@@ -13,8 +13,9 @@
 //! accurate as it can be; everything else is computed in `T`, one fused loop
 //! per tensor. Element-wise loops over a tensor of 2^18 elements or more
 //! are split over rayon's threads; every element is computed on its own,
-//! so the bits are those of one thread. Sums of squares stay on one thread
-//! (their order is part of the oracle).
+//! so the bits are those of one thread. Sums of squares are added per
+//! block of 2^16 elements, the blocks' sums then in order, so that they too
+//! can be split over the threads with the bits of one.
 //!
 //! Softmax regression on a toy problem, trained with AMP:
 //! ```

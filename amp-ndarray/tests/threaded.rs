@@ -243,3 +243,48 @@ fn fused_operations_on_large_tensors_match_the_composed_ones() {
         }
     }
 }
+
+/// The sums of squares behind `norms` and the fused ascent step are split
+/// over rayon's threads at fixed blocks whose sums are added in order: the
+/// same bits on one thread as on several, for a tensor of many blocks and a
+/// ragged last one. (An order of additions that follows the split changes
+/// the sums in their last bits; the square root halves that, so several
+/// tensors are needed for it to show in the norms.)
+#[test]
+fn norms_give_the_same_bits_on_any_number_of_threads() {
+    fn norms<T: Element>(threads: usize, seeds: usize) -> Vec<u64> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        // Each block of 2^16 elements of its own magnitude, so that the
+        // order in which the blocks' sums are added shows in the bits.
+        let n = 1_000_003;
+        let values = |k: f64| {
+            let v = (0..n).map(|i| {
+                let scale = 2f64.powi(((i >> 16) * 7 % 13) as i32 * 3 - 18);
+                T::from_f64_rounded((i as f64 * k).sin() * scale)
+            });
+            ArrayD::from_shape_vec(vec![n], v.collect()).unwrap()
+        };
+        let tensors: Vec<_> = (0..seeds).map(|k| values(0.3 + 0.1 * k as f64)).collect();
+        let mask = vec![true; seeds];
+        let mut s = store(tensors.clone(), tensors);
+        pool.install(|| {
+            let plain = s.norms(Slot::Grads, &mask).unwrap();
+            let z = vec![T::from_f64_rounded(0.9); seeds];
+            let eps = vec![T::from_f64_rounded(1.0); seeds];
+            let fused = s.perturb_from_grads(None, None, &z, &eps, &mask).unwrap();
+            [plain, fused]
+                .iter()
+                .flat_map(|norms| s.norms_to_host(norms).unwrap())
+                .map(f64::to_bits)
+                .collect()
+        })
+    }
+    let (one_f32, one_f64) = (norms::<f32>(1, 2), norms::<f64>(1, 8));
+    for threads in [2, 3, 5] {
+        assert_eq!(one_f32, norms::<f32>(threads, 2), "f32, {threads} threads");
+        assert_eq!(one_f64, norms::<f64>(threads, 8), "f64, {threads} threads");
+    }
+}

@@ -7,8 +7,9 @@
 //                            never a fused multiply-add; clip coefficient
 //                            min(1, max / (n + guard)) in the dtype, a NaN
 //                            quotient counting as 1, as Rust's `min`);
-//   sum_of_squares           amp-ndarray's `sum_of_squares` (f64, 8 lanes,
-//                            pairwise combination, tail in order);
+//   sum_of_squares           amp-ndarray's `sum_of_squares` (f64, per block
+//                            of 2^16 elements 8 lanes, pairwise combination,
+//                            tail in order; the blocks' sums in order);
 //   perturb_into             amp_core::composed::perturb_from_grads, fused.
 // What ties them to the Rust originals is the test suite, bit for bit: the
 // conformance property `fused_ops_match_composed` (amp-testkit; run on
@@ -30,14 +31,16 @@ namespace amp_tch {
 
 // Independent partial sums of `sum_of_squares`, as in amp-ndarray.
 constexpr size_t LANES = 8;
+// Elements per block of `sum_of_squares`, as amp-ndarray's CHUNK.
+constexpr int64_t SUM_BLOCK = int64_t{1} << 16;
 // Elements checked between two early-exit tests of `all_finite`.
 constexpr int64_t FINITE_BLOCK = 4096;
 
 // From this many elements in all, the work of one operation is shared over
 // ATen's intra-op threads (at::parallel_for, OpenMP in PyTorch's builds:
 // the shim is compiled with -fopenmp). Every element is computed on its
-// own, so the bits do not depend on the split; each sum of squares stays on
-// one thread (its order is amp-ndarray's).
+// own, so the bits do not depend on the split; a sum of squares is split
+// only at its blocks, whose sums are added in order whatever the split.
 constexpr int64_t PARALLEL = int64_t{1} << 18;
 // The least number of elements one thread takes of an element-wise loop.
 constexpr int64_t GRAIN = int64_t{1} << 16;
@@ -206,26 +209,59 @@ template <typename T> void fast_axpy_from(const std::vector<Span> &d,
   });
 }
 
-// Σ x² in f64 exactly as amp-ndarray's `sum_of_squares`: LANES partial sums
-// over whole chunks, combined pairwise, plus the tail summed in order.
-template <typename T> double sum_of_squares(const T *__restrict__ p, int64_t n) {
+// Σ v(x)² in f64 over one block, as amp-ndarray's `block_sum_of_squares`:
+// LANES partial sums over whole chunks, combined pairwise, plus the tail
+// summed in order.
+template <typename T, typename V>
+double block_sum_of_squares(const T *__restrict__ p, int64_t n, const V &v) {
   double lanes[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t whole = n - n % static_cast<int64_t>(LANES);
   for (int64_t k = 0; k < whole; k += LANES) {
     for (size_t j = 0; j < LANES; ++j) {
-      double x = static_cast<double>(p[k + j]);
+      double x = static_cast<double>(v(p[k + j]));
       lanes[j] += x * x;
     }
   }
   double tail = 0.0;
   for (int64_t k = whole; k < n; ++k) {
-    double x = static_cast<double>(p[k]);
+    double x = static_cast<double>(v(p[k]));
     tail += x * x;
   }
   for (size_t width = LANES / 2; width >= 1; width /= 2) {
     for (size_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
   }
   return lanes[0] + tail;
+}
+
+// Σ v(x)² in f64 exactly as amp-ndarray's `sum_of_squares_of`: per block of
+// SUM_BLOCK elements, the blocks' sums added in order. From PARALLEL
+// elements on (outside a parallel region), the blocks are shared over
+// ATen's threads; the bits are the same.
+template <typename T, typename V>
+double blocked_sum_of_squares(const T *p, int64_t n, const V &v) {
+  if (n <= SUM_BLOCK) return block_sum_of_squares<T>(p, n, v);
+  const int64_t blocks = (n + SUM_BLOCK - 1) / SUM_BLOCK;
+  std::vector<double> sums(static_cast<size_t>(blocks));
+  auto run = [&](int64_t kb, int64_t ke) {
+    for (int64_t k = kb; k < ke; ++k) {
+      int64_t at = k * SUM_BLOCK;
+      sums[static_cast<size_t>(k)] =
+          block_sum_of_squares<T>(p + at, std::min(SUM_BLOCK, n - at), v);
+    }
+  };
+  if (threaded(n)) {
+    at::parallel_for(0, blocks, 1, run);
+  } else {
+    run(0, blocks);
+  }
+  double total = 0.0;
+  for (double s : sums) total += s;
+  return total;
+}
+
+// Σ x² in f64 exactly as amp-ndarray's `sum_of_squares`.
+template <typename T> double sum_of_squares(const T *p, int64_t n) {
+  return blocked_sum_of_squares<T>(p, n, [](T x) { return x; });
 }
 
 // o[i] <- ‖s[i]‖₂ in T.
@@ -275,25 +311,9 @@ template <typename T> void fast_clip(const std::vector<Span> &d,
 // Σ (z·x)² in f64, z·x rounded to T first: `sum_of_squares` of the scaled
 // tensor without writing it (z == 1 multiplies by nothing).
 template <typename T>
-double scaled_sum_of_squares(const T *__restrict__ p, int64_t n, T z) {
+double scaled_sum_of_squares(const T *p, int64_t n, T z) {
   if (z == static_cast<T>(1)) return sum_of_squares<T>(p, n);
-  double lanes[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t whole = n - n % static_cast<int64_t>(LANES);
-  for (int64_t k = 0; k < whole; k += LANES) {
-    for (size_t j = 0; j < LANES; ++j) {
-      double x = static_cast<double>(static_cast<T>(p[k + j] * z));
-      lanes[j] += x * x;
-    }
-  }
-  double tail = 0.0;
-  for (int64_t k = whole; k < n; ++k) {
-    double x = static_cast<double>(static_cast<T>(p[k] * z));
-    tail += x * x;
-  }
-  for (size_t width = LANES / 2; width >= 1; width /= 2) {
-    for (size_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
-  }
-  return lanes[0] + tail;
+  return blocked_sum_of_squares<T>(p, n, [z](T x) { return static_cast<T>(x * z); });
 }
 
 // theta <- theta + (z·g)·c, with snap <- theta and delta <- (z·g)·c when
@@ -336,8 +356,8 @@ template <typename T> T *span_or_null(const std::vector<Span> *v, size_t i) {
 // coefficient, then one pass writing θ (and the snapshot, δ).
 // o[i] <- ‖z·g[i]‖₂ in T. Below PARALLEL elements in all, tensor by tensor
 // (g is still in cache for its second read when the tensor is small); from
-// it on, every norm first (each on one thread, the tensors shared out),
-// then the writes split over threads as one range of elements.
+// it on, every norm first (the tensors shared out whole, or one tensor's
+// blocks), then the writes split over threads as one range of elements.
 template <typename T>
 void perturb_into(const std::vector<Span> &theta, const std::vector<Span> &g,
                   const std::vector<Span> *snap,

@@ -343,6 +343,14 @@ fn f64_matches_reference_bit_for_bit() {
     matches_reference::<f64, _>(&SHAPES, DType::F64);
 }
 
+/// One tensor alone: its sums of squares are split over threads at their
+/// blocks (with several tensors, the tensors are shared out whole).
+#[test]
+fn one_large_tensor_matches_reference_bit_for_bit() {
+    matches_reference::<f32, _>(&[[1_000_003]], DType::F32);
+    matches_reference::<f64, _>(&[[1_000_003]], DType::F64);
+}
+
 #[test]
 fn many_small_tensors_match_reference_bit_for_bit() {
     matches_reference::<f32, _>(&many_small(), DType::F32);
