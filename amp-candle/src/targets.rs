@@ -40,17 +40,25 @@ impl<J: FnOnce() -> candle_core::Result<()> + Send> Batch<J> {
     /// Runs every job; the first error is returned (the others may have
     /// run).
     pub(crate) fn run(self) -> Result<()> {
-        if self.jobs.len() > 1 && self.elements >= PARALLEL {
-            // Pieces of about BLOCK elements at least: short tensors go to
-            // rayon's threads in groups, not one task each.
-            let per_piece = (self.jobs.len() * BLOCK / self.elements).max(1);
-            let jobs = self.jobs.into_par_iter().with_min_len(per_piece);
-            jobs.try_for_each(|job| job())
-        } else {
-            self.jobs.into_iter().try_for_each(|job| job())
+        match pieces(self.jobs.len(), self.elements) {
+            Some(per_piece) => {
+                let jobs = self.jobs.into_par_iter().with_min_len(per_piece);
+                jobs.try_for_each(|job| job())
+            }
+            None => self.jobs.into_iter().try_for_each(|job| job()),
         }
         .map_err(backend)
     }
+}
+
+/// How the jobs of one operation over `jobs` tensors holding `elements`
+/// elements between them run ([`Batch`], [`CandleStore::each`]): `Some(n)`,
+/// over rayon's threads in pieces of at least `n` jobs, when there are
+/// several jobs and at least [`PARALLEL`] elements — pieces of about
+/// [`BLOCK`] elements, so that short tensors go to the threads in groups,
+/// not one task each; `None`, in order on the calling thread.
+pub(crate) fn pieces(jobs: usize, elements: usize) -> Option<usize> {
+    (jobs > 1 && elements >= PARALLEL).then(|| (jobs * BLOCK / elements).max(1))
 }
 
 impl CandleStore {

@@ -13,7 +13,7 @@ use amp_core::{Result, Slot};
 use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 
-use crate::in_place::{BLOCK, PARALLEL};
+use crate::targets::pieces;
 use crate::{backend, storage_address, CandleStore};
 
 /// The tensors of one slot, borrowed from the store.
@@ -75,9 +75,9 @@ impl CandleStore {
     }
 
     /// `job(index)` for every index of `indices`, the results in their
-    /// order: over rayon's threads, tensor by tensor, when there are
-    /// several holding at least [`PARALLEL`] elements between them (short
-    /// tensors in groups of about [`BLOCK`] elements, not one task each);
+    /// order, scheduled as [`Batch`](crate::targets::Batch) schedules its
+    /// jobs ([`pieces`]): over rayon's threads, tensor by tensor, when
+    /// there are several holding at least `PARALLEL` elements between them;
     /// in order on this thread otherwise.
     pub(crate) fn each<R: Send>(
         &self,
@@ -85,12 +85,12 @@ impl CandleStore {
         job: impl Fn(usize) -> R + Sync + Send,
     ) -> Vec<R> {
         let elements: usize = indices.iter().map(|&i| self.numel[i]).sum();
-        if indices.len() > 1 && elements >= PARALLEL {
-            let per_piece = (indices.len() * BLOCK / elements).max(1);
-            let pieces = indices.par_iter().with_min_len(per_piece);
-            pieces.map(|&index| job(index)).collect()
-        } else {
-            indices.iter().map(|&index| job(index)).collect()
+        match pieces(indices.len(), elements) {
+            Some(per_piece) => {
+                let jobs = indices.par_iter().with_min_len(per_piece);
+                jobs.map(|&index| job(index)).collect()
+            }
+            None => indices.iter().map(|&index| job(index)).collect(),
         }
     }
 
