@@ -171,22 +171,25 @@ impl<T: Element> NdStore<T> {
 }
 
 /// [`elementwise::sgd`] over runs of elements at the same index: θ, the
-/// weights read (θ itself where `w` is `None`), g and the momentum buffer.
-///
-/// The step's choices — momentum or none, its first step, Nesterov, weight
-/// decay or none — are the same for every element, but the compiler keeps
-/// them as a branch per element in one loop, which it does not vectorise:
-/// each combination gets its own loop here, with the choices constants.
-fn sgd_run<T: Element>(
-    t: &mut [T],
-    w: Option<&[T]>,
-    g: &[T],
-    b: Option<&mut [T]>,
-    m: Option<&SgdMomentum<T>>,
-    c: &SgdCoefficients<T>,
-) {
+/// weights read (θ itself where the weights are `None`), g, the momentum
+/// buffer, the momentum and the tensor's coefficients.
+type SgdLoop<T> = fn(
+    &mut [T],
+    Option<&[T]>,
+    &[T],
+    Option<&mut [T]>,
+    Option<&SgdMomentum<T>>,
+    &SgdCoefficients<T>,
+);
+
+/// The [`SgdLoop`] of one tensor's step. The step's choices — momentum or
+/// none, its first step, Nesterov, weight decay or none — are the same for
+/// every element, but the compiler keeps them as a branch per element in
+/// one loop, which it does not vectorise: each combination has its own
+/// loop, with the choices constants ([`sgd_fixed`]).
+fn sgd_loop<T: Element>(m: Option<&SgdMomentum<T>>, c: &SgdCoefficients<T>) -> SgdLoop<T> {
     let decay = c.weight_decay != T::zero();
-    let run = match (m.map(|m| (c.first, m.nesterov)), decay) {
+    match (m.map(|m| (c.first, m.nesterov)), decay) {
         (None, false) => sgd_fixed::<T, false, false, false, false>,
         (None, true) => sgd_fixed::<T, false, false, false, true>,
         (Some((false, false)), false) => sgd_fixed::<T, true, false, false, false>,
@@ -197,14 +200,13 @@ fn sgd_run<T: Element>(
         (Some((true, false)), true) => sgd_fixed::<T, true, true, false, true>,
         (Some((true, true)), false) => sgd_fixed::<T, true, true, true, false>,
         (Some((true, true)), true) => sgd_fixed::<T, true, true, true, true>,
-    };
-    run(t, w, g, b, m, c)
+    }
 }
 
-/// [`sgd_loop`] with momentum (`MOMENTUM`), its first step (`FIRST`),
-/// Nesterov (`NESTEROV`) and weight decay (`DECAY`) fixed; the caller
-/// passes the ones that hold. A weight decay of zero is the same step as
-/// none, and `FIRST`/`NESTEROV` only matter with momentum.
+/// The [`SgdLoop`] with momentum (`MOMENTUM`), its first step (`FIRST`),
+/// Nesterov (`NESTEROV`) and weight decay (`DECAY`) fixed; [`sgd_loop`]
+/// picks the one whose choices hold. A weight decay of zero is the same
+/// step as none, and `FIRST`/`NESTEROV` only matter with momentum.
 fn sgd_fixed<
     T: Element,
     const MOMENTUM: bool,
@@ -219,7 +221,7 @@ fn sgd_fixed<
     m: Option<&SgdMomentum<T>>,
     c: &SgdCoefficients<T>,
 ) {
-    let c = SgdCoefficients {
+    let c = &SgdCoefficients {
         weight_decay: if DECAY { c.weight_decay } else { T::zero() },
         step: c.step,
         first: FIRST,
@@ -231,19 +233,7 @@ fn sgd_fixed<
         }),
         _ => None,
     };
-    sgd_loop(t, w, g, b, m.as_ref(), &c)
-}
-
-/// The loops of [`sgd_run`], inlined into each [`sgd_fixed`].
-#[inline(always)]
-fn sgd_loop<T: Element>(
-    t: &mut [T],
-    w: Option<&[T]>,
-    g: &[T],
-    b: Option<&mut [T]>,
-    m: Option<&SgdMomentum<T>>,
-    c: &SgdCoefficients<T>,
-) {
+    let m = m.as_ref();
     let sgd = elementwise::sgd;
     match (w, b) {
         (None, None) => t
@@ -268,8 +258,8 @@ fn sgd_loop<T: Element>(
     }
 }
 
-/// [`sgd_run`] over tensors laid out alike (slices in memory order), split
-/// over rayon's threads from [`PARALLEL`] elements on.
+/// The [`sgd_loop`] of the step over tensors laid out alike (slices in
+/// memory order), split over rayon's threads from [`PARALLEL`] elements on.
 fn sgd_slices<T: Element>(
     t: &mut ArrayD<T>,
     w: Option<&ArrayD<T>>,
@@ -289,22 +279,23 @@ fn sgd_slices<T: Element>(
         unreachable!("layouts checked by the caller");
     };
     let (w, b) = (w.map(Option::unwrap), b.map(Option::unwrap));
+    let run = sgd_loop(m, c);
     if len < PARALLEL {
-        return sgd_run(t, w, g, b, m, c);
+        return run(t, w, g, b, m, c);
     }
     let pieces = t.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK));
     match (w, b) {
-        (None, None) => pieces.for_each(|(t, g)| sgd_run(t, None, g, None, m, c)),
+        (None, None) => pieces.for_each(|(t, g)| run(t, None, g, None, m, c)),
         (None, Some(b)) => pieces
             .zip(b.par_chunks_mut(CHUNK))
-            .for_each(|((t, g), b)| sgd_run(t, None, g, Some(b), m, c)),
+            .for_each(|((t, g), b)| run(t, None, g, Some(b), m, c)),
         (Some(w), None) => pieces
             .zip(w.par_chunks(CHUNK))
-            .for_each(|((t, g), w)| sgd_run(t, Some(w), g, None, m, c)),
+            .for_each(|((t, g), w)| run(t, Some(w), g, None, m, c)),
         (Some(w), Some(b)) => pieces
             .zip(w.par_chunks(CHUNK))
             .zip(b.par_chunks_mut(CHUNK))
-            .for_each(|(((t, g), w), b)| sgd_run(t, Some(w), g, Some(b), m, c)),
+            .for_each(|(((t, g), w), b)| run(t, Some(w), g, Some(b), m, c)),
     }
 }
 
