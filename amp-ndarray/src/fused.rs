@@ -11,7 +11,9 @@ use amp_core::elementwise::{self, SgdCoefficients, SgdMomentum};
 use amp_core::{check_len, BufferId, Result, Slot, PROJECTION_GUARD};
 use ndarray::{ArrayD, Zip};
 
-use crate::loops::{ascend, each3, sum_of_squares_of, CHUNK, PARALLEL};
+use crate::loops::{
+    ascend, each3, each_tensor, masked_elements, sum_of_squares_of, CHUNK, PARALLEL,
+};
 use crate::{Element, NdStore};
 use rayon::prelude::{IndexedParallelIterator, ParallelIterator, ParallelSlice, ParallelSliceMut};
 
@@ -21,6 +23,15 @@ fn same_layout<T: Element>(a: &ArrayD<T>, b: &ArrayD<T>) -> bool {
     a.strides() == b.strides()
         && a.as_slice_memory_order().is_some()
         && b.as_slice_memory_order().is_some()
+}
+
+/// One entry per tensor: each tensor of a buffer taken out of the store
+/// (see `take_buffer`), or `None` for each of the `n` when there is none.
+fn per_tensor<T>(buffer: &mut Option<Vec<ArrayD<T>>>, n: usize) -> Vec<Option<&mut ArrayD<T>>> {
+    match buffer {
+        Some(tensors) => tensors.iter_mut().map(Some).collect(),
+        None => (0..n).map(|_| None).collect(),
+    }
 }
 
 impl<T: Element> NdStore<T> {
@@ -88,21 +99,32 @@ impl<T: Element> NdStore<T> {
         let mut snap = self.take_buffer(snap_id)?;
         let mut del = self.take_buffer(delta_id)?;
         let guard = T::from_f64_rounded(PROJECTION_GUARD);
-        let mut norms = vec![T::zero(); n];
-        for i in (0..n).filter(|&i| mask[i]) {
+        let elements = masked_elements(&self.params, mask);
+        let (snaps, deltas) = (per_tensor(&mut snap, n), per_tensor(&mut del, n));
+        let tensors = self
+            .params
+            .iter_mut()
+            .zip(&self.grads)
+            .zip(snaps)
+            .zip(deltas);
+        let items: Vec<_> = tensors.enumerate().filter(|(i, _)| mask[*i]).collect();
+        let computed = each_tensor(items, elements, |(i, (((theta, g), s), d))| {
             let z = inner_lr[i];
-            let (theta, g) = (&mut self.params[i], &self.grads[i]);
             let (Some(theta), Some(g)) =
                 (theta.as_slice_memory_order_mut(), g.as_slice_memory_order())
             else {
                 unreachable!("layouts checked above");
             };
             let norm = T::from_f64_rounded(sum_of_squares_of(g, |x| x * z).sqrt());
-            norms[i] = norm;
             let c = (epsilon[i] / (norm + guard)).min(T::one());
-            let s = snap.as_mut().and_then(|b| b[i].as_slice_memory_order_mut());
-            let d = del.as_mut().and_then(|b| b[i].as_slice_memory_order_mut());
+            let s = s.and_then(|s| s.as_slice_memory_order_mut());
+            let d = d.and_then(|d| d.as_slice_memory_order_mut());
             ascend(theta, g, s, d, z, c);
+            (i, norm)
+        });
+        let mut norms = vec![T::zero(); n];
+        for (i, norm) in computed {
+            norms[i] = norm;
         }
         self.put_buffer(snap_id, snap)?;
         self.put_buffer(delta_id, del)?;
@@ -138,11 +160,13 @@ impl<T: Element> NdStore<T> {
             Slot::Buffer(id) => Some(buffers.get(id)?),
             _ => None,
         };
-        for i in (0..mask.len()).filter(|&i| mask[i]) {
+        let elements = masked_elements(params, mask);
+        let tensors = params.iter_mut().zip(grads.iter());
+        let tensors = tensors.zip(per_tensor(&mut buffer, mask.len()));
+        let items: Vec<_> = tensors.enumerate().filter(|(i, _)| mask[*i]).collect();
+        each_tensor(items, elements, |(i, ((t, g), b))| {
             let c = &coefficients[i];
-            let (w, b) = (source.map(|w| &w[i]), buffer.as_mut().map(|b| &mut b[i]));
-            let t = &mut params[i];
-            let g = &grads[i];
+            let w = source.map(|w| &w[i]);
             let alike = same_layout(t, g)
                 && w.is_none_or(|w| same_layout(t, w))
                 && b.as_deref().is_none_or(|b| same_layout(t, b));
@@ -151,7 +175,7 @@ impl<T: Element> NdStore<T> {
             } else {
                 sgd_zip(t, w, g, b, momentum, c);
             }
-        }
+        });
         self.put_buffer(buffer_id, buffer)
     }
 

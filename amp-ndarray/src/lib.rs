@@ -12,7 +12,9 @@
 //! Norms are accumulated in `f64` whatever `T` is, so that the oracle is as
 //! accurate as it can be; everything else is computed in `T`, one fused loop
 //! per tensor. Element-wise loops over a tensor of 2^18 elements or more
-//! are split over rayon's threads; every element is computed on its own,
+//! are split over rayon's threads, and the fused steps, the norms and the
+//! finiteness check share an operation's tensors out over them when they
+//! hold 2^18 elements between them; every element is computed on its own,
 //! so the bits are those of one thread. Sums of squares are added per
 //! block of 2^16 elements, the blocks' sums then in order, so that they too
 //! can be split over the threads with the bits of one.
@@ -69,7 +71,7 @@ use amp_core::{
 };
 use ndarray::{ArrayD, IxDyn, NdFloat, Zip};
 
-use loops::{all_finite, each1, each2, each3, sum_of_squares};
+use loops::{all_finite, each1, each2, each3, each_tensor, masked_elements, sum_of_squares};
 
 #[macro_use]
 mod loops;
@@ -498,16 +500,15 @@ impl<T: Element> ParamStore for NdStore<T> {
     fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<Vec<T>> {
         self.check_mask(mask)?;
         let s = self.slot(src)?;
-        Ok(s.iter()
-            .zip(mask)
-            .map(|(t, &m)| {
-                if m {
-                    T::from_f64_rounded(sum_of_squares(t).sqrt())
-                } else {
-                    T::zero()
-                }
-            })
-            .collect())
+        let items: Vec<_> = s.iter().enumerate().filter(|(i, _)| mask[*i]).collect();
+        let computed = each_tensor(items, masked_elements(s, mask), |(i, t)| {
+            (i, T::from_f64_rounded(sum_of_squares(t).sqrt()))
+        });
+        let mut norms = vec![T::zero(); s.len()];
+        for (i, norm) in computed {
+            norms[i] = norm;
+        }
+        Ok(norms)
     }
 
     fn clip_to_norms(
@@ -542,7 +543,14 @@ impl<T: Element> ParamStore for NdStore<T> {
     fn all_finite(&mut self, src: Slot, mask: &[bool]) -> Result<bool> {
         self.check_mask(mask)?;
         let s = self.slot(src)?;
-        Ok(s.iter().zip(mask).all(|(t, &m)| !m || all_finite(t)))
+        let items: Vec<_> = s
+            .iter()
+            .zip(mask)
+            .filter(|(_, &m)| m)
+            .map(|(t, _)| t)
+            .collect();
+        let finite = each_tensor(items, masked_elements(s, mask), all_finite);
+        Ok(finite.into_iter().all(|finite| finite))
     }
 
     fn read(&self, slot: Slot, index: usize) -> Result<HostTensor> {

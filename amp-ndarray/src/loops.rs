@@ -1,7 +1,9 @@
 //! The element-wise loops of the store and its finiteness check. From
 //! [`PARALLEL`] elements on, a tensor's loop is split over rayon's threads;
 //! every element is computed on its own, so the bits are those of one
-//! thread (`tests/threaded.rs` checks it). Tensors whose operands share one
+//! thread (`tests/threaded.rs` checks it); the fused operations, the norms
+//! and the finiteness check also share many shorter tensors out over the
+//! threads ([`each_tensor`]). Tensors whose operands share one
 //! memory layout are walked as slices in memory order; others through
 //! `ndarray::Zip`.
 
@@ -20,6 +22,41 @@ pub(crate) const PARALLEL: usize = 1 << 18;
 
 /// Elements per piece of a split loop.
 pub(crate) const CHUNK: usize = 1 << 16;
+
+/// `job` on each of `items` — the masked-in tensors of an operation, each
+/// with its operands and its index — which hold `elements` elements
+/// between them, the results in order: over rayon's threads, item by item,
+/// when there are several and at least [`PARALLEL`] elements (in pieces of
+/// at least [`CHUNK`] elements, so that short tensors go to the threads in
+/// groups, not one task each); in order on this thread otherwise. A long
+/// tensor also splits its own loops. Every element and every tensor's sum
+/// is computed on its own, so the bits do not depend on the schedule.
+pub(crate) fn each_tensor<I: Send, R: Send>(
+    items: Vec<I>,
+    elements: usize,
+    job: impl Fn(I) -> R + Sync + Send,
+) -> Vec<R> {
+    if items.len() > 1 && elements >= PARALLEL {
+        let per_piece = (items.len() * CHUNK / elements).max(1);
+        items
+            .into_par_iter()
+            .with_min_len(per_piece)
+            .map(job)
+            .collect()
+    } else {
+        items.into_iter().map(job).collect()
+    }
+}
+
+/// The elements of the tensors `mask` selects.
+pub(crate) fn masked_elements<T>(tensors: &[ArrayD<T>], mask: &[bool]) -> usize {
+    tensors
+        .iter()
+        .zip(mask)
+        .filter(|(_, &m)| m)
+        .map(|(t, _)| t.len())
+        .sum()
+}
 
 /// Runs the element-wise closure `$f` over the `ndarray::Zip` `$zip` of a
 /// tensor of `$len` elements: split over rayon's threads from [`PARALLEL`]
