@@ -394,7 +394,9 @@ impl<T: Element> ParamStore for NdStore<T> {
         })
     }
 
-    /// One loop over θ, g, m and v (and the maximum) per tensor.
+    /// One loop over θ, g, m and v (and the maximum) per tensor; many
+    /// tensors are shared out over rayon's threads as the fused SGD step's
+    /// are (`each_tensor`).
     fn adam_update(
         &mut self,
         slots: AdamSlots,
@@ -414,17 +416,22 @@ impl<T: Element> ParamStore for NdStore<T> {
             taken.push(std::mem::take(self.slot_vec_mut(slot)?));
         }
         let (params, grads) = (&mut self.params, &self.grads);
+        let elements = masked_elements(params, mask);
         if let [m, v, rest @ ..] = taken.as_mut_slice() {
-            for i in (0..mask.len()).filter(|&i| mask[i]) {
+            let maxes: Vec<Option<&mut ArrayD<T>>> = match rest.first_mut() {
+                Some(max) => max.iter_mut().map(Some).collect(),
+                None => (0..mask.len()).map(|_| None).collect(),
+            };
+            let tensors = params.iter_mut().zip(grads).zip(m.iter_mut());
+            let tensors = tensors.zip(v.iter_mut()).zip(maxes);
+            let items: Vec<_> = tensors.enumerate().filter(|(i, _)| mask[*i]).collect();
+            each_tensor(items, elements, |(i, ((((t, g), m), v), max))| {
                 let c = &coefficients[i];
-                let len = params[i].len();
-                let zip = Zip::from(&mut params[i])
-                    .and(&grads[i])
-                    .and(&mut m[i])
-                    .and(&mut v[i]);
-                match rest.first_mut() {
+                let len = t.len();
+                let zip = Zip::from(t).and(g).and(m).and(v);
+                match max {
                     Some(max) => {
-                        let zip = zip.and(&mut max[i]);
+                        let zip = zip.and(max);
                         let step = |t: &mut T, &g: &T, m: &mut T, v: &mut T, max: &mut T| {
                             (*t, *m, *v) = elementwise::adam(*t, g, *m, *v, Some(max), c);
                         };
@@ -437,7 +444,7 @@ impl<T: Element> ParamStore for NdStore<T> {
                         zip_each!(len, zip, step);
                     }
                 }
-            }
+            });
         }
         for (&slot, tensors) in moments.iter().zip(taken) {
             *self.slot_vec_mut(slot)? = tensors;

@@ -288,3 +288,87 @@ fn norms_give_the_same_bits_on_any_number_of_threads() {
         assert_eq!(one_f64, norms::<f64>(threads, 8), "f64, {threads} threads");
     }
 }
+
+/// Two Adam steps (AdamW's shrink and Adam's L2 term, with and without
+/// AMSGrad's maximum), each tensor with coefficients of its own and some
+/// tensors masked out: over 600 short tensors — shared out over rayon's
+/// threads — and over two large ones — each split over the threads — the
+/// same bits as the composed sequence of store operations on 1 thread.
+#[test]
+fn adam_over_many_tensors_and_large_ones_matches_the_composed_step() {
+    use amp_core::{composed, AdamCoefficients, AdamSlots};
+    fn run(tensors: Vec<ArrayD<f32>>, fused: bool, amsgrad: bool, threads: usize) -> Vec<u64> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let n = tensors.len();
+            let grads: Vec<_> = tensors.iter().map(|t| t.mapv(|x| x * 0.3 - 0.1)).collect();
+            let mut s = store(tensors.clone(), grads.clone());
+            let mut slot = || Slot::Buffer(s.alloc_buffer().unwrap());
+            let slots = AdamSlots {
+                exp_avg: slot(),
+                exp_avg_sq: slot(),
+                max_exp_avg_sq: amsgrad.then(&mut slot),
+            };
+            // Every seventh tensor masked out; the rest with coefficients
+            // that differ from one tensor to the next.
+            let mask: Vec<bool> = (0..n).map(|i| i % 7 != 3).collect();
+            for t in 1..=2 {
+                let coefficients: Vec<_> = (0..n)
+                    .map(|i| {
+                        let k = 1.0 + i as f32 * 1e-3;
+                        AdamCoefficients {
+                            shrink: 1.0 - 1e-3 * k,
+                            l2: if i % 2 == 0 { 0.0 } else { 1e-2 * k },
+                            beta1: (0.9, 0.1),
+                            beta2: (0.999, 0.001),
+                            step: -1e-3 * k / (1.0 - 0.9f32.powi(t)),
+                            divisor: (1.0 - 0.999f32.powi(t)).sqrt(),
+                            eps: 1e-8 * k,
+                        }
+                    })
+                    .collect();
+                if fused {
+                    s.adam_update(slots, &coefficients, &mask).unwrap();
+                } else {
+                    composed::adam_update(&mut s, slots, &coefficients, &mask).unwrap();
+                }
+                for (i, g) in grads.iter().enumerate() {
+                    s.set_grad(i, g.mapv(|x| x * -0.7 + 0.05)).unwrap();
+                }
+            }
+            let mut read = vec![Slot::Params, slots.exp_avg, slots.exp_avg_sq];
+            read.extend(slots.max_exp_avg_sq);
+            let mut seen = Vec::new();
+            for slot in read {
+                for i in 0..n {
+                    seen.extend(
+                        s.read(slot, i)
+                            .unwrap()
+                            .into_data()
+                            .iter()
+                            .map(|x| x.to_bits()),
+                    );
+                }
+            }
+            seen
+        })
+    }
+    let whole = big::<f32>(0.29);
+    let pieces = cut(&whole);
+    assert!(pieces.len() > 500);
+    for amsgrad in [false, true] {
+        for tensors in [&whole, &pieces] {
+            let reference = run(tensors.clone(), false, amsgrad, 1);
+            for threads in [1, 2, 5] {
+                assert!(
+                    run(tensors.clone(), true, amsgrad, threads) == reference,
+                    "{} tensors, AMSGrad {amsgrad}, {threads} threads",
+                    tensors.len()
+                );
+            }
+        }
+    }
+}
