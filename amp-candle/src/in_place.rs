@@ -94,9 +94,10 @@ impl Real for f64 {
 }
 
 /// From this many elements on, a loop is split over rayon's threads in
-/// blocks of [`BLOCK`] elements. Every element is computed on its own, so
-/// the bits do not depend on the split.
-pub(crate) const PARALLEL: usize = 1 << 18;
+/// blocks of [`BLOCK`] elements (amp-core's rule,
+/// [`amp_core::threads`]). Every element is computed on its own, so the
+/// bits do not depend on the split.
+pub(crate) const PARALLEL: usize = amp_core::threads::PARALLEL_ELEMENTS;
 /// The block size of split loops, and of the partial sums of
 /// [`sum_of_squares`].
 pub(crate) const BLOCK: usize = 1 << 16;

@@ -4,17 +4,19 @@
 //! the caller, and [`Batch`], which runs the kernels of one operation over
 //! many tensors on rayon's threads.
 
+use amp_core::threads::tensors_per_piece;
 use amp_core::{Result, Slot};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use crate::in_place::{sum_of_squares, CopyFrom, BLOCK, PARALLEL};
+use crate::in_place::{sum_of_squares, CopyFrom};
 use crate::{backend, same_storage, CandleNorms, CandleStore};
 
 /// The in-place kernels of one operation, on distinct tensors, queued and
-/// then run together: over rayon's threads, tensor by tensor, when there
-/// are several holding at least [`PARALLEL`] elements between them (a long
-/// tensor also splits its own loop); in order otherwise. Every element is
+/// then run together, scheduled by amp-core's rule ([`tensors_per_piece`]):
+/// over rayon's threads, tensor by tensor, when there are several holding
+/// enough elements between them (a long tensor also splits its own loop);
+/// in order otherwise. Every element is
 /// computed on its own, so the bits do not depend on the schedule. `J` is
 /// the one closure type of the operation (no allocation per kernel).
 pub(crate) struct Batch<J> {
@@ -40,7 +42,7 @@ impl<J: FnOnce() -> candle_core::Result<()> + Send> Batch<J> {
     /// Runs every job; the first error is returned (the others may have
     /// run).
     pub(crate) fn run(self) -> Result<()> {
-        match pieces(self.jobs.len(), self.elements) {
+        match tensors_per_piece(self.jobs.len(), self.elements) {
             Some(per_piece) => {
                 let jobs = self.jobs.into_par_iter().with_min_len(per_piece);
                 jobs.try_for_each(|job| job())
@@ -49,16 +51,6 @@ impl<J: FnOnce() -> candle_core::Result<()> + Send> Batch<J> {
         }
         .map_err(backend)
     }
-}
-
-/// How the jobs of one operation over `jobs` tensors holding `elements`
-/// elements between them run ([`Batch`], [`CandleStore::each`]): `Some(n)`,
-/// over rayon's threads in pieces of at least `n` jobs, when there are
-/// several jobs and at least [`PARALLEL`] elements — pieces of about
-/// [`BLOCK`] elements, so that short tensors go to the threads in groups,
-/// not one task each; `None`, in order on the calling thread.
-pub(crate) fn pieces(jobs: usize, elements: usize) -> Option<usize> {
-    (jobs > 1 && elements >= PARALLEL).then(|| (jobs * BLOCK / elements).max(1))
 }
 
 impl CandleStore {
@@ -114,7 +106,7 @@ impl CandleStore {
 
     /// `read(index, tensor)` for every tensor of `slot` under `mask` (`None`
     /// where masked out), over rayon's threads tensor by tensor when there
-    /// are several holding at least [`PARALLEL`] elements between them
+    /// are several holding enough elements between them
     /// ([`CandleStore::each`]): for scans of host memory. A missing
     /// gradient is read as zeros.
     pub(crate) fn read_each<R: Send>(

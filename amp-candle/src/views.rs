@@ -9,11 +9,11 @@
 //! it runs on every thread, on the tensors the same thread then writes, and
 //! borrows where it would clone.
 
+use amp_core::threads::tensors_per_piece;
 use amp_core::{Result, Slot};
 use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 
-use crate::targets::pieces;
 use crate::{backend, storage_address, CandleStore};
 
 /// The tensors of one slot, borrowed from the store.
@@ -76,16 +76,16 @@ impl CandleStore {
 
     /// `job(index)` for every index of `indices`, the results in their
     /// order, scheduled as [`Batch`](crate::targets::Batch) schedules its
-    /// jobs ([`pieces`]): over rayon's threads, tensor by tensor, when
-    /// there are several holding at least `PARALLEL` elements between them;
-    /// in order on this thread otherwise.
+    /// jobs, by amp-core's rule ([`tensors_per_piece`]): over rayon's
+    /// threads, tensor by tensor, when there are several holding enough
+    /// elements between them; in order on this thread otherwise.
     pub(crate) fn each<R: Send>(
         &self,
         indices: &[usize],
         job: impl Fn(usize) -> R + Sync + Send,
     ) -> Vec<R> {
         let elements: usize = indices.iter().map(|&i| self.numel[i]).sum();
-        match pieces(indices.len(), elements) {
+        match tensors_per_piece(indices.len(), elements) {
             Some(per_piece) => {
                 let jobs = indices.par_iter().with_min_len(per_piece);
                 jobs.map(|&index| job(index)).collect()

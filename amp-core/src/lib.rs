@@ -66,6 +66,7 @@ mod state_check;
 mod store;
 mod tensor_ops;
 mod tensor_store;
+pub mod threads;
 
 pub use crate::adam::{Adam, AdamConfig};
 pub use crate::amp::{Amp, External, Perturbed};

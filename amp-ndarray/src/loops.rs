@@ -7,6 +7,7 @@
 //! memory layout are walked as slices in memory order; others through
 //! `ndarray::Zip`.
 
+use amp_core::threads;
 use ndarray::{ArrayD, Zip};
 use rayon::prelude::{
     IndexedParallelIterator, IntoParallelIterator, ParallelIterator, ParallelSlice,
@@ -17,34 +18,34 @@ use crate::Element;
 
 /// Tensors from this many elements up have their element-wise loops split
 /// over rayon's threads; below it, handing work to threads costs more than
-/// the memory traffic they share.
-pub(crate) const PARALLEL: usize = 1 << 18;
+/// the memory traffic they share (amp-core's rule, [`threads`]).
+pub(crate) const PARALLEL: usize = threads::PARALLEL_ELEMENTS;
 
-/// Elements per piece of a split loop.
+/// Elements per piece of a split loop, and per block of the sums of
+/// squares, whose bits depend on it (the libtorch shim's `SUM_BLOCK`
+/// repeats it).
 pub(crate) const CHUNK: usize = 1 << 16;
 
 /// `job` on each of `items` — the masked-in tensors of an operation, each
 /// with its operands and its index — which hold `elements` elements
-/// between them, the results in order: over rayon's threads, item by item,
-/// when there are several and at least [`PARALLEL`] elements (in pieces of
-/// at least [`CHUNK`] elements, so that short tensors go to the threads in
-/// groups, not one task each); in order on this thread otherwise. A long
-/// tensor also splits its own loops. Every element and every tensor's sum
-/// is computed on its own, so the bits do not depend on the schedule.
+/// between them, the results in order, scheduled by amp-core's rule
+/// ([`threads::tensors_per_piece`]): over rayon's threads, item by item,
+/// in pieces of short tensors, when there are several and enough elements;
+/// in order on this thread otherwise. A long tensor also splits its own
+/// loops. Every element and every tensor's sum is computed on its own, so
+/// the bits do not depend on the schedule.
 pub(crate) fn each_tensor<I: Send, R: Send>(
     items: Vec<I>,
     elements: usize,
     job: impl Fn(I) -> R + Sync + Send,
 ) -> Vec<R> {
-    if items.len() > 1 && elements >= PARALLEL {
-        let per_piece = (items.len() * CHUNK / elements).max(1);
-        items
+    match threads::tensors_per_piece(items.len(), elements) {
+        Some(per_piece) => items
             .into_par_iter()
             .with_min_len(per_piece)
             .map(job)
-            .collect()
-    } else {
-        items.into_iter().map(job).collect()
+            .collect(),
+        None => items.into_iter().map(job).collect(),
     }
 }
 
