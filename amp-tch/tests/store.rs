@@ -410,6 +410,41 @@ fn flat_store_survives_new_parameter_storage() {
     assert_eq!(run(true), run(false));
 }
 
+/// `zero_grads` of the flat layout clears the whole flat gradient in place,
+/// to +0.0, past the size from which the fill is shared over libtorch's
+/// threads too (tensors of 300 001, 5 and 77 777 elements: the pieces of
+/// the fill do not line up with the tensors); every parameter keeps its
+/// view and counts as having no gradient until one is written.
+#[test]
+fn flat_zero_grads_clears_every_element_of_a_large_store() {
+    tch::set_num_threads(2);
+    for kind in [Kind::Float, Kind::Double] {
+        let sizes = [300_001i64, 5, 77_777];
+        let params: Vec<Tensor> = sizes
+            .iter()
+            .map(|&n| Tensor::ones([n], (kind, Device::Cpu)).set_requires_grad(true))
+            .collect();
+        let mut store = TchStore::from_tensors(params).unwrap();
+        store.flatten().unwrap();
+        for round in 0..2 {
+            for (i, &n) in sizes.iter().enumerate() {
+                let g = Tensor::full([n], -1.5 - round as f64, (kind, Device::Cpu));
+                store.set_grad(i, &g).unwrap();
+            }
+            assert_eq!(store.grad_mask().unwrap(), vec![true; 3]);
+            store.zero_grads().unwrap();
+            assert_eq!(store.grad_mask().unwrap(), vec![false; 3], "{kind:?}");
+            for (i, t) in store.tensors().iter().enumerate() {
+                let g = t.grad();
+                assert!(g.defined(), "{kind:?}: tensor {i} lost its view");
+                let values = Vec::<f64>::try_from(g.to_kind(Kind::Double)).unwrap();
+                let stray = values.iter().position(|v| v.to_bits() != 0);
+                assert_eq!(stray, None, "{kind:?}, round {round}: tensor {i}");
+            }
+        }
+    }
+}
+
 /// A store can move to another thread (a training loop on a worker), with
 /// or without the flat layout.
 #[test]
