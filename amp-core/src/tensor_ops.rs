@@ -127,7 +127,7 @@ pub trait TensorOps {
     }
 
     /// `y + (alpha · a) · b` element-wise
-    /// ([`elementwise::addcmul`](crate::elementwise::addcmul)); Adam's
+    /// ([`elementwise::addcmul`]); Adam's
     /// second moment. The default goes through the host (computing in `f64`
     /// for an `f64` tensor, `f32` otherwise); override it with the
     /// framework's own operation to keep Adam on the device.
@@ -145,7 +145,7 @@ pub trait TensorOps {
     }
 
     /// `y + (alpha · num) / (√den / divisor + eps)` element-wise
-    /// ([`elementwise::addcdiv_sqrt`](crate::elementwise::addcdiv_sqrt));
+    /// ([`elementwise::addcdiv_sqrt`]);
     /// Adam's update. The default goes through the host, as
     /// [`addcmul`](TensorOps::addcmul)'s does.
     fn addcdiv_sqrt(
@@ -165,7 +165,7 @@ pub trait TensorOps {
     }
 
     /// `max(a, b)` element-wise, NaN if either is
-    /// ([`elementwise::maximum`](crate::elementwise::maximum)); AMSGrad's
+    /// ([`elementwise::maximum`]); AMSGrad's
     /// running maximum. The default goes through the host.
     fn maximum(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
         let (mut d, x) = (self.to_host(a)?, self.to_host(b)?);
