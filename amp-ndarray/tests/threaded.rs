@@ -48,6 +48,18 @@ fn store<T: Element>(params: Vec<ArrayD<T>>, grads: Vec<ArrayD<T>>) -> NdStore<T
     s
 }
 
+/// Every value of every tensor of `slots`, slot after slot, as bits.
+fn bits<T: Element>(s: &NdStore<T>, slots: &[Slot]) -> Vec<u64> {
+    let mut seen = Vec::new();
+    for &slot in slots {
+        for i in 0..s.num_tensors() {
+            let values = s.read(slot, i).unwrap().into_data();
+            seen.extend(values.iter().map(|x| x.to_bits()));
+        }
+    }
+    seen
+}
+
 /// Every element-wise operation of the store, with one coefficient for
 /// every tensor; then every slot's values, in logical order, end to end.
 fn exercise<T: Element>(s: &mut NdStore<T>) -> Vec<u64> {
@@ -69,15 +81,7 @@ fn exercise<T: Element>(s: &mut NdStore<T>) -> Vec<u64> {
         .unwrap();
     s.addcdiv_sqrt(Slot::Params, &c(-0.01), b, d, &c(0.9), &c(1e-3), &all)
         .unwrap();
-    [Slot::Params, Slot::Grads, b, d]
-        .iter()
-        .flat_map(|&slot| {
-            (0..n)
-                .flat_map(|i| s.read(slot, i).unwrap().into_data())
-                .map(f64::to_bits)
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    bits(s, &[Slot::Params, Slot::Grads, b, d])
 }
 
 fn threaded_matches_cut<T: Element>() {
@@ -219,17 +223,7 @@ fn fused_operations_on_large_tensors_match_the_composed_ones() {
             }
         }
         let mut seen: Vec<u64> = norms.iter().map(|x| f64::from(*x).to_bits()).collect();
-        for slot in [Slot::Params, b, d, e] {
-            for i in 0..2 {
-                seen.extend(
-                    s.read(slot, i)
-                        .unwrap()
-                        .into_data()
-                        .iter()
-                        .map(|x| x.to_bits()),
-                );
-            }
-        }
+        seen.extend(bits(&s, &[Slot::Params, b, d, e]));
         seen
     };
     for mask in [[true, false], [true, true]] {
@@ -341,19 +335,7 @@ fn adam_over_many_tensors_and_large_ones_matches_the_composed_step() {
             }
             let mut read = vec![Slot::Params, slots.exp_avg, slots.exp_avg_sq];
             read.extend(slots.max_exp_avg_sq);
-            let mut seen = Vec::new();
-            for slot in read {
-                for i in 0..n {
-                    seen.extend(
-                        s.read(slot, i)
-                            .unwrap()
-                            .into_data()
-                            .iter()
-                            .map(|x| x.to_bits()),
-                    );
-                }
-            }
-            seen
+            bits(&s, &read)
         })
     }
     let whole = big::<f32>(0.29);
