@@ -16,9 +16,9 @@ use crate::{backend, same_storage, CandleNorms, CandleStore};
 /// then run together, scheduled by amp-core's rule ([`tensors_per_piece`]):
 /// over rayon's threads, tensor by tensor, when there are several holding
 /// enough elements between them (a long tensor also splits its own loop);
-/// in order otherwise. Every element is
-/// computed on its own, so the bits do not depend on the schedule. `J` is
-/// the one closure type of the operation (no allocation per kernel).
+/// in order otherwise. Every element is computed on its own, so the bits do
+/// not depend on the schedule. `J` is the one closure type of the operation
+/// (no allocation per kernel).
 pub(crate) struct Batch<J> {
     jobs: Vec<J>,
     elements: usize,

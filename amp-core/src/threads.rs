@@ -6,9 +6,10 @@
 //! between them runs on the threads; below that, handing work over costs
 //! more than the memory traffic the threads would share. Short tensors go
 //! to the threads in groups of about [`PIECE_ELEMENTS`] elements, not one
-//! task each; a tensor that long or longer splits its own loop too. The
-//! schedule changes no bits as long as every element, and every tensor's
-//! sum, is computed on its own, whichever thread runs it.
+//! task each; a tensor of [`PARALLEL_ELEMENTS`] or more also splits its own
+//! loop, in pieces of [`PIECE_ELEMENTS`]. The schedule changes no bits as
+//! long as every element, and every tensor's sum, is computed on its own,
+//! whichever thread runs it.
 //!
 //! ```
 //! use amp_core::threads::tensors_per_piece;
