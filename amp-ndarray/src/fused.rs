@@ -12,7 +12,8 @@ use amp_core::{check_len, BufferId, Result, Slot, PROJECTION_GUARD};
 use ndarray::{ArrayD, Zip};
 
 use crate::loops::{
-    ascend, each3, each_tensor, masked_elements, sum_of_squares_of, CHUNK, PARALLEL,
+    ascend, each3, each_tensor, masked_elements, per_tensor, spread, sum_of_squares_of, CHUNK,
+    PARALLEL,
 };
 use crate::{Element, NdStore};
 use rayon::prelude::{IndexedParallelIterator, ParallelIterator, ParallelSlice, ParallelSliceMut};
@@ -23,15 +24,6 @@ fn same_layout<T: Element>(a: &ArrayD<T>, b: &ArrayD<T>) -> bool {
     a.strides() == b.strides()
         && a.as_slice_memory_order().is_some()
         && b.as_slice_memory_order().is_some()
-}
-
-/// One entry per tensor: each tensor of a buffer taken out of the store
-/// (see `take_buffer`), or `None` for each of the `n` when there is none.
-fn per_tensor<T>(buffer: &mut Option<Vec<ArrayD<T>>>, n: usize) -> Vec<Option<&mut ArrayD<T>>> {
-    match buffer {
-        Some(tensors) => tensors.iter_mut().map(Some).collect(),
-        None => (0..n).map(|_| None).collect(),
-    }
 }
 
 impl<T: Element> NdStore<T> {
@@ -100,15 +92,14 @@ impl<T: Element> NdStore<T> {
         let mut del = self.take_buffer(delta_id)?;
         let guard = T::from_f64_rounded(PROJECTION_GUARD);
         let elements = masked_elements(&self.params, mask);
-        let (snaps, deltas) = (per_tensor(&mut snap, n), per_tensor(&mut del, n));
+        let (snaps, deltas) = (per_tensor(snap.as_mut(), n), per_tensor(del.as_mut(), n));
         let tensors = self
             .params
             .iter_mut()
             .zip(&self.grads)
             .zip(snaps)
             .zip(deltas);
-        let items: Vec<_> = tensors.enumerate().filter(|(i, _)| mask[*i]).collect();
-        let computed = each_tensor(items, elements, |(i, (((theta, g), s), d))| {
+        let computed = each_tensor(tensors, mask, elements, |i, (((theta, g), s), d)| {
             let z = inner_lr[i];
             let (Some(theta), Some(g)) =
                 (theta.as_slice_memory_order_mut(), g.as_slice_memory_order())
@@ -120,12 +111,9 @@ impl<T: Element> NdStore<T> {
             let s = s.and_then(|s| s.as_slice_memory_order_mut());
             let d = d.and_then(|d| d.as_slice_memory_order_mut());
             ascend(theta, g, s, d, z, c);
-            (i, norm)
+            norm
         });
-        let mut norms = vec![T::zero(); n];
-        for (i, norm) in computed {
-            norms[i] = norm;
-        }
+        let norms = spread(computed, mask, T::zero());
         self.put_buffer(snap_id, snap)?;
         self.put_buffer(delta_id, del)?;
         Ok(Some(norms))
@@ -162,9 +150,8 @@ impl<T: Element> NdStore<T> {
         };
         let elements = masked_elements(params, mask);
         let tensors = params.iter_mut().zip(grads.iter());
-        let tensors = tensors.zip(per_tensor(&mut buffer, mask.len()));
-        let items: Vec<_> = tensors.enumerate().filter(|(i, _)| mask[*i]).collect();
-        each_tensor(items, elements, |(i, ((t, g), b))| {
+        let tensors = tensors.zip(per_tensor(buffer.as_mut(), mask.len()));
+        each_tensor(tensors, mask, elements, |i, ((t, g), b)| {
             let c = &coefficients[i];
             let w = source.map(|w| &w[i]);
             let alike = same_layout(t, g)

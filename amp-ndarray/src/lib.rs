@@ -71,7 +71,10 @@ use amp_core::{
 };
 use ndarray::{ArrayD, IxDyn, NdFloat, Zip};
 
-use loops::{all_finite, each1, each2, each3, each_tensor, masked_elements, sum_of_squares};
+use loops::{
+    all_finite, each1, each2, each3, each_tensor, masked_elements, per_tensor, spread,
+    sum_of_squares,
+};
 
 #[macro_use]
 mod loops;
@@ -418,14 +421,10 @@ impl<T: Element> ParamStore for NdStore<T> {
         let (params, grads) = (&mut self.params, &self.grads);
         let elements = masked_elements(params, mask);
         if let [m, v, rest @ ..] = taken.as_mut_slice() {
-            let maxes: Vec<Option<&mut ArrayD<T>>> = match rest.first_mut() {
-                Some(max) => max.iter_mut().map(Some).collect(),
-                None => (0..mask.len()).map(|_| None).collect(),
-            };
+            let maxes = per_tensor(rest.first_mut(), mask.len());
             let tensors = params.iter_mut().zip(grads).zip(m.iter_mut());
             let tensors = tensors.zip(v.iter_mut()).zip(maxes);
-            let items: Vec<_> = tensors.enumerate().filter(|(i, _)| mask[*i]).collect();
-            each_tensor(items, elements, |(i, ((((t, g), m), v), max))| {
+            each_tensor(tensors, mask, elements, |i, ((((t, g), m), v), max)| {
                 let c = &coefficients[i];
                 let len = t.len();
                 let zip = Zip::from(t).and(g).and(m).and(v);
@@ -507,15 +506,10 @@ impl<T: Element> ParamStore for NdStore<T> {
     fn norms(&mut self, src: Slot, mask: &[bool]) -> Result<Vec<T>> {
         self.check_mask(mask)?;
         let s = self.slot(src)?;
-        let items: Vec<_> = s.iter().enumerate().filter(|(i, _)| mask[*i]).collect();
-        let computed = each_tensor(items, masked_elements(s, mask), |(i, t)| {
-            (i, T::from_f64_rounded(sum_of_squares(t).sqrt()))
+        let computed = each_tensor(s, mask, masked_elements(s, mask), |_, t| {
+            T::from_f64_rounded(sum_of_squares(t).sqrt())
         });
-        let mut norms = vec![T::zero(); s.len()];
-        for (i, norm) in computed {
-            norms[i] = norm;
-        }
-        Ok(norms)
+        Ok(spread(computed, mask, T::zero()))
     }
 
     fn clip_to_norms(
@@ -550,13 +544,7 @@ impl<T: Element> ParamStore for NdStore<T> {
     fn all_finite(&mut self, src: Slot, mask: &[bool]) -> Result<bool> {
         self.check_mask(mask)?;
         let s = self.slot(src)?;
-        let items: Vec<_> = s
-            .iter()
-            .zip(mask)
-            .filter(|(_, &m)| m)
-            .map(|(t, _)| t)
-            .collect();
-        let finite = each_tensor(items, masked_elements(s, mask), all_finite);
+        let finite = each_tensor(s, mask, masked_elements(s, mask), |_, t| all_finite(t));
         Ok(finite.into_iter().all(|finite| finite))
     }
 

@@ -26,19 +26,27 @@ pub(crate) const PARALLEL: usize = threads::PARALLEL_ELEMENTS;
 /// repeats it).
 pub(crate) const CHUNK: usize = 1 << 16;
 
-/// `job` on each of `items` — the masked-in tensors of an operation, each
-/// with its operands and its index — which hold `elements` elements
-/// between them, the results in order, scheduled by amp-core's rule
-/// ([`threads::tensors_per_piece`]): over rayon's threads, item by item,
-/// in pieces of short tensors, when there are several and enough elements;
-/// in order on this thread otherwise. A long tensor also splits its own
-/// loops. Every element and every tensor's sum is computed on its own, so
-/// the bits do not depend on the schedule.
+/// `job(i, item)` on each of `items` (one per tensor, in index order, each
+/// with the tensor's operands) whose tensor `mask` selects, the results of
+/// those in order. The selected tensors hold `elements` elements between
+/// them; they are scheduled by amp-core's rule
+/// ([`threads::tensors_per_piece`]): over rayon's threads, item by item, in
+/// pieces of short tensors, when there are several and enough elements; in
+/// order on this thread otherwise. A long tensor also splits its own loops.
+/// Every element and every tensor's sum is computed on its own, so the bits
+/// do not depend on the schedule.
 pub(crate) fn each_tensor<I: Send, R: Send>(
-    items: Vec<I>,
+    items: impl IntoIterator<Item = I>,
+    mask: &[bool],
     elements: usize,
-    job: impl Fn(I) -> R + Sync + Send,
+    job: impl Fn(usize, I) -> R + Sync + Send,
 ) -> Vec<R> {
+    let items: Vec<(usize, I)> = items
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| mask.get(*i).copied().unwrap_or(false))
+        .collect();
+    let job = |(i, item): (usize, I)| job(i, item);
     match threads::tensors_per_piece(items.len(), elements) {
         Some(per_piece) => items
             .into_par_iter()
@@ -46,6 +54,34 @@ pub(crate) fn each_tensor<I: Send, R: Send>(
             .map(job)
             .collect(),
         None => items.into_iter().map(job).collect(),
+    }
+}
+
+/// One value per tensor from [`each_tensor`]'s results (those of the
+/// tensors `mask` selects, in order): each at its tensor's index, `zero`
+/// at the others.
+pub(crate) fn spread<R: Copy>(results: Vec<R>, mask: &[bool], zero: R) -> Vec<R> {
+    let mut results = results.into_iter();
+    mask.iter()
+        .map(|&m| {
+            if m {
+                results.next().unwrap_or(zero)
+            } else {
+                zero
+            }
+        })
+        .collect()
+}
+
+/// One entry per tensor: each tensor of a buffer taken out of the store,
+/// or `None` for each of the `n` when there is none.
+pub(crate) fn per_tensor<T>(
+    buffer: Option<&mut Vec<ArrayD<T>>>,
+    n: usize,
+) -> Vec<Option<&mut ArrayD<T>>> {
+    match buffer {
+        Some(tensors) => tensors.iter_mut().map(Some).collect(),
+        None => (0..n).map(|_| None).collect(),
     }
 }
 
