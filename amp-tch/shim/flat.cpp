@@ -86,21 +86,19 @@ char *amp_tch_flat_zero(at::Tensor **params, at::Tensor **views, size_t n,
     const at::Tensor &flat = *flat_grads;
     if ((plain_cpu(flat, at::kFloat) || plain_cpu(flat, at::kDouble)) &&
         flat.numel() > 0) {
-      // memset: no operator dispatch for what is a streaming write; one
-      // call below PARALLEL elements, from there pieces of at least GRAIN
-      // elements over ATen's threads (one thread's stores reach a third or
-      // less of the machine's write bandwidth). All-zero bits are +0.0.
-      // `plain_cpu` has just checked that the storage covers the tensor.
-      char *base = static_cast<char *>(flat.mutable_data_ptr());
+      // memset: no operator dispatch for what is a streaming write, split
+      // as every loop of the shim is (`each_piece`: one call below PARALLEL
+      // elements, from there pieces of at least GRAIN elements over ATen's
+      // threads; one thread's stores reach a third or less of the
+      // machine's write bandwidth). All-zero bits are +0.0. `plain_cpu`
+      // has just checked that the storage covers the tensor.
       const size_t size = flat.element_size();
-      const int64_t numel = flat.numel();
-      if (threaded(numel)) {
-        at::parallel_for(0, numel, GRAIN, [&](int64_t b, int64_t e) {
-          std::memset(base + b * size, 0, static_cast<size_t>(e - b) * size);
-        });
-      } else {
-        std::memset(base, 0, static_cast<size_t>(numel) * size);
-      }
+      const std::vector<Span> whole{
+          Span{static_cast<char *>(flat.mutable_data_ptr()), flat.numel()}};
+      each_piece(whole, [&](size_t, int64_t b, int64_t e) {
+        std::memset(whole[0].p + b * size, 0,
+                    static_cast<size_t>(e - b) * size);
+      });
       flat.unsafeGetTensorImpl()->bump_version();
     } else {
       flat_grads->zero_();
