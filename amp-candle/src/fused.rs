@@ -10,7 +10,6 @@ use amp_core::{check_len, ParamStore, Result, Slot};
 use candle_core::DType as CDType;
 
 use crate::in_place::{Ascend, AscendSaving, AxpyFrom};
-use crate::targets::Batch;
 use crate::views::{contiguous, shares_storage};
 use crate::{backend, cast, CandleNorms, CandleStore};
 
@@ -37,7 +36,7 @@ impl CandleStore {
         for slot in [dst, base, src] {
             self.check_slot(slot)?;
         }
-        let mut batch = Batch::with_capacity(mask.len());
+        let mut batch = self.batch(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
             match self.in_place_target(dst, index)? {
                 Some(target) => {

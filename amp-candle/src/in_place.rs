@@ -25,7 +25,10 @@
 //! memory (tens of milliseconds per step at 1e7 parameters). The price is
 //! one gradient-sized tensor per parameter held between steps.
 //!
-//! Half-precision storage (computed in `f32`) and CUDA keep candle's
+//! On CUDA the same operations run amp-candle's own kernels
+//! (`kernels/in_place.cu`, launched by `in_place/cuda.rs`) when the store is asked to
+//! ([`crate::CandleStore::in_place_on_cuda`]); CUDA stores otherwise, and
+//! half-precision storage (computed in `f32`) always, keep candle's
 //! allocating operations.
 
 use std::ops::{Add, Div, Mul, Range, Sub};
@@ -292,6 +295,16 @@ macro_rules! in_place_op {
                 let $this = self;
                 with_slices!($name, (s1, l1), (s2, l2) => $s; |$d| $kernel)
             }
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &mut candle_core::CudaStorage,
+                l1: &Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<()> {
+                $crate::in_place::cuda::run($name, self, (s1, l1), Some((s2, l2)), None)
+            }
         }
     };
     (whole 3, $op:ty, $name:expr, |$this:ident, $d:ident, $x:ident, $y:ident| $kernel:expr) => {
@@ -311,6 +324,19 @@ macro_rules! in_place_op {
                 let $this = self;
                 with_slices!($name, (s1, l1), (s2, l2) => $x, (s3, l3) => $y; |$d| $kernel)
             }
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &mut candle_core::CudaStorage,
+                l1: &Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &Layout,
+                s3: &candle_core::CudaStorage,
+                l3: &Layout,
+            ) -> candle_core::Result<()> {
+                let (x, y) = (Some((s2, l2)), Some((s3, l3)));
+                $crate::in_place::cuda::run($name, self, (s1, l1), x, y)
+            }
         }
     };
     (1, $op:ty, $name:literal, |$this:ident, $d:ident| $kernel:expr) => {
@@ -324,6 +350,14 @@ macro_rules! in_place_op {
                     blocks1(d, |$d| $kernel);
                     Ok(())
                 })
+            }
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s: &mut candle_core::CudaStorage,
+                l: &Layout,
+            ) -> candle_core::Result<()> {
+                $crate::in_place::cuda::run($name, self, (s, l), None, None)
             }
         }
     };
@@ -382,6 +416,10 @@ macro_rules! with_alpha {
 }
 
 mod adam;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::launches;
 mod pair;
 mod perturb;
 mod sgd;

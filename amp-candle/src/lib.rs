@@ -168,6 +168,18 @@ fn device_name(device: &Device) -> String {
     format!("{:?}", device.location())
 }
 
+/// The number of CUDA kernels amp-candle's in-place operations
+/// ([`CandleStore::in_place_on_cuda`]) have launched in this process, on
+/// every device and thread: one per tensor and operation. Read it before
+/// and after a step to count the step's launches. Always 0 without the
+/// `cuda` feature.
+pub fn cuda_kernel_launches() -> u64 {
+    #[cfg(feature = "cuda")]
+    return in_place::launches();
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 /// The device to run on: CUDA device 0 when `prefer_cuda` is set and a GPU is
 /// usable, the CPU otherwise.
 ///
@@ -272,8 +284,12 @@ impl CandleNorms {
 /// gradient-sized tensor per parameter between steps for this.
 /// `axpy_from` and AMP's ascent step (`perturb_from_grads`) are fused, one
 /// pass per tensor. [`CandleStore::allocating`] turns all of this off.
+/// On CUDA, [`CandleStore::in_place_on_cuda`] writes in place the same way
+/// through amp-candle's own kernels, one launch per tensor and operation
+/// (counted by [`cuda_kernel_launches`]); norms and the finiteness check
+/// stay candle's reductions there.
 ///
-/// Elsewhere (CUDA, half precision) every operation is a handful of candle
+/// Elsewhere (CUDA by default, half precision) every operation is a handful of candle
 /// ops per tensor (candle has no multi-tensor kernels): `axpy` is a scale
 /// and an add, `scale` one multiply, the norm a square and a sum. Per-tensor
 /// scalars never leave the device inside a step: norms live in one
@@ -315,9 +331,11 @@ pub struct CandleStore {
     /// this already mapped memory instead of a fresh allocation (see
     /// [`CandleStore::grad`]). In-place stores only.
     spare: Vec<Option<Tensor>>,
-    /// Whether CPU operations may write into existing storage
+    /// Whether operations may write into existing storage
     /// ([`CandleStore::allocating`] turns it off).
     in_place: bool,
+    /// Whether they may on CUDA too ([`CandleStore::in_place_on_cuda`]).
+    in_place_cuda: bool,
     buffers: Buffers<Vec<Tensor>>,
     /// With master weights ([`CandleStore::with_master_weights`]): the f32
     /// copy of θ the optimiser steps; the vars hold it rounded to their

@@ -11,7 +11,6 @@ use amp_core::{
 use candle_core::{DType as CDType, Tensor};
 
 use crate::slots::host_to_tensor;
-use crate::targets::Batch;
 use crate::{amp_dtype, backend, cast, device_name, in_place, CandleNorms, CandleStore};
 
 impl ParamStore for CandleStore {
@@ -67,7 +66,7 @@ impl ParamStore for CandleStore {
     fn copy(&mut self, dst: Slot, src: Slot, mask: &[bool]) -> Result<()> {
         self.check_mask(mask)?;
         self.check_pair(dst, src)?;
-        let mut batch = Batch::with_capacity(mask.len());
+        let mut batch = self.batch(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
             if let Some(target) = self.in_place_target(dst, index)? {
                 let value = self.source(src, index)?;
@@ -94,7 +93,7 @@ impl ParamStore for CandleStore {
         self.check_mask(mask)?;
         check_len("scale factors", mask.len(), factor.len())?;
         self.check_slot(dst)?;
-        let mut batch = Batch::with_capacity(mask.len());
+        let mut batch = self.batch(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i] && factor[i] != 1.0) {
             if let Some(target) = self.in_place_target(dst, index)? {
                 let op = in_place::Scale(factor[index]);
@@ -113,7 +112,7 @@ impl ParamStore for CandleStore {
         self.check_mask(mask)?;
         check_len("axpy coefficients", mask.len(), alpha.len())?;
         self.check_pair(dst, src)?;
-        let (mut batch, mut adopted) = (Batch::with_capacity(mask.len()), Vec::new());
+        let (mut batch, mut adopted) = (self.batch(mask.len()), Vec::new());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
             // A gradient taken from the caller goes to the spare, summed on
             // the way: `spare ← g + alpha · src` in one pass. The spare
@@ -164,7 +163,7 @@ impl ParamStore for CandleStore {
         for slot in [dst, a, b] {
             self.check_slot(slot)?;
         }
-        let mut batch = Batch::with_capacity(mask.len());
+        let mut batch = self.batch(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
             if let Some(target) = self.in_place_target(dst, index)? {
                 let (x, y) = (self.source(a, index)?, self.source(b, index)?);
@@ -202,7 +201,7 @@ impl ParamStore for CandleStore {
         for slot in [dst, num, den] {
             self.check_slot(slot)?;
         }
-        let mut batch = Batch::with_capacity(mask.len());
+        let mut batch = self.batch(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
             if let Some(target) = self.in_place_target(dst, index)? {
                 let (x, y) = (self.source(num, index)?, self.source(den, index)?);
@@ -352,7 +351,7 @@ impl ParamStore for CandleStore {
             ),
             false => None,
         };
-        let mut batch = Batch::with_capacity(mask.len());
+        let mut batch = self.batch(mask.len());
         for index in (0..mask.len()).filter(|&i| mask[i]) {
             if let Some(c) = &on_host {
                 if let Some(target) = self.in_place_target(dst, index)? {

@@ -6,7 +6,7 @@
 
 use amp_core::threads::tensors_per_piece;
 use amp_core::{Result, Slot};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::in_place::{sum_of_squares, CopyFrom};
@@ -22,17 +22,12 @@ use crate::{backend, same_storage, CandleNorms, CandleStore};
 pub(crate) struct Batch<J> {
     jobs: Vec<J>,
     elements: usize,
+    /// The kernels run on the CPU (else in order: see
+    /// [`CandleStore::batch`]).
+    host: bool,
 }
 
 impl<J: FnOnce() -> candle_core::Result<()> + Send> Batch<J> {
-    /// An empty batch with room for `capacity` kernels.
-    pub(crate) fn with_capacity(capacity: usize) -> Self {
-        Batch {
-            jobs: Vec::with_capacity(capacity),
-            elements: 0,
-        }
-    }
-
     /// Queues `job`, which writes `elements` elements.
     pub(crate) fn push(&mut self, elements: usize, job: J) {
         self.elements += elements;
@@ -42,7 +37,8 @@ impl<J: FnOnce() -> candle_core::Result<()> + Send> Batch<J> {
     /// Runs every job; the first error is returned (the others may have
     /// run).
     pub(crate) fn run(self) -> Result<()> {
-        match tensors_per_piece(self.jobs.len(), self.elements) {
+        let schedule = tensors_per_piece(self.jobs.len(), self.elements).filter(|_| self.host);
+        match schedule {
             Some(per_piece) => {
                 let jobs = self.jobs.into_par_iter().with_min_len(per_piece);
                 jobs.try_for_each(|job| job())
@@ -55,20 +51,57 @@ impl<J: FnOnce() -> candle_core::Result<()> + Send> Batch<J> {
 
 impl CandleStore {
     /// This store with every operation allocating its result, as candle's
-    /// operations do, instead of writing into the existing storage on the
-    /// CPU. The results are the same bits; what changes is memory traffic
-    /// (each result is freshly allocated memory). For comparisons and
-    /// debugging; CUDA and half-precision stores always allocate.
+    /// operations do, instead of writing into the existing storage. The
+    /// results are the same bits; what changes is memory traffic (each
+    /// result is freshly allocated memory). For comparisons and debugging;
+    /// half-precision stores always allocate, and CUDA stores unless
+    /// [`CandleStore::in_place_on_cuda`].
     pub fn allocating(mut self) -> Self {
         self.in_place = false;
+        self.in_place_cuda = false;
         self
     }
 
-    /// Whether this store writes into existing storage: on the CPU, with
-    /// `f32` or `f64` storage computed in its own dtype, without master
-    /// weights, unless [`CandleStore::allocating`].
+    /// This store, on a CUDA device, with its optimiser's operations
+    /// written into the existing storage by amp-candle's own CUDA kernels
+    /// (one launch per tensor and operation), as the CPU store writes in
+    /// place by default, instead of candle's allocating operations. On the
+    /// CPU it changes nothing.
+    ///
+    /// The kernels compute each element with the CPU loops' sequence of
+    /// IEEE operations (no fused multiply-add), so an in-place CUDA store
+    /// gives the CPU store's bits where candle's own kernels may differ in
+    /// the last place. Clipping reads the per-tensor coefficients to the
+    /// host (one synchronisation per clip). Opt-in: CUDA stores use candle's
+    /// operations by default.
+    pub fn in_place_on_cuda(mut self) -> Self {
+        self.in_place = true;
+        self.in_place_cuda = true;
+        self
+    }
+
+    /// Whether this store writes into existing storage: with `f32` or
+    /// `f64` storage computed in its own dtype, without master weights, on
+    /// the CPU unless [`CandleStore::allocating`], on CUDA with
+    /// [`CandleStore::in_place_on_cuda`].
     pub(crate) fn writes_in_place(&self) -> bool {
-        self.in_place && self.device.is_cpu() && self.compute == self.dtype && self.master.is_none()
+        let device = match &self.device {
+            Device::Cpu => self.in_place,
+            Device::Cuda(_) => self.in_place && self.in_place_cuda,
+            _ => false,
+        };
+        device && self.compute == self.dtype && self.master.is_none()
+    }
+
+    /// A batch of in-place kernels for `capacity` tensors: run over
+    /// rayon's threads on the CPU ([`Batch::run`]), in order on a GPU
+    /// (each kernel is one launch on the device's stream).
+    pub(crate) fn batch<J>(&self, capacity: usize) -> Batch<J> {
+        Batch {
+            jobs: Vec::with_capacity(capacity),
+            elements: 0,
+            host: self.device.is_cpu(),
+        }
     }
 
     /// The norms of `src` read from host memory ([`sum_of_squares`]) on

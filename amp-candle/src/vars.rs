@@ -117,6 +117,7 @@ impl CandleStore {
             grad_owned: vec![false; n],
             spare: vec![None; n],
             in_place: true,
+            in_place_cuda: false,
             buffers: Buffers::new(),
             master: None,
         })

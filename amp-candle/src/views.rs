@@ -78,14 +78,16 @@ impl CandleStore {
     /// order, scheduled as [`Batch`](crate::targets::Batch) schedules its
     /// jobs, by amp-core's rule ([`tensors_per_piece`]): over rayon's
     /// threads, tensor by tensor, when there are several holding enough
-    /// elements between them; in order on this thread otherwise.
+    /// elements between them on the CPU; in order on this thread otherwise
+    /// (always on a GPU).
     pub(crate) fn each<R: Send>(
         &self,
         indices: &[usize],
         job: impl Fn(usize) -> R + Sync + Send,
     ) -> Vec<R> {
         let elements: usize = indices.iter().map(|&i| self.numel[i]).sum();
-        match tensors_per_piece(indices.len(), elements) {
+        let schedule = tensors_per_piece(indices.len(), elements).filter(|_| self.device.is_cpu());
+        match schedule {
             Some(per_piece) => {
                 let jobs = indices.par_iter().with_min_len(per_piece);
                 jobs.map(|&index| job(index)).collect()
