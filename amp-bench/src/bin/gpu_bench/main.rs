@@ -8,8 +8,9 @@
 //! ```
 //!
 //! AMP is *adversarial model perturbation* (Zheng, Zhang & Mao, CVPR 2021),
-//! not automatic mixed precision. Per backend (candle, tch, tch with the flat
-//! layout) it measures:
+//! not automatic mixed precision. Per backend (candle with candle's
+//! allocating operations, candle writing in place through amp-candle's CUDA
+//! kernels, tch, tch with the flat layout) it measures:
 //!
 //! * **AMP/ERM step time** on bench_report's three MLPs (40×32 at batch 16,
 //!   4×512 at 128, 2×2048 at 256) and on a ResNet-18-sized convolutional
@@ -73,7 +74,8 @@ pub struct Args {
     /// Device.
     #[arg(long, value_enum, default_value_t = Where::Cuda)]
     pub device: Where,
-    /// Only these backends (candle, tch, tch-flat); all compiled-in by default.
+    /// Only these backends (candle, candle-in-place, tch, tch-flat); all
+    /// compiled-in by default.
     #[arg(long)]
     pub backend: Vec<String>,
     /// Batch size of the conv model.
@@ -104,6 +106,9 @@ pub struct Backend {
     pub bytes: Make<[usize], u64>,
     /// Host reads per optimizer-only step: (store calls, closure calls).
     pub syncs: Make<[usize], (f64, f64)>,
+    /// Kernels of the backend's own launched so far in this process, for a
+    /// backend that counts them (amp-candle's in-place kernels).
+    pub launches: Option<fn() -> u64>,
     /// A device-to-device copy of `n` f32: seconds per copy over `reps`.
     pub copy: Box<dyn Fn(usize) -> Result<probes::CopyTimer, BoxError>>,
 }
@@ -127,8 +132,9 @@ pub struct Results {
     /// Per optimizer-only size: (n, fraction of the copy, optimizer GB/s,
     /// copy GB/s, optimizer ms per step).
     pub sizes: Vec<(usize, Outcome<[f64; 4]>)>,
-    /// Per entry of [`COUNTS`]: (store reads, loss reads, optimizer ms).
-    pub syncs: Vec<Outcome<[f64; 3]>>,
+    /// Per entry of [`COUNTS`]: (store reads, loss reads, optimizer ms,
+    /// the backend's own kernel launches per optimizer step or NaN).
+    pub syncs: Vec<Outcome<[f64; 4]>>,
 }
 
 fn pair(make: impl FnOnce() -> Result<Pair, BoxError>, plan: &Plan) -> Outcome<PairResult> {
@@ -168,15 +174,22 @@ fn size(backend: &Backend, n: usize, plan: &Plan) -> Result<[f64; 4], BoxError> 
     ])
 }
 
-fn sync_count(backend: &Backend, count: usize, plan: &Plan) -> Result<[f64; 3], BoxError> {
+fn sync_count(backend: &Backend, count: usize, plan: &Plan) -> Result<[f64; 4], BoxError> {
     let layout = fixtures::layout(COUNT_TOTAL, count);
     let (store, loss) = (backend.syncs)(&layout)?;
     let mut opt = (backend.opt)(&layout)?;
     let steps = block_len(warm_up(opt.as_mut(), plan.warmup_secs)?, plan);
+    let before = backend.launches.map(|count| count());
     let times = (0..plan.rounds)
         .map(|_| Ok(opt.run(steps)?.optimizer_per_step()))
         .collect::<Result<Vec<_>, BoxError>>()?;
-    Ok([store, loss, median(&times) * 1e3])
+    let launches = match (backend.launches, before) {
+        (Some(count), Some(before)) => {
+            (count() - before) as f64 / (plan.rounds as f64 * steps as f64)
+        }
+        _ => f64::NAN,
+    };
+    Ok([store, loss, median(&times) * 1e3, launches])
 }
 
 fn measure(backend: &Backend, args: &Args, plan: &Plan) -> Results {

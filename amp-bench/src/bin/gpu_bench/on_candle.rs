@@ -34,11 +34,35 @@ fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> CResult<Tensor> {
     x.matmul(&w.t()?)?.broadcast_add(b)
 }
 
+/// Where and how a candle store runs: its device, and whether its
+/// optimiser writes in place on CUDA through amp-candle's kernels
+/// ([`CandleStore::in_place_on_cuda`]) or allocates through candle's
+/// operations (the default on CUDA).
+#[derive(Clone)]
+pub struct On {
+    /// The device.
+    pub device: Device,
+    /// In place on CUDA.
+    pub in_place: bool,
+}
+
+impl On {
+    /// A store over `vars`, in place on CUDA when asked.
+    fn store(&self, vars: Vec<Var>) -> Result<CandleStore, BoxError> {
+        let store = CandleStore::from_vars(vars)?;
+        Ok(match self.in_place {
+            true => store.in_place_on_cuda(),
+            false => store,
+        })
+    }
+}
+
 fn mlp_trainer(
     problem: &Problem,
     inner_iter: usize,
-    device: &Device,
+    on: &On,
 ) -> Result<Trainer<CandleStore>, BoxError> {
+    let device = &on.device;
     let mut vars = Vec::new();
     for layer in &problem.layers {
         vars.push(var(&layer.weight, &[layer.outputs, layer.inputs], device)?);
@@ -47,7 +71,7 @@ fn mlp_trainer(
     let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let x = Tensor::from_slice(&problem.x, (problem.spec.batch, mlp::INPUTS), device)?;
     let y = labels(&problem.y, device)?;
-    let store = CandleStore::from_vars(vars)?;
+    let store = on.store(vars)?;
     let closure: Closure<CandleStore> = Box::new(move |s: &mut CandleStore, _pass| {
         let layers = params.len() / 2;
         let mut h = x.clone();
@@ -69,11 +93,8 @@ fn mlp_trainer(
 }
 
 /// ERM and AMP trainers of an MLP on `device`.
-pub fn mlp_pair(problem: &Problem, device: &Device) -> Result<TrainerPair<CandleStore>, BoxError> {
-    Ok((
-        mlp_trainer(problem, 0, device)?,
-        mlp_trainer(problem, 1, device)?,
-    ))
+pub fn mlp_pair(problem: &Problem, on: &On) -> Result<TrainerPair<CandleStore>, BoxError> {
+    Ok((mlp_trainer(problem, 0, on)?, mlp_trainer(problem, 1, on)?))
 }
 
 /// Batch norm over the batch's statistics of an `N × C × H × W` tensor.
@@ -120,8 +141,9 @@ fn cnn_forward(x: &Tensor, p: &[Tensor]) -> CResult<Tensor> {
 fn cnn_trainer(
     problem: &cnn::Problem,
     inner_iter: usize,
-    device: &Device,
+    on: &On,
 ) -> Result<Trainer<CandleStore>, BoxError> {
+    let device = &on.device;
     let vars = problem
         .params
         .iter()
@@ -131,7 +153,7 @@ fn cnn_trainer(
     let (c, side) = cnn::IMAGE;
     let x = Tensor::from_slice(&problem.x, (problem.batch, c, side, side), device)?;
     let y = labels(&problem.y, device)?;
-    let store = CandleStore::from_vars(vars)?;
+    let store = on.store(vars)?;
     let closure: Closure<CandleStore> = Box::new(move |s: &mut CandleStore, _pass| {
         let logits = cnn_forward(&x, &params)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
@@ -146,22 +168,17 @@ fn cnn_trainer(
 }
 
 /// ERM and AMP trainers of the conv model on `device`.
-pub fn cnn_pair(
-    problem: &cnn::Problem,
-    device: &Device,
-) -> Result<TrainerPair<CandleStore>, BoxError> {
-    Ok((
-        cnn_trainer(problem, 0, device)?,
-        cnn_trainer(problem, 1, device)?,
-    ))
+pub fn cnn_pair(problem: &cnn::Problem, on: &On) -> Result<TrainerPair<CandleStore>, BoxError> {
+    Ok((cnn_trainer(problem, 0, on)?, cnn_trainer(problem, 1, on)?))
 }
 
 /// The optimizer-only fixture: f32 vars of the given sizes and a closure
-/// that hands over constant gradients made once, on `device`.
+/// that hands over constant gradients made once, on `on`.
 pub fn opt_fixture(
     sizes: &[usize],
-    device: &Device,
+    on: &On,
 ) -> Result<(CandleStore, Closure<CandleStore>), BoxError> {
+    let device = &on.device;
     let vars = sizes
         .iter()
         .map(|&n| Var::from_tensor(&(Tensor::ones(n, DType::F32, device)? * 0.5)?))
@@ -176,16 +193,16 @@ pub fn opt_fixture(
         }
         Ok(((), 1.0))
     });
-    Ok((CandleStore::from_vars(vars)?, closure))
+    Ok((on.store(vars)?, closure))
 }
 
 /// An AMP (K = `inner_iter`) trainer over the optimizer-only fixture.
 pub fn opt_trainer(
     sizes: &[usize],
     inner_iter: usize,
-    device: &Device,
+    on: &On,
 ) -> Result<Trainer<CandleStore>, BoxError> {
-    let (store, closure) = opt_fixture(sizes, device)?;
+    let (store, closure) = opt_fixture(sizes, on)?;
     Trainer::new(
         store,
         amp_config(inner_iter, OPT_LR, OPT_EPSILON),

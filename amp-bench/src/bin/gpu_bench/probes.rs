@@ -76,7 +76,10 @@ pub fn backends(device: Where) -> (Vec<Backend>, Vec<(&'static str, String)>) {
     let mut not = Vec::new();
     #[cfg(feature = "candle")]
     match candle_device(device) {
-        Ok(d) => ok.push(candle(d)),
+        Ok(d) => {
+            ok.push(candle(d.clone(), false));
+            ok.push(candle(d, true));
+        }
         Err(e) => not.push(("candle", e)),
     }
     #[cfg(not(feature = "candle"))]
@@ -103,37 +106,39 @@ fn candle_device(device: Where) -> Result<amp::backend::candle::candle_core::Dev
 }
 
 #[cfg(feature = "candle")]
-fn candle(device: amp::backend::candle::candle_core::Device) -> Backend {
+fn candle(device: amp::backend::candle::candle_core::Device, in_place: bool) -> Backend {
     use crate::on_candle as c;
-    let (d1, d2, d3, d4, d5, d6) = (
-        device.clone(),
-        device.clone(),
-        device.clone(),
-        device.clone(),
-        device.clone(),
-        device,
-    );
+    let on = c::On {
+        device: device.clone(),
+        in_place,
+    };
+    let (o1, o2, o3, o4, o5) = (on.clone(), on.clone(), on.clone(), on.clone(), on);
     Backend {
-        name: "candle",
+        name: if in_place {
+            "candle-in-place"
+        } else {
+            "candle"
+        },
         mlp: Box::new(move |p| {
-            let (erm, amp) = c::mlp_pair(p, &d1)?;
+            let (erm, amp) = c::mlp_pair(p, &o1)?;
             Ok((Box::new(erm), Box::new(amp)))
         }),
         cnn: Box::new(move |p| {
-            let (erm, amp) = c::cnn_pair(p, &d2)?;
+            let (erm, amp) = c::cnn_pair(p, &o2)?;
             Ok((Box::new(erm), Box::new(amp)))
         }),
-        opt: Box::new(move |sizes| Ok(Box::new(c::opt_trainer(sizes, 1, &d3)?))),
+        opt: Box::new(move |sizes| Ok(Box::new(c::opt_trainer(sizes, 1, &o3)?))),
         bytes: Box::new(move |sizes| {
-            let (store, closure) = c::opt_fixture(sizes, &d4)?;
+            let (store, closure) = c::opt_fixture(sizes, &o4)?;
             bytes_per_step(store, closure)
         }),
         syncs: Box::new(move |sizes| {
-            let (store, closure) = c::opt_fixture(sizes, &d5)?;
+            let (store, closure) = c::opt_fixture(sizes, &o5)?;
             host_reads_per_step(store, closure)
         }),
+        launches: in_place.then_some(amp::backend::candle::cuda_kernel_launches as fn() -> u64),
         copy: Box::new(move |n| {
-            let mut floor = c::CopyFloor::new(n, &d6)?;
+            let mut floor = c::CopyFloor::new(n, &device)?;
             Ok(CopyTimer(Box::new(move |reps| floor.time(reps))))
         }),
     }
@@ -173,6 +178,7 @@ fn tch(device: tch::Device, flat: bool) -> Backend {
             let (store, closure) = t::opt_fixture(sizes, flat, device)?;
             host_reads_per_step(store, closure)
         }),
+        launches: None,
         copy: Box::new(move |n| {
             let mut floor = t::CopyFloor::new(n, device)?;
             Ok(CopyTimer(Box::new(move |reps| floor.time(reps))))

@@ -190,6 +190,22 @@ pub fn table(
         "",
     );
 
+    row(
+        &mut out,
+        "  own kernel launches per optimizer step, 12 | 1000 tensors",
+        results.iter().map(|r| {
+            r.syncs
+                .iter()
+                .map(|s| match s {
+                    Ok(s) if s[3].is_finite() => format!("{:.0}", s[3]),
+                    _ => "-".into(),
+                })
+                .collect::<Vec<String>>()
+                .join(" | ")
+        }),
+        "one per tensor and operation",
+    );
+
     for r in results {
         let errors = r
             .mlp
