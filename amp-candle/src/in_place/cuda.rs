@@ -60,6 +60,15 @@ pub(crate) trait OnCuda {
 /// A tensor's storage and layout.
 type Operand<'a> = (&'a CudaStorage, &'a Layout);
 
+/// The tensors of one launch: the destination `d`, written in place, a
+/// second destination `e`, and the sources `x` and `y`.
+struct Operands<'a> {
+    d: (&'a mut CudaStorage, &'a Layout),
+    e: Option<(&'a mut CudaStorage, &'a Layout)>,
+    x: Option<Operand<'a>>,
+    y: Option<Operand<'a>>,
+}
+
 /// Runs `op`'s kernel on the destination `d` (written in place) and the
 /// sources `x` and `y`, plus its second destination when it has one.
 pub(crate) fn run<Op: OnCuda>(
@@ -70,13 +79,20 @@ pub(crate) fn run<Op: OnCuda>(
     y: Option<Operand<'_>>,
 ) -> candle_core::Result<()> {
     let Some(second) = op.second() else {
-        return launch(name, Op::KERNEL, op.params(), d, None, x, y);
+        let operands = Operands { d, e: None, x, y };
+        return launch(name, Op::KERNEL, op.params(), operands);
     };
     // candle's in-place operations write one tensor each: the second one
     // is reached through a nested operation, which holds its storage while
     // the kernel runs.
     let run = |e: &mut CudaStorage, el: &Layout| {
-        launch(name, Op::KERNEL, op.params(), d, Some((e, el)), x, y)
+        let operands = Operands {
+            d,
+            e: Some((e, el)),
+            x,
+            y,
+        };
+        launch(name, Op::KERNEL, op.params(), operands)
     };
     second.inplace_op1(&Second {
         name,
@@ -111,24 +127,22 @@ impl<F: FnOnce(&mut CudaStorage, &Layout) -> candle_core::Result<()>> InplaceOp1
     }
 }
 
-/// Launches `amp_{kernel}_{dtype}` over the elements of `d`.
+/// Launches `amp_{kernel}_{dtype}` over the elements of the destination.
 fn launch(
     name: &'static str,
     kernel: &str,
     params: [f64; 6],
-    d: (&mut CudaStorage, &Layout),
-    e: Option<(&mut CudaStorage, &Layout)>,
-    x: Option<Operand<'_>>,
-    y: Option<Operand<'_>>,
+    operands: Operands<'_>,
 ) -> candle_core::Result<()> {
-    let dtype = d.0.dtype();
+    let dtype = operands.d.0.dtype();
     let mixed = |o: &Option<Operand<'_>>| o.is_some_and(|(s, _)| s.dtype() != dtype);
-    if mixed(&x) || mixed(&y) || e.as_ref().is_some_and(|(s, _)| s.dtype() != dtype) {
+    let e_mixed = operands.e.as_ref().is_some_and(|(s, _)| s.dtype() != dtype);
+    if mixed(&operands.x) || mixed(&operands.y) || e_mixed {
         bail!("{name}: operands of different dtypes");
     }
     match dtype {
-        DType::F32 => typed::<f32>(name, &format!("amp_{kernel}_f32"), params, d, e, x, y),
-        DType::F64 => typed::<f64>(name, &format!("amp_{kernel}_f64"), params, d, e, x, y),
+        DType::F32 => typed::<f32>(name, &format!("amp_{kernel}_f32"), params, operands),
+        DType::F64 => typed::<f64>(name, &format!("amp_{kernel}_f64"), params, operands),
         other => bail!("{name}: f32 and f64 only, not {other:?}"),
     }
 }
@@ -139,11 +153,9 @@ fn typed<T: CudaDType + DeviceRepr>(
     name: &'static str,
     function: &str,
     params: [f64; 6],
-    d: (&mut CudaStorage, &Layout),
-    e: Option<(&mut CudaStorage, &Layout)>,
-    x: Option<Operand<'_>>,
-    y: Option<Operand<'_>>,
+    operands: Operands<'_>,
 ) -> candle_core::Result<()> {
+    let Operands { d, e, x, y } = operands;
     let dr = span(name, d.1)?;
     let n = dr.len();
     let same = |range: Range<usize>| match range.len() == n {
