@@ -69,11 +69,14 @@ impl CandleStore {
     /// CPU it changes nothing.
     ///
     /// The kernels compute each element with the CPU loops' sequence of
-    /// IEEE operations (no fused multiply-add), so an in-place CUDA store
-    /// gives the CPU store's bits where candle's own kernels may differ in
-    /// the last place. Clipping reads the per-tensor coefficients to the
-    /// host (one synchronisation per clip). Opt-in: CUDA stores use candle's
-    /// operations by default.
+    /// IEEE operations (no fused multiply-add), so from the same operands
+    /// they give the CPU store's bits, where candle's own kernels may
+    /// differ in the last place. The norms stay candle's GPU reductions,
+    /// summed in another order than on the CPU: where a norm enters a step
+    /// (clipping, an ascent clipped to ε) the results agree with the CPU
+    /// store's to rounding, not bit for bit. Clipping reads the per-tensor
+    /// coefficients to the host (one synchronisation per clip). Opt-in:
+    /// CUDA stores use candle's operations by default.
     pub fn in_place_on_cuda(mut self) -> Self {
         self.in_place = true;
         self.in_place_cuda = true;
