@@ -96,8 +96,8 @@ fn compute_cap() -> String {
     "75".to_string()
 }
 
-/// Writes one `pub(crate) const NAME: &str = "name";` per `KERNEL(name)`
-/// line of the kernel source.
+/// Writes one `pub(crate) const NAME: [&str; 2]` (the names of the f32 and
+/// f64 kernels) per `KERNEL(name)` line of the kernel source.
 fn write_names(path: &std::path::Path) {
     let source = std::fs::read_to_string(SOURCE).expect("kernels/in_place.cu is readable");
     let mut names = String::new();
@@ -110,8 +110,8 @@ fn write_names(path: &std::path::Path) {
             continue;
         };
         names.push_str(&format!(
-            "/// `amp_{name}_f32` and `amp_{name}_f64` in `kernels/in_place.cu`.\n\
-             pub(crate) const {}: &str = \"{name}\";\n",
+            "/// The f32 and f64 kernels of `{name}` in `kernels/in_place.cu`.\n\
+             pub(crate) const {}: [&str; 2] = [\"amp_{name}_f32\", \"amp_{name}_f64\"];\n",
             name.to_uppercase()
         ));
     }

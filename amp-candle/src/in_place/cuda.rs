@@ -42,12 +42,12 @@ pub(crate) fn launches() -> u64 {
     LAUNCHES.load(Ordering::Relaxed)
 }
 
-/// An operation's kernel: its name in `kernels/in_place.cu` (without the
-/// `amp_` prefix and the dtype suffix), its scalar operands as the kernel
-/// reads them, and the second tensor it writes, if any.
+/// An operation's kernel: its names in `kernels/in_place.cu` (for f32 and
+/// f64), its scalar operands as the kernel reads them, and the second
+/// tensor it writes, if any.
 pub(crate) trait OnCuda {
-    /// The kernel's name.
-    const KERNEL: &'static str;
+    /// The kernel's names: for f32, then for f64.
+    const KERNEL: [&'static str; 2];
     /// The six scalar operands (unused ones 0).
     fn params(&self) -> [f64; 6];
     /// A second tensor the kernel writes (a buffer or a snapshot), which
@@ -127,10 +127,11 @@ impl<F: FnOnce(&mut CudaStorage, &Layout) -> candle_core::Result<()>> InplaceOp1
     }
 }
 
-/// Launches `amp_{kernel}_{dtype}` over the elements of the destination.
+/// Launches `kernel`'s function for the destination's dtype over its
+/// elements.
 fn launch(
     name: &'static str,
-    kernel: &str,
+    kernel: [&'static str; 2],
     params: [f64; 6],
     operands: Operands<'_>,
 ) -> candle_core::Result<()> {
@@ -141,8 +142,8 @@ fn launch(
         bail!("{name}: operands of different dtypes");
     }
     match dtype {
-        DType::F32 => typed::<f32>(name, &format!("amp_{kernel}_f32"), params, operands),
-        DType::F64 => typed::<f64>(name, &format!("amp_{kernel}_f64"), params, operands),
+        DType::F32 => typed::<f32>(name, kernel[0], params, operands),
+        DType::F64 => typed::<f64>(name, kernel[1], params, operands),
         other => bail!("{name}: f32 and f64 only, not {other:?}"),
     }
 }
@@ -233,7 +234,7 @@ use super::{
 macro_rules! on_cuda {
     ($op:ty, $kernel:expr, |$this:ident| [$($p:expr),*]) => {
         impl OnCuda for $op {
-            const KERNEL: &'static str = $kernel;
+            const KERNEL: [&'static str; 2] = $kernel;
             #[allow(unused_variables)]
             fn params(&self) -> [f64; 6] {
                 let $this = self;
@@ -289,7 +290,7 @@ on_cuda!(AdamTheta, names::ADAM_THETA, |op| [
 ]);
 
 impl OnCuda for AscendSaving<'_> {
-    const KERNEL: &'static str = names::ASCEND_SAVING;
+    const KERNEL: [&'static str; 2] = names::ASCEND_SAVING;
     fn params(&self) -> [f64; 6] {
         [self.ascend.inner_lr, self.ascend.c, 0.0, 0.0, 0.0, 0.0]
     }
@@ -299,7 +300,7 @@ impl OnCuda for AscendSaving<'_> {
 }
 
 impl OnCuda for SgdMomentumStep<'_> {
-    const KERNEL: &'static str = names::SGD_MOMENTUM;
+    const KERNEL: [&'static str; 2] = names::SGD_MOMENTUM;
     fn params(&self) -> [f64; 6] {
         let s = &self.step;
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
