@@ -4,16 +4,16 @@
 //! the caller, and [`Batch`], which runs the kernels of one operation over
 //! many tensors on rayon's threads.
 
-use amp_core::threads::tensors_per_piece;
 use amp_core::{Result, Slot};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::in_place::{sum_of_squares, CopyFrom};
+use crate::views::schedule;
 use crate::{backend, same_storage, CandleNorms, CandleStore};
 
 /// The in-place kernels of one operation, on distinct tensors, queued and
-/// then run together, scheduled by amp-core's rule ([`tensors_per_piece`]):
+/// then run together, scheduled by amp-core's rule ([`schedule`]):
 /// over rayon's threads, tensor by tensor, when there are several holding
 /// enough elements between them (a long tensor also splits its own loop);
 /// in order otherwise. Every element is computed on its own, so the bits do
@@ -37,8 +37,7 @@ impl<J: FnOnce() -> candle_core::Result<()> + Send> Batch<J> {
     /// Runs every job; the first error is returned (the others may have
     /// run).
     pub(crate) fn run(self) -> Result<()> {
-        let schedule = tensors_per_piece(self.jobs.len(), self.elements).filter(|_| self.host);
-        match schedule {
+        match schedule(self.host, self.jobs.len(), self.elements) {
             Some(per_piece) => {
                 let jobs = self.jobs.into_par_iter().with_min_len(per_piece);
                 jobs.try_for_each(|job| job())

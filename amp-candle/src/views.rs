@@ -75,19 +75,16 @@ impl CandleStore {
     }
 
     /// `job(index)` for every index of `indices`, the results in their
-    /// order, scheduled as [`Batch`](crate::targets::Batch) schedules its
-    /// jobs, by amp-core's rule ([`tensors_per_piece`]): over rayon's
-    /// threads, tensor by tensor, when there are several holding enough
-    /// elements between them on the CPU; in order on this thread otherwise
-    /// (always on a GPU).
+    /// order, scheduled by [`schedule`]: over rayon's threads, tensor by
+    /// tensor, when there are several holding enough elements between them
+    /// on the CPU; in order on this thread otherwise (always on a GPU).
     pub(crate) fn each<R: Send>(
         &self,
         indices: &[usize],
         job: impl Fn(usize) -> R + Sync + Send,
     ) -> Vec<R> {
         let elements: usize = indices.iter().map(|&i| self.numel[i]).sum();
-        let schedule = tensors_per_piece(indices.len(), elements).filter(|_| self.device.is_cpu());
-        match schedule {
+        match schedule(self.device.is_cpu(), indices.len(), elements) {
             Some(per_piece) => {
                 let jobs = indices.par_iter().with_min_len(per_piece);
                 jobs.map(|&index| job(index)).collect()
@@ -106,4 +103,14 @@ impl CandleStore {
         let ran = self.each(indices, job).into_iter();
         ran.collect::<candle_core::Result<()>>().map_err(backend)
     }
+}
+
+/// How jobs over `tensors` tensors holding `elements` elements in all run:
+/// `Some(n)`, over rayon's threads at least `n` tensors to a piece,
+/// by amp-core's rule ([`tensors_per_piece`]) — only on the CPU (`host`):
+/// a GPU's kernels are launches on one stream, queued in order; `None`, in
+/// order on the calling thread. The one place [`CandleStore::each`] and
+/// [`Batch`](crate::targets::Batch) take their schedule from.
+pub(crate) fn schedule(host: bool, tensors: usize, elements: usize) -> Option<usize> {
+    tensors_per_piece(tensors, elements).filter(|_| host)
 }
